@@ -1,0 +1,75 @@
+# finetune-job: the README's commands. Each target does its own set-up.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON      ?= python3.11
+VENV        ?= .venv
+BIN         := $(VENV)/bin
+HOROVOD     := 0.28.1
+# Built Horovod wheels are kept here, keyed by version and build flags, so a
+# second `make install` (or CI on the same machine) skips the ~2 min compile.
+WHEEL_CACHE ?= $(HOME)/.cache/finetune-job/wheels
+HOROVOD_FLAGS := HOROVOD_WITH_MXNET=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 \
+                 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_PYTORCH=1
+HOROVOD_KEY := $(shell echo "$(HOROVOD) $(HOROVOD_FLAGS) mxnet-1.9.1 $$($(PYTHON) -c 'import sys;print(sys.version_info[:2])' 2>/dev/null)" | sha256sum | cut -c1-12)
+HOROVOD_DIR := $(WHEEL_CACHE)/horovod-$(HOROVOD)-$(HOROVOD_KEY)
+APT_PACKAGES := build-essential cmake openmpi-bin libopenmpi-dev
+TEST_APT_PACKAGES := prometheus prometheus-pushgateway
+
+export OMPI_ALLOW_RUN_AS_ROOT := 1
+export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
+export OMPI_MCA_mpi_yield_when_idle := 1
+
+.PHONY: help install install-test apt demo test test-fast lint clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+apt:  ## install the system packages the job needs (when missing)
+	@missing=""; for p in $(APT_PACKAGES) $(EXTRA_APT); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "apt-get install$$missing"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(MAKE) --no-print-directory apt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip wheel
+	# step 1: MXNet and numpy first; Horovod's build imports mxnet.
+	$(BIN)/pip install -q "mxnet==1.9.1" "numpy==1.23.5" "opencv-python-headless<4.12" wheel
+	# step 2: Horovod from source with MXNet, Gloo and MPI, through the wheel cache.
+	@if ! ls $(HOROVOD_DIR)/horovod-*.whl >/dev/null 2>&1; then \
+	  echo "building horovod $(HOROVOD) (MXNet + Gloo + MPI), about 2 minutes"; \
+	  mkdir -p $(HOROVOD_DIR) && \
+	  $(HOROVOD_FLAGS) $(BIN)/pip wheel -q --no-build-isolation --no-cache-dir --no-deps \
+	    -w $(HOROVOD_DIR) "horovod==$(HOROVOD)"; \
+	fi
+	$(BIN)/pip install -q --no-deps $(HOROVOD_DIR)/horovod-*.whl
+	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/horovodrun --check-build | tee $(VENV)/horovod-check.txt
+	@for f in MXNet MPI Gloo; do grep -q "\[X\] $$f" $(VENV)/horovod-check.txt || \
+	  { echo "horovod was built without $$f support; remove $(HOROVOD_DIR) and retry" >&2; exit 1; }; done
+	touch $@
+
+install: $(VENV)/.installed  ## apt packages, .venv, MXNet, Horovod (cached wheel), the job
+
+demo: install  ## fine-tune on a generated dataset with 2 Horovod workers
+	$(BIN)/python -m job.demo
+
+test: install  ## the whole test suite (slow tests included)
+	$(MAKE) --no-print-directory apt EXTRA_APT="$(TEST_APT_PACKAGES)"
+	$(BIN)/python -m pytest
+
+test-fast: install  ## the test suite without tests marked slow
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: install  ## ruff and mypy
+	$(BIN)/ruff check job deploy tests benchmarks
+	$(BIN)/ruff format --check job deploy tests benchmarks
+	$(BIN)/mypy job deploy
+
+clean:  ## remove the venv and build output (the Horovod wheel cache stays)
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,23 @@
+"""Named failures of the job; each message is one line naming the thing at fault."""
+
+from __future__ import annotations
+
+
+class JobError(Exception):
+    """A failure the command reports in one line, exiting with ``exit_code``."""
+
+    exit_code = 1
+
+
+class InputError(JobError):
+    """Bad input found at start: a missing dataset, a pretrained file that does not fit."""
+
+    exit_code = 2
+
+
+class DataError(JobError):
+    """A shard or record could not be read and the run cannot go on without it."""
+
+
+class DivergedError(JobError):
+    """The loss became NaN or infinite."""

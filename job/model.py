@@ -1,0 +1,85 @@
+"""The network: a model-zoo ResNet whose ``features`` come from pretrained weights and whose
+new ``output`` layer is sized to the target classes.
+
+Fine-tuning as usual in Gluon: build the source network (ImageNet's 1000 classes for
+``zoo``, or as many classes as the given file's output layer has), load its weights, then
+take its ``features`` into a fresh network with ``classes=N``. The new output layer is
+Xavier-initialised and learns at ``head_lr_mult`` times the base rate.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import mxnet as mx
+from mxnet import gluon
+from mxnet.gluon.model_zoo import vision
+
+from job.config import Config
+from job.errors import InputError
+from job.storage import Storage, StorageError
+
+log = logging.getLogger(__name__)
+NO_WEIGHT_DECAY = (".*beta", ".*gamma", ".*bias", ".*running_mean", ".*running_var")
+
+
+def build(cfg: Config, classes: int, ctx: mx.Context, storage: Storage) -> gluon.HybridBlock:
+    net = vision.get_model(cfg.model, classes=classes)
+    source = load_source(cfg, ctx, storage)
+    if source is not None:
+        net.features = source.features
+    else:
+        net.features.initialize(mx.init.Xavier(rnd_type="gaussian", factor_type="in", magnitude=2),
+                                ctx=ctx)
+    net.output.initialize(mx.init.Xavier(), ctx=ctx)
+    net.output.collect_params().setattr("lr_mult", cfg.head_lr_mult)
+    if cfg.freeze_features:
+        net.features.collect_params().setattr("grad_req", "null")
+    for pattern in NO_WEIGHT_DECAY:
+        net.collect_params(pattern).setattr("wd_mult", 0.0)
+    net.hybridize(static_alloc=True, static_shape=True)
+    return net
+
+
+def load_source(cfg: Config, ctx: mx.Context, storage: Storage) -> gluon.HybridBlock | None:
+    """The pretrained network, or None for ``--pretrained none``."""
+    if cfg.pretrained == "none":
+        return None
+    if cfg.pretrained == "zoo":
+        return _from_zoo(cfg.model, ctx)
+    return load_params_file(cfg.model, cfg.pretrained, ctx, storage)
+
+
+def _from_zoo(name: str, ctx: mx.Context) -> gluon.HybridBlock:
+    try:
+        return vision.get_model(name, pretrained=True, ctx=ctx)
+    except Exception as e:  # noqa: BLE001 - any download failure means the same to the user
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise InputError(
+            f"--pretrained zoo: cannot load the model zoo's {name} weights ({reason[:200]}); "
+            "put them in $MXNET_HOME/models, or use --pretrained PATH (a save_parameters file, "
+            "local or s3://) or --pretrained none") from e
+
+
+def load_params_file(name: str, uri: str, ctx: mx.Context, storage: Storage) -> gluon.HybridBlock:
+    """A ``save_parameters`` file of ``name`` (zoo files and this job's model.params are)."""
+    try:
+        with storage.local_copy(uri) as path:
+            arrays = mx.nd.load(path)
+            if not isinstance(arrays, dict) or "output.weight" not in arrays:
+                raise InputError(f"--pretrained {uri}: not a save_parameters file of a ResNet "
+                                 "(no output.weight)")
+            source = vision.get_model(name, classes=int(arrays["output.weight"].shape[0]))
+            source.load_parameters(path, ctx=ctx)
+    except StorageError as e:
+        raise InputError(f"--pretrained {uri}: {e}") from e
+    except (AssertionError, mx.MXNetError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InputError(f"--pretrained {uri}: does not fit {name}: {first[:300]}") from e
+    log.info("pretrained features from %s", uri)
+    return source
+
+
+def count_parameters(block: gluon.Block) -> int:
+    return sum(int(p.data().size) for p in block.collect_params().values()
+               if p._data is not None)  # noqa: SLF001 - deferred parameters have no size yet

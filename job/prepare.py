@@ -1,0 +1,200 @@
+"""``finetune-job prepare``: an image folder → RecordIO shards + ``manifest.json``.
+
+Layout written under DEST (local or ``s3://``)::
+
+    train/part-00000.rec  train/part-00000.idx  ...
+    val/part-00000.rec    val/part-00000.idx    ...
+    manifest.json         classes, counts, shards with sha256 (written last)
+
+Images are resized so the shorter side is ``resize`` (small images are enlarged; nothing is
+cropped) and re-encoded as JPEG, in parallel over the cores. The train/val split is
+deterministic for a seed. An unreadable image file is skipped and named in the log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import multiprocessing
+import os
+import random
+import tempfile
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from job import storage as st
+from job.errors import InputError
+from job.storage import Storage
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class Item:
+    path: str
+    label: int
+
+
+def list_images(src: str) -> tuple[list[str], list[Item]]:
+    """Class names (sorted folder names) and every image below them."""
+    if not os.path.isdir(src):
+        raise InputError(f"prepare: {src} is not a folder of class folders")
+    classes = sorted(d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d)))
+    if len(classes) < 2:
+        raise InputError(f"prepare: {src} needs at least 2 class folders, found {len(classes)}")
+    items = []
+    for label, name in enumerate(classes):
+        folder = os.path.join(src, name)
+        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
+        if not files:
+            raise InputError(f"prepare: class folder {folder} has no images")
+        items += [Item(os.path.join(folder, f), label) for f in files]
+    return classes, items
+
+
+def split(items: list[Item], val_fraction: float, seed: int) -> dict[str, list[Item]]:
+    """Per class, a seeded share for validation (at least one image when the share is > 0)."""
+    if not 0 <= val_fraction < 1:
+        raise InputError(f"prepare: --val-fraction must be in [0, 1), got {val_fraction}")
+    rng = random.Random(seed)
+    out: dict[str, list[Item]] = {"train": [], "val": []}
+    for label in sorted({i.label for i in items}):
+        members = [i for i in items if i.label == label]
+        rng.shuffle(members)
+        n_val = min(len(members) - 1, math.ceil(len(members) * val_fraction))
+        out["val"] += members[:n_val]
+        out["train"] += members[n_val:]
+    rng.shuffle(out["train"])  # shards mix classes
+    return out
+
+
+def resize_shorter(img: np.ndarray, size: int) -> np.ndarray:
+    h, w = img.shape[:2]
+    if min(h, w) == size:
+        return img
+    scale = size / min(h, w)
+    new = (max(size, round(w * scale)), max(size, round(h * scale)))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    return cv2.resize(img, new, interpolation=interp)
+
+
+def encode(job: tuple[str, int, int]) -> bytes | None:
+    path, resize, quality = job
+    img = cv2.imread(path, cv2.IMREAD_COLOR)
+    if img is None:
+        return None
+    ok, buf = cv2.imencode(".jpg", resize_shorter(img, resize), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    return buf.tobytes() if ok else None
+
+
+def prepare(src: str, dest: str, storage: Storage, *, resize: int = 256, val_fraction: float = 0.1,
+            shard_size: int = 1000, quality: int = 95, workers: int = 0, seed: int = 0,
+            verify: bool = False) -> dict:
+    if resize < 16 or shard_size < 1 or not 1 <= quality <= 100:
+        raise InputError("prepare: --resize must be >= 16, --shard-size >= 1, --quality 1..100")
+    classes, items = list_images(src)
+    splits = split(items, val_fraction, seed)
+    manifest: dict = {"version": 1, "classes": classes, "resize": resize, "quality": quality,
+                      "splits": {}, "skipped_files": []}
+    workers = workers or os.cpu_count() or 1
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(workers) as pool, tempfile.TemporaryDirectory(prefix="finetune-prep-") as tmp:
+        for name in SPLITS:
+            jobs = [(i.path, resize, quality) for i in splits[name]]
+            encoded = pool.imap(encode, jobs, chunksize=8)
+            shards, skipped = _write_split(name, splits[name], encoded, dest, storage, tmp, shard_size)
+            manifest["splits"][name] = {"count": sum(s["count"] for s in shards), "shards": shards}
+            manifest["skipped_files"] += skipped
+    for path in manifest["skipped_files"]:
+        log.warning("prepare: skipped %s: not a readable image", path)
+    if verify:
+        verify_dataset(dest, manifest, storage)
+    # The manifest goes last: a reader never sees a half-written dataset.
+    storage.write_bytes(st.join(dest, MANIFEST), json.dumps(manifest, indent=1).encode())
+    log.info("prepare: %s → %s: %d classes, %d train / %d val images in %d shards", src, dest,
+             len(classes), manifest["splits"]["train"]["count"], manifest["splits"]["val"]["count"],
+             sum(len(s["shards"]) for s in manifest["splits"].values()))
+    return manifest
+
+
+def _write_split(name: str, items: list[Item], encoded, dest: str, storage: Storage, tmp: str,
+                 shard_size: int) -> tuple[list[dict], list[str]]:
+    from mxnet import recordio
+
+    shards: list[dict] = []
+    skipped: list[str] = []
+    writer = None
+    rec_path = idx_path = ""
+
+    def finish() -> None:
+        writer.close()
+        shard = f"{name}/part-{len(shards):05d}"
+        shards.append({"rec": shard + ".rec", "idx": shard + ".idx", "count": count,
+                       "bytes": os.path.getsize(rec_path), "sha256": sha256_file(rec_path)})
+        storage.upload(rec_path, st.join(dest, shard + ".rec"))
+        storage.upload(idx_path, st.join(dest, shard + ".idx"))
+
+    count = 0
+    for item, jpeg in zip(items, encoded, strict=True):
+        if jpeg is None:
+            skipped.append(item.path)
+            continue
+        if writer is None:
+            rec_path, idx_path = os.path.join(tmp, "part.rec"), os.path.join(tmp, "part.idx")
+            writer = recordio.MXIndexedRecordIO(idx_path, rec_path, "w")
+            count = 0
+        header = recordio.IRHeader(0, float(item.label), count, 0)
+        writer.write_idx(count, recordio.pack(header, jpeg))
+        count += 1
+        if count == shard_size:
+            finish()
+            writer = None
+    if writer is not None:
+        finish()
+    return shards, skipped
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_dataset(root: str, manifest: dict, storage: Storage) -> None:
+    """Re-read every shard; a checksum or record-count mismatch is an error naming the shard."""
+    from job.records import RecordStream
+
+    for split_ in manifest["splits"].values():
+        for shard in split_["shards"]:
+            uri = st.join(root, shard["rec"])
+            digest, count = hashlib.sha256(), 0
+            with storage.open_read(uri) as fh:
+                stream = _Hashing(fh, digest)
+                count = sum(1 for _ in RecordStream(uri, stream))  # type: ignore[arg-type]
+            if digest.hexdigest() != shard["sha256"] or count != shard["count"]:
+                raise InputError(f"prepare --verify: {uri}: sha256 or record count does not match "
+                                 f"({count} of {shard['count']} records)")
+    log.info("prepare: verified every shard's sha256 and record count")
+
+
+class _Hashing:
+    def __init__(self, fh, digest) -> None:
+        self._fh, self._digest = fh, digest
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._fh.read(n)
+        self._digest.update(data)
+        return data
+
+    def close(self) -> None:
+        self._fh.close()

@@ -1,0 +1,171 @@
+"""Streaming reads of MXNet RecordIO shards (the format ``mx.recordio`` writes).
+
+``mx.recordio.MXRecordIO`` reads only local files, so records are framed here from any byte
+stream (a local file or an S3 GET) and unpacked with ``mx.recordio.unpack``. Framing, per
+dmlc-core: a little-endian ``uint32`` magic, a ``uint32`` whose top 3 bits are a
+continuation flag and low 29 bits the length, the payload, then padding to 4 bytes. A
+payload containing the magic is split into parts (flag 1 start, 2 middle, 3 end) that are
+joined with the magic re-inserted.
+
+A bad magic, an impossible length or a truncated tail is not fatal: the reader counts it,
+reports it once per shard, and resynchronises on the next magic it finds.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import IO
+
+MAGIC = 0xCED7230A
+MAGIC_BYTES = struct.pack("<I", MAGIC)
+_LENGTH_MASK = (1 << 29) - 1
+MAX_RECORD_BYTES = 64 << 20  # larger lengths are corruption, not images
+CHUNK = 1 << 20
+
+
+@dataclass
+class Corruption:
+    shard: str
+    offset: int
+    reason: str
+
+
+@dataclass
+class Record:
+    offset: int  # byte offset of the record's first frame in the shard
+    payload: bytes
+
+
+class RecordStream:
+    """Yields the records of ``stream`` from byte ``start`` on.
+
+    ``on_corrupt`` is called for every skipped region; ``reopen(offset)`` (optional) gives a
+    fresh stream positioned at ``offset`` after a read error, so a dropped connection costs
+    one ranged request, never a record.
+    """
+
+    def __init__(self, name: str, stream: IO[bytes], start: int = 0, end: int | None = None,
+                 on_corrupt: Callable[[Corruption], None] | None = None,
+                 reopen: Callable[[int, Exception], IO[bytes]] | None = None) -> None:
+        self.name = name
+        self._stream = stream
+        self._buf = bytearray()
+        self._buf_offset = start  # shard offset of self._buf[0]
+        self._end = end
+        self._eof = False
+        self._on_corrupt = on_corrupt or (lambda c: None)
+        self._reopen = reopen
+
+    def __iter__(self) -> Iterator[Record]:
+        while True:
+            record = self._next()
+            if record is None:
+                return
+            yield record
+
+    def close(self) -> None:
+        self._stream.close()
+
+    # Buffer handling: the buffer always starts at a frame boundary we have not consumed.
+    def _fill(self, need: int) -> bool:
+        """Make ``need`` bytes available; False at the end of the stream."""
+        while len(self._buf) < need and not self._eof:
+            limit = CHUNK
+            if self._end is not None:
+                limit = min(limit, self._end - self._buf_offset - len(self._buf))
+                if limit <= 0:
+                    self._eof = True
+                    break
+            try:
+                chunk = self._stream.read(max(limit, need - len(self._buf)) if self._end is None
+                                          else limit)
+            except Exception as e:  # a dropped connection: resume from the last whole frame
+                if self._reopen is None:
+                    raise
+                self._resume(e)
+                continue
+            if not chunk:
+                self._eof = True
+            self._buf += chunk
+        return len(self._buf) >= need
+
+    def _resume(self, error: Exception) -> None:
+        assert self._reopen is not None
+        try:
+            self._stream.close()
+        except Exception:  # noqa: BLE001 - the old stream is broken anyway
+            pass
+        offset = self._buf_offset + len(self._buf)
+        self._stream = self._reopen(offset, error)
+
+    def _consume(self, n: int) -> None:
+        del self._buf[:n]
+        self._buf_offset += n
+
+    def _next(self) -> Record | None:
+        parts: list[bytes] = []
+        record_offset = self._buf_offset
+        while True:
+            if not self._fill(8):
+                if self._buf or parts:
+                    self._corrupt(record_offset, f"truncated shard: {len(self._buf)} trailing bytes")
+                    self._consume(len(self._buf))
+                return None
+            magic, lrec = struct.unpack_from("<II", self._buf)
+            flag, length = lrec >> 29, lrec & _LENGTH_MASK
+            if magic != MAGIC or flag > 3 or length > MAX_RECORD_BYTES:
+                reason = "bad magic" if magic != MAGIC else f"bad length/flag {length}/{flag}"
+                self._corrupt(self._buf_offset, reason)
+                self._resync()
+                parts, record_offset = [], self._buf_offset
+                continue
+            padded = 8 + length + (-length % 4)
+            if not self._fill(padded):
+                self._corrupt(self._buf_offset, f"truncated record: needs {padded} bytes, "
+                                                f"{len(self._buf)} left")
+                self._consume(len(self._buf))
+                return None
+            if flag in (0, 1):
+                if parts:  # a started multi-part record never finished
+                    self._corrupt(record_offset, "unterminated multi-part record")
+                parts, record_offset = [], self._buf_offset
+            payload = bytes(self._buf[8:8 + length])
+            self._consume(padded)
+            if flag == 0:
+                return Record(record_offset, payload)
+            if flag > 1 and not parts:
+                self._corrupt(record_offset, "multi-part record without its start")
+                record_offset = self._buf_offset
+                continue
+            parts.append(payload)
+            if flag == 3:
+                return Record(record_offset, MAGIC_BYTES.join(parts))
+
+    def _resync(self) -> None:
+        """Drop bytes up to the next 4-byte-aligned magic (records are 4-byte aligned)."""
+        self._consume(4)
+        while True:
+            at = self._buf.find(MAGIC_BYTES)
+            while at != -1 and (self._buf_offset + at) % 4:
+                at = self._buf.find(MAGIC_BYTES, at + 1)
+            if at != -1:
+                self._consume(at)
+                return
+            keep = 3  # a magic may straddle the chunk boundary
+            drop = max(0, len(self._buf) - keep)
+            drop -= (self._buf_offset + drop) % 4
+            self._consume(max(drop, 0))
+            if not self._fill(len(self._buf) + 4):
+                self._consume(len(self._buf))
+                return
+
+    def _corrupt(self, offset: int, reason: str) -> None:
+        self._on_corrupt(Corruption(self.name, offset, reason))
+
+
+def read_index(text: str) -> list[int]:
+    """Byte offsets of records from an ``.idx`` file (``key\\toffset`` lines)."""
+    pairs = sorted((int(k), int(v)) for k, v in (line.split("\t") for line in text.split("\n") if line))
+    return [offset for _, offset in pairs]

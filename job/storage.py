@@ -1,0 +1,248 @@
+"""One small storage layer for local paths and ``s3://`` URIs.
+
+Every input and output of the job goes through :class:`Storage`, so each feature works on
+both. S3 access uses boto3 with botocore's own retries and timeouts; the endpoint, region
+and credentials come from the settings or the standard AWS chain (environment, profile,
+web identity), so AWS, MinIO, Ceph and test servers all work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+from job.errors import JobError
+
+
+class StorageError(JobError):
+    """A storage operation failed; the message names the URI."""
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    endpoint_url: str = ""
+    region: str = ""
+    max_attempts: int = 5
+    retry_mode: str = "standard"
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not bucket:
+        raise StorageError(f"{uri}: no bucket in S3 URI")
+    return bucket, key
+
+
+def join(base: str, *parts: str) -> str:
+    if is_s3(base):
+        return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+    return os.path.join(base, *parts)
+
+
+class Storage:
+    def __init__(self, s3: S3Settings | None = None) -> None:
+        self.s3_settings = s3 or S3Settings()
+        self._client: Any = None
+
+    # S3 client, created on first use so local-only runs never touch boto3.
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            import boto3
+            from botocore.config import Config as BotoConfig
+
+            s = self.s3_settings
+            config = BotoConfig(
+                retries={"max_attempts": s.max_attempts, "mode": s.retry_mode},
+                connect_timeout=s.connect_timeout,
+                read_timeout=s.read_timeout,
+                max_pool_connections=32,
+            )
+            self._client = boto3.session.Session().client(
+                "s3", endpoint_url=s.endpoint_url or None, region_name=s.region or None,
+                config=config)
+        return self._client
+
+    @contextlib.contextmanager
+    def _errors(self, uri: str, action: str) -> Iterator[None]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            yield
+        except ClientError as e:
+            err = e.response.get("Error", {})
+            detail = f"{err.get('Code', '?')} {err.get('Message', '')}".strip()
+            raise StorageError(f"{uri}: {action} failed: {detail}") from e
+        except BotoCoreError as e:
+            raise StorageError(f"{uri}: {action} failed: {e}") from e
+
+    def exists(self, uri: str) -> bool:
+        if not is_s3(uri):
+            return os.path.exists(uri)
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        with self._errors(uri, "HEAD"):
+            try:
+                self.client.head_object(Bucket=bucket, Key=key)
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return False
+                raise
+        return True
+
+    def size(self, uri: str) -> int:
+        if not is_s3(uri):
+            return os.path.getsize(uri)
+        bucket, key = split_s3(uri)
+        with self._errors(uri, "HEAD"):
+            return int(self.client.head_object(Bucket=bucket, Key=key)["ContentLength"])
+
+    def open_read(self, uri: str, start: int = 0, end: int | None = None) -> IO[bytes]:
+        """A binary stream of bytes ``[start, end)``; S3 streams with one (ranged) GET."""
+        if not is_s3(uri):
+            try:
+                fh = open(uri, "rb")  # noqa: SIM115 - the caller closes it
+            except OSError as e:
+                raise StorageError(f"{uri}: {e.strerror}") from e
+            fh.seek(start)
+            return fh if end is None else _Limited(fh, end - start)  # type: ignore[return-value]
+        bucket, key = split_s3(uri)
+        extra = {}
+        if start or end is not None:
+            extra["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        with self._errors(uri, "GET"):
+            return self.client.get_object(Bucket=bucket, Key=key, **extra)["Body"]  # type: ignore[no-any-return]
+
+    def read_bytes(self, uri: str) -> bytes:
+        with self.open_read(uri) as fh:
+            if is_s3(uri):
+                with self._errors(uri, "GET"):
+                    return fh.read()
+            return fh.read()
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            with self._errors(uri, "PUT"):
+                self.client.put_object(Bucket=bucket, Key=key, Body=data)
+            return
+        with self._atomic_local(uri) as tmp:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+
+    def upload(self, local_path: str, uri: str) -> None:
+        """Copy a local file to ``uri`` (multipart and parallel for large S3 objects)."""
+        if is_s3(uri):
+            from boto3.s3.transfer import TransferConfig
+
+            bucket, key = split_s3(uri)
+            with self._errors(uri, "upload"):
+                self.client.upload_file(local_path, bucket, key, Config=TransferConfig(
+                    multipart_threshold=64 << 20, multipart_chunksize=16 << 20, max_concurrency=8))
+            return
+        with self._atomic_local(uri) as tmp:
+            shutil.copyfile(local_path, tmp)
+
+    def download(self, uri: str, local_path: str) -> None:
+        if not is_s3(uri):
+            try:
+                shutil.copyfile(uri, local_path)
+            except OSError as e:
+                raise StorageError(f"{uri}: {e.strerror}") from e
+            return
+        bucket, key = split_s3(uri)
+        with self._errors(uri, "download"):
+            self.client.download_file(bucket, key, local_path)
+
+    def list(self, prefix: str) -> list[str]:
+        """Every object (file) below ``prefix``, as full URIs, sorted; follows pagination."""
+        if not is_s3(prefix):
+            found = []
+            for root, _, files in os.walk(prefix):
+                found += [os.path.join(root, f) for f in files]
+            return sorted(found)
+        bucket, key = split_s3(prefix)
+        key = key.rstrip("/") + "/" if key else ""
+        uris = []
+        with self._errors(prefix, "LIST"):
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+                uris += [f"s3://{bucket}/{o['Key']}" for o in page.get("Contents", [])]
+        return sorted(uris)
+
+    def delete_prefix(self, prefix: str) -> None:
+        if not is_s3(prefix):
+            shutil.rmtree(prefix, ignore_errors=True)
+            return
+        bucket, _ = split_s3(prefix)
+        keys = [split_s3(u)[1] for u in self.list(prefix)]
+        with self._errors(prefix, "DELETE"):
+            for i in range(0, len(keys), 1000):
+                self.client.delete_objects(Bucket=bucket, Delete={
+                    "Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
+
+    @contextlib.contextmanager
+    def local_copy(self, uri: str) -> Iterator[str]:
+        """A local path holding ``uri``'s bytes (the file itself when it is local)."""
+        if not is_s3(uri):
+            if not os.path.exists(uri):
+                raise StorageError(f"{uri}: no such file")
+            yield uri
+            return
+        with tempfile.TemporaryDirectory(prefix="finetune-") as tmp:
+            path = os.path.join(tmp, os.path.basename(uri) or "object")
+            self.download(uri, path)
+            yield path
+
+    @contextlib.contextmanager
+    def staged(self, uri: str) -> Iterator[str]:
+        """A local path to write; on success it lands at ``uri`` in one step."""
+        with tempfile.TemporaryDirectory(prefix="finetune-") as tmp:
+            path = os.path.join(tmp, os.path.basename(uri.rstrip("/")) or "object")
+            yield path
+            self.upload(path, uri)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _atomic_local(path: str) -> Iterator[str]:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            yield tmp
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+
+
+class _Limited:
+    """A local file read up to a byte limit, like an S3 ranged GET."""
+
+    def __init__(self, fh: IO[bytes], limit: int) -> None:
+        self._fh, self._left = fh, limit
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._left if n < 0 else min(n, self._left)
+        data = self._fh.read(n)
+        self._left -= len(data)
+        return data
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> _Limited:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
