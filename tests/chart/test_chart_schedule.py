@@ -34,6 +34,8 @@ def test_cronjob_submits_from_the_mounted_values(helm):
         "--values",
         "/etc/finetune-job/values.yaml",
         "--wait",
+        "--schedule",
+        one(docs, "CronJob")["metadata"]["name"][:52].rstrip("-"),
     ]
     assert container["image"] == "finetune-job:0.1.0"
     assert pod["spec"]["restartPolicy"] == "Never"
@@ -113,7 +115,7 @@ def test_role_grants_exactly_what_submitting_needs(helm):
         ("kubeflow.org", "mpijobs", v) for v in ("create", "get", "list", "watch", "delete")
     }
     expected |= {("", "pods", v) for v in ("get", "list", "watch")}
-    expected |= {("", "pods/log", "get")}
+    expected |= {("", "pods/log", "get"), ("", "configmaps", "create")}
     assert granted == expected
     assert "*" not in str(role["rules"])
     assert not [r for r in role["rules"] if set(r) - {"apiGroups", "resources", "verbs"}]

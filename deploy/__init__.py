@@ -1,0 +1,1 @@
+"""The Kubernetes side: submit, wait for, follow and clean up finetune-job MPIJobs."""

@@ -1,0 +1,58 @@
+"""Names shared by the Kubernetes side: the MPIJob API, its conditions, our labels.
+
+The MPIJob is the MPI Operator's ``kubeflow.org/v2beta1`` custom resource. The launcher
+pod labels are the operator's own (``training.kubeflow.org/*``); ours carry the
+``finetune-job/`` prefix and link each run to the schedule that started it.
+"""
+
+from __future__ import annotations
+
+# The custom resource.
+GROUP = "kubeflow.org"
+VERSION = "v2beta1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "MPIJob"
+PLURAL = "mpijobs"
+
+# MPIJob status condition types (status.conditions[].type), and their status values.
+CREATED = "Created"
+RUNNING = "Running"
+RESTARTING = "Restarting"
+SUCCEEDED = "Succeeded"
+FAILED = "Failed"
+SUSPENDED = "Suspended"
+CONDITION_TYPES = (CREATED, RUNNING, RESTARTING, SUCCEEDED, FAILED, SUSPENDED)
+TERMINAL = (SUCCEEDED, FAILED)
+# What a job with no condition yet reports.
+PENDING = "Pending"
+
+# Labels the MPI Operator puts on the pods it creates.
+OPERATOR_JOB_NAME_LABEL = "training.kubeflow.org/job-name"
+OPERATOR_JOB_ROLE_LABEL = "training.kubeflow.org/job-role"
+LAUNCHER_ROLE = "launcher"
+WORKER_ROLE = "worker"
+
+# Our labels (Kubernetes recommended ones, plus run and schedule).
+NAME_LABEL = "app.kubernetes.io/name"
+INSTANCE_LABEL = "app.kubernetes.io/instance"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+RUN_LABEL = "finetune-job/run"
+SCHEDULE_LABEL = "finetune-job/schedule"
+APP_NAME = "finetune-job"
+MANAGED_BY = "finetune-job-deploy"
+MANUAL_SCHEDULE = "manual"
+# Annotation naming the run's output URI (where summary.json and model.params land).
+OUTPUT_ANNOTATION = "finetune-job/output"
+
+# The training config: a ConfigMap key mounted into every pod at CONFIG_PATH.
+CONFIG_DIR = "/etc/finetune-job"
+CONFIG_KEY = "config.yaml"
+CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
+CONFIG_VOLUME = "training-config"
+
+# Run names: the MPI Operator derives `<name>-launcher`, `<name>-worker-<i>` (pod hostnames,
+# DNS-1123 labels of at most 63 characters) and the `<name>-worker` Service (DNS-1035: starts
+# with a letter). Capping run names at 50 leaves room for `-worker-9999`.
+MAX_NAME = 63
+MAX_RUN_NAME = 50

@@ -1,0 +1,103 @@
+"""Named failures of the Kubernetes side, each message naming ``namespace/name``.
+
+Every error carries the exit code the ``finetune-job`` subcommands return for it (see
+``deploy.cli``), and API failures are re-raised ``from`` the ``ApiException``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from job.errors import JobError
+
+EXIT_SUCCEEDED = 0
+EXIT_FAILED = 1
+EXIT_TIMEOUT = 2
+EXIT_BAD_INPUT = 3
+
+
+class DeployError(JobError):
+    """A failure reported in one line; the base of every error below."""
+
+    exit_code = EXIT_FAILED
+
+
+class BadInputError(DeployError):
+    """Bad values, a bad ``--set``, a missing kubeconfig: nothing was submitted."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class JobFailedError(DeployError):
+    """The MPIJob reached the Failed condition."""
+
+    def __init__(self, message: str, state: Any = None) -> None:
+        super().__init__(message)
+        self.state = state
+
+
+class JobTimeoutError(DeployError):
+    """The deadline passed before the MPIJob succeeded or failed; it keeps running."""
+
+    exit_code = EXIT_TIMEOUT
+
+
+class GateError(DeployError):
+    """The run succeeded but its summary did not pass the gate; ``latest`` was not moved."""
+
+    def __init__(self, message: str, summary: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+class NotFoundError(DeployError):
+    """The object does not exist (HTTP 404)."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class AlreadyExistsError(DeployError):
+    """An object of that name exists already (HTTP 409)."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class PermissionDeniedError(DeployError):
+    """The API server refused the request for this identity (HTTP 401/403, RBAC)."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class ApiError(DeployError):
+    """Any other API failure (5xx, unexpected status)."""
+
+
+def server_message(e: Any) -> str:
+    """The ``message`` of a Kubernetes ``Status`` body, else the HTTP reason."""
+    body = getattr(e, "body", None)
+    if body:
+        try:
+            doc = json.loads(body)
+        except (TypeError, ValueError):
+            doc = None
+        if isinstance(doc, dict) and doc.get("message"):
+            return str(doc["message"])
+    return str(getattr(e, "reason", "") or e).strip()
+
+
+def from_api(e: Any, verb: str, resource: str, namespace: str, name: str = "") -> DeployError:
+    """The named error for an ``ApiException``; raise it ``from e``."""
+    where = f"{namespace}/{name}" if name else f"namespace {namespace}"
+    status = getattr(e, "status", None)
+    detail = server_message(e)
+    if status == 404:
+        return NotFoundError(f"{resource} {where} not found")
+    if status == 409:
+        return AlreadyExistsError(f"{resource} {where} already exists: {detail}")
+    if status in (401, 403):
+        return PermissionDeniedError(
+            f"permission denied: cannot {verb} {resource} {where} (HTTP {status}); "
+            f"grant this identity '{verb}' on {resource} in namespace {namespace} "
+            f"(the chart's CronJob Role does): {detail}")
+    return ApiError(f"{verb} {resource} {where} failed (HTTP {status}): {detail}")

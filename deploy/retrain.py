@@ -1,0 +1,137 @@
+"""Retraining that builds on itself: per-run outputs, a gate, and a ``latest`` pointer.
+
+Layout under an output root (local path or ``s3://``)::
+
+    <root>/runs/<run name>/        one training run's output (summary.json, model.params, ...)
+    <root>/latest                  {"run": NAME, "model": ".../model.params", "val_top1": X}
+
+After a run succeeds, ``finish_run`` reads its ``summary.json`` and, only if it passes the
+gate (``min_accuracy`` on ``val_top1``; optionally not worse than the current ``latest``),
+rewrites ``latest`` -- the last write of the run, so a bad or unfinished run never becomes
+``latest``. A later run given ``--pretrained <root>/latest`` starts from that model:
+``resolve_pretrained`` turns the pointer into the model's URI.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from deploy.errors import GateError
+from job.errors import InputError
+from job.storage import Storage, StorageError, join
+
+RUNS_DIR = "runs"
+LATEST = "latest"
+SUMMARY = "summary.json"
+MODEL = "model.params"
+METRIC = "val_top1"
+
+
+def run_output(root: str, run: str) -> str:
+    """Where run ``run`` writes: ``<root>/runs/<run>``."""
+    return join(root, RUNS_DIR, run)
+
+
+def is_latest_uri(uri: str) -> bool:
+    return uri.rstrip("/").rsplit("/", 1)[-1] == LATEST
+
+
+def _read_json(storage: Storage, uri: str, what: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(storage.read_bytes(uri))
+    except StorageError:
+        raise
+    except ValueError as e:
+        raise InputError(f"{what} {uri} is not valid JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise InputError(f"{what} {uri} must hold a JSON object")
+    return doc
+
+
+def read_summary(storage: Storage, run_uri: str) -> dict[str, Any]:
+    uri = join(run_uri, SUMMARY)
+    if not storage.exists(uri):
+        raise GateError(f"{uri}: the run wrote no {SUMMARY}")
+    return _read_json(storage, uri, SUMMARY)
+
+
+def read_latest(storage: Storage, root: str) -> dict[str, Any] | None:
+    """The current pointer, or None before any run passed the gate."""
+    uri = join(root, LATEST)
+    return _read_json(storage, uri, "latest pointer") if storage.exists(uri) else None
+
+
+def metric(summary: dict[str, Any], where: str) -> float:
+    value = summary.get(METRIC)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise GateError(f"{where}: summary has no numeric '{METRIC}' (got {value!r})")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Gate:
+    """What a successful run must reach to become ``latest``."""
+
+    min_accuracy: float | None = None
+    not_worse: bool = False
+
+    def rejects(self, accuracy: float, latest_accuracy: float | None) -> str | None:
+        """Why a run with ``accuracy`` fails the gate, or None when it passes."""
+        if self.min_accuracy is not None and accuracy < self.min_accuracy:
+            return f"{METRIC} {accuracy:.4f} is below --min-accuracy {self.min_accuracy:.4f}"
+        if self.not_worse and latest_accuracy is not None and accuracy < latest_accuracy:
+            return f"{METRIC} {accuracy:.4f} is worse than latest's {latest_accuracy:.4f}"
+        return None
+
+
+def latest_accuracy(storage: Storage, root: str, pointer: dict[str, Any] | None) -> float | None:
+    """The current latest run's accuracy: from its summary.json, else from the pointer."""
+    if pointer is None:
+        return None
+    run = pointer.get("run")
+    if isinstance(run, str) and run and storage.exists(join(run_output(root, run), SUMMARY)):
+        return metric(read_summary(storage, run_output(root, run)), f"latest run {run}")
+    return metric(pointer, join(root, LATEST))
+
+
+def promote(storage: Storage, root: str, run: str, accuracy: float) -> dict[str, Any]:
+    """Point ``<root>/latest`` at ``run``'s model; returns the pointer written."""
+    pointer = {"run": run, "model": join(run_output(root, run), MODEL), METRIC: accuracy}
+    storage.write_bytes(join(root, LATEST), (json.dumps(pointer, indent=2) + "\n").encode())
+    return pointer
+
+
+def finish_run(storage: Storage, root: str, run: str,
+               gate: Gate) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Gate a succeeded run and promote it; returns (summary, pointer).
+
+    Raises GateError (the summary is attached as ``.summary``) when the run does not pass.
+    """
+    summary = read_summary(storage, run_output(root, run))
+    accuracy = metric(summary, join(run_output(root, run), SUMMARY))
+    why = gate.rejects(accuracy, latest_accuracy(storage, root, read_latest(storage, root))
+                       if gate.not_worse else None)
+    if why:
+        raise GateError(f"run {run}: {why}; {join(root, LATEST)} left unchanged", summary)
+    return summary, promote(storage, root, run, accuracy)
+
+
+def resolve_pretrained(uri: str, storage: Storage, *, if_missing: str | None = None) -> str:
+    """``<root>/latest`` -> that run's ``model.params`` URI; any other URI unchanged.
+
+    Before any run passed the gate there is no pointer: return ``if_missing`` when given
+    (e.g. ``"zoo"`` for the first scheduled run), else fail naming the URI.
+    """
+    if not is_latest_uri(uri):
+        return uri
+    if not storage.exists(uri):
+        if if_missing is not None:
+            return if_missing
+        raise InputError(f"pretrained {uri}: no run has passed the gate yet (no latest pointer)")
+    pointer = _read_json(storage, uri, "latest pointer")
+    model = pointer.get("model")
+    if not isinstance(model, str) or not model:
+        raise InputError(f"latest pointer {uri} has no 'model' URI")
+    return model

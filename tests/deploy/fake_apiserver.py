@@ -1,0 +1,420 @@
+"""A FAKE Kubernetes API server for tests: just the endpoints ``deploy.client`` uses.
+
+No kube-apiserver can run on the test machines, so ``deploy.client`` is tested against this
+stand-in over real HTTP, through the real ``kubernetes`` client library. It is not a
+Kubernetes implementation; it serves only:
+
+- ``/apis/kubeflow.org/v2beta1/namespaces/{ns}/mpijobs[/{name}]``: create (201/409), get,
+  list (``labelSelector``, ``fieldSelector=metadata.name=``), watch (``?watch=true``: chunked
+  JSON lines from ``resourceVersion``, ending after ``timeoutSeconds``), delete (cascades to
+  the ConfigMaps it owns and its pods, as the garbage collector would);
+- ``/api/v1/namespaces/{ns}/configmaps[/{name}]``: create, get;
+- ``/api/v1/namespaces/{ns}/pods``: list; ``.../pods/{name}/log``: logs (``follow`` too).
+
+Knobs for failure cases: ``forbid(verb, resource)`` answers 403 like RBAC does;
+``expire_next_watches(n)`` answers the next ``n`` watches with an ERROR event 410 Gone and
+compacts history (a resume from an older resourceVersion gets 410 too, forcing a relist);
+``max_watch_seconds`` closes watches early (a watch "expiring"). Job lifecycles are scripted
+with ``script(...)`` steps that run on create, e.g. ``[(0.1, running("log line")),
+(0.2, succeeded())]``.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import json
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+TOKEN = "fake-token"
+MPIJOBS = "mpijobs"
+CONFIGMAPS = "configmaps"
+PODS = "pods"
+_ROUTES = [
+    (re.compile(r"^/apis/kubeflow\.org/v2beta1/namespaces/([^/]+)/(mpijobs)(?:/([^/]+))?$"), None),
+    (re.compile(r"^/api/v1/namespaces/([^/]+)/(configmaps)(?:/([^/]+))?$"), None),
+    (re.compile(r"^/api/v1/namespaces/([^/]+)/(pods)(?:/([^/]+))?$"), None),
+    (re.compile(r"^/api/v1/namespaces/([^/]+)/(pods)/([^/]+)/log$"), "log"),
+]
+_GROUPS = {MPIJOBS: ("kubeflow.org", "kubeflow.org/v2beta1", "MPIJob"),
+           CONFIGMAPS: ("", "v1", "ConfigMap"), PODS: ("", "v1", "Pod")}
+
+Step = tuple[float, Callable[["FakeApiServer", str, str], None]]
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def status_doc(code: int, reason: str, message: str) -> dict[str, Any]:
+    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": message, "reason": reason, "code": code}
+
+
+def matches_labels(labels: dict[str, str], selector: str) -> bool:
+    for term in filter(None, (t.strip() for t in selector.split(","))):
+        if "!=" in term:
+            key, value = term.split("!=", 1)
+            if labels.get(key) == value:
+                return False
+        elif "=" in term:
+            key, value = term.replace("==", "=").split("=", 1)
+            if labels.get(key) != value:
+                return False
+        elif term not in labels:
+            return False
+    return True
+
+
+def matches_fields(obj: dict[str, Any], selector: str) -> bool:
+    meta = obj["metadata"]
+    for term in filter(None, selector.split(",")):
+        key, _, value = term.partition("=")
+        if meta.get(key.removeprefix("metadata.")) != value:
+            return False
+    return True
+
+
+class FakeApiServer:
+    """A fake API server on 127.0.0.1 (port 0); ``with FakeApiServer() as api: api.url``."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.events: list[tuple[int, str, str, str, dict[str, Any]]] = []
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+        self.rv = 100
+        self.compacted = 0
+        self.max_watch_seconds = 30.0
+        self.expire_watches = 0
+        self.forbidden: set[tuple[str, str]] = set()
+        self.steps: list[Step] = []
+        self.cond = threading.Condition()
+        self.stopping = False
+        self._timers: list[threading.Thread] = []
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self.httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,),
+                                        daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def __enter__(self) -> FakeApiServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    # ---- knobs used by tests -------------------------------------------------------------
+    def forbid(self, verb: str, resource: str) -> None:
+        self.forbidden.add((verb, resource))
+
+    def expire_next_watches(self, n: int = 1) -> None:
+        with self.cond:
+            self.expire_watches = n
+
+    def script(self, steps: list[Step]) -> None:
+        """Steps (delay in seconds from create, action) run for every MPIJob created."""
+        self.steps = steps
+
+    def watch_requests(self) -> list[dict[str, str]]:
+        return [q for m, p, q in self.requests if m == "GET" and q.get("watch") == "true"
+                and p.endswith("/" + MPIJOBS)]
+
+    # ---- state changes (also used by scripted steps) ---------------------------------------
+    def put(self, resource: str, ns: str, obj: dict[str, Any], event: str) -> dict[str, Any]:
+        with self.cond:
+            self.rv += 1
+            obj["metadata"]["resourceVersion"] = str(self.rv)
+            if event == "DELETED":
+                self.objects.pop((resource, ns, obj["metadata"]["name"]), None)
+            else:
+                self.objects[(resource, ns, obj["metadata"]["name"])] = obj
+            self.events.append((self.rv, resource, ns, event, copy.deepcopy(obj)))
+            self.cond.notify_all()
+            return copy.deepcopy(obj)
+
+    def create(self, resource: str, ns: str, body: dict[str, Any]) -> dict[str, Any]:
+        group, api_version, kind = _GROUPS[resource]
+        obj = copy.deepcopy(body)
+        obj.setdefault("apiVersion", api_version)
+        obj.setdefault("kind", kind)
+        meta = obj.setdefault("metadata", {})
+        meta.update(namespace=ns, uid=str(uuid.uuid4()), creationTimestamp=now())
+        return self.put(resource, ns, obj, "ADDED")
+
+    def set_condition(self, ns: str, name: str, kind: str, reason: str = "", message: str = "",
+                      status: str = "True") -> None:
+        with self.cond:
+            obj = copy.deepcopy(self.objects[(MPIJOBS, ns, name)])
+            conds = obj.setdefault("status", {}).setdefault("conditions", [])
+            conds[:] = [c for c in conds if c["type"] != kind]
+            if kind in ("Succeeded", "Failed"):
+                for c in conds:
+                    if c["type"] == "Running":
+                        c["status"] = "False"
+                obj["status"]["completionTime"] = now()
+            conds.append({"type": kind, "status": status, "reason": reason, "message": message,
+                          "lastTransitionTime": now(), "lastUpdateTime": now()})
+            self.put(MPIJOBS, ns, obj, "MODIFIED")
+
+    def add_pod(self, ns: str, name: str, labels: dict[str, str], logs: str = "",
+                phase: str = "Running") -> None:
+        pod = {"metadata": {"name": name, "labels": labels},
+               "spec": {"containers": [{"name": "launcher", "image": "finetune-job"}]},
+               "status": {"phase": phase}, "logs": logs}
+        self.create(PODS, ns, pod)
+
+    def _run_steps(self, ns: str, name: str) -> None:
+        start = time.monotonic()
+        for delay, action in self.steps:
+            with self.cond:
+                self.cond.wait_for(lambda: self.stopping,  # noqa: B023 - evaluated right here
+                                   timeout=max(0.0, start + delay - time.monotonic()))
+                if self.stopping or (MPIJOBS, ns, name) not in self.objects:
+                    return
+            action(self, ns, name)
+
+    # ---- request handling ------------------------------------------------------------------
+    def handle(self, req: BaseHTTPRequestHandler, method: str) -> None:
+        parts = urlsplit(req.path)
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        # Read the body first, whatever the answer: the connection is kept alive.
+        body = req.rfile.read(int(req.headers.get("Content-Length") or 0))
+        self.requests.append((method, parts.path, query))
+        if req.headers.get("Authorization") != f"Bearer {TOKEN}":
+            return _send(req, 401, status_doc(401, "Unauthorized", "Unauthorized"))
+        for pattern, kind in _ROUTES:
+            m = pattern.match(parts.path)
+            if m:
+                ns, resource, name, sub = m.group(1), m.group(2), m.group(3), kind
+                break
+        else:
+            return _send(req, 404, status_doc(404, "NotFound", f"the server could not find "
+                                              f"the requested resource {parts.path}"))
+        verb = {"POST": "create", "DELETE": "delete"}.get(method, "get" if name else "list")
+        if query.get("watch") == "true":
+            verb = "watch"
+        target = "pods/log" if sub else resource
+        if (verb, target) in self.forbidden:
+            group = _GROUPS[resource][0]
+            return _send(req, 403, status_doc(403, "Forbidden", (
+                f'{resource}{"." + group if group else ""} "{name or ""}" is forbidden: User '
+                f'"system:serviceaccount:{ns}:finetune-job" cannot {verb} resource "{target}" '
+                f'in API group "{group}" in the namespace "{ns}"')))
+        if sub == "log":
+            return self._log(req, ns, name, query)
+        if method == "POST":
+            return self._create(req, resource, ns, json.loads(body))
+        if method == "DELETE":
+            return self._delete(req, resource, ns, name)
+        if name:
+            obj = self.objects.get((resource, ns, name))
+            if obj is None:
+                return _send(req, 404, _not_found(resource, name))
+            return _send(req, 200, _public(obj))
+        if verb == "watch":
+            return self._watch(req, resource, ns, query)
+        return _send(req, 200, self._list(resource, ns, query))
+
+    def _create(self, req: BaseHTTPRequestHandler, resource: str, ns: str,
+                body: dict[str, Any]) -> None:
+        name = body.get("metadata", {}).get("name", "")
+        if (resource, ns, name) in self.objects:
+            group = _GROUPS[resource][0]
+            return _send(req, 409, status_doc(409, "AlreadyExists",
+                                              f'{resource}{"." + group if group else ""} '
+                                              f'"{name}" already exists'))
+        obj = self.create(resource, ns, body)
+        if resource == MPIJOBS and self.steps:
+            thread = threading.Thread(target=self._run_steps, args=(ns, name), daemon=True)
+            thread.start()
+        return _send(req, 201, _public(obj))
+
+    def _delete(self, req: BaseHTTPRequestHandler, resource: str, ns: str, name: str) -> None:
+        obj = self.objects.get((resource, ns, name))
+        if obj is None:
+            return _send(req, 404, _not_found(resource, name))
+        uid = obj["metadata"]["uid"]
+        self.put(resource, ns, copy.deepcopy(obj), "DELETED")
+        # What the garbage collector would do: owned objects and the job's pods go too.
+        for (res, ons, _), other in list(self.objects.items()):
+            owners = [o.get("uid") for o in other["metadata"].get("ownerReferences", [])]
+            job_label = other["metadata"].get("labels", {}).get("training.kubeflow.org/job-name")
+            if ons == ns and (uid in owners or (res == PODS and job_label == name)):
+                self.put(res, ons, copy.deepcopy(other), "DELETED")
+        return _send(req, 200, {"kind": "Status", "apiVersion": "v1", "status": "Success",
+                                "details": {"name": name, "kind": resource, "uid": uid}})
+
+    def _list(self, resource: str, ns: str, query: dict[str, str]) -> dict[str, Any]:
+        _, api_version, kind = _GROUPS[resource]
+        items = [_public(o) for (res, ons, _), o in sorted(self.objects.items())
+                 if res == resource and ons == ns and self._selected(o, query)]
+        return {"kind": kind + "List", "apiVersion": api_version,
+                "metadata": {"resourceVersion": str(self.rv)}, "items": items}
+
+    @staticmethod
+    def _selected(obj: dict[str, Any], query: dict[str, str]) -> bool:
+        return (matches_labels(obj["metadata"].get("labels", {}), query.get("labelSelector", ""))
+                and matches_fields(obj, query.get("fieldSelector", "")))
+
+    def _watch(self, req: BaseHTTPRequestHandler, resource: str, ns: str,
+               query: dict[str, str]) -> None:
+        timeout = min(float(query.get("timeoutSeconds") or 1e9), self.max_watch_seconds)
+        deadline = time.monotonic() + timeout
+        since = int(query.get("resourceVersion") or 0)
+        req.send_response(200)
+        req.send_header("Content-Type", "application/json")
+        req.send_header("Transfer-Encoding", "chunked")
+        req.end_headers()
+        try:
+            for event in self._events(resource, ns, query, since, deadline):
+                _chunk(req, (json.dumps(event) + "\n").encode())
+            _chunk(req, b"")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def _events(self, resource: str, ns: str, query: dict[str, str], since: int,
+                deadline: float) -> Iterator[dict[str, Any]]:
+        with self.cond:
+            if since and since < self.compacted:
+                yield _gone(since)
+                return
+            if not since:  # no resourceVersion: current state first, as synthetic ADDED
+                for obj in self._list(resource, ns, query)["items"]:
+                    yield {"type": "ADDED", "object": obj}
+                since = self.rv
+            if self.expire_watches > 0:  # this watch "expires": history is compacted
+                self.expire_watches -= 1
+                self.compacted = self.rv
+                yield _gone(since)
+                return
+        while True:
+            with self.cond:
+                pending = [(rv, t, o) for rv, res, ons, t, o in self.events
+                           if rv > since and res == resource and ons == ns
+                           and self._selected(o, query)]
+                if not pending:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or self.stopping:
+                        return
+                    self.cond.wait(timeout=min(left, 0.2))
+                    continue
+            for rv, kind, obj in pending:
+                since = rv
+                yield {"type": kind, "object": _public(obj)}
+
+    def _log(self, req: BaseHTTPRequestHandler, ns: str, name: str,
+             query: dict[str, str]) -> None:
+        pod = self.objects.get((PODS, ns, name))
+        if pod is None:
+            return _send(req, 404, _not_found(PODS, name))
+        text = pod.get("logs", "")
+        if query.get("follow") != "true":
+            return _send(req, 200, text.encode(), "text/plain")
+        req.send_response(200)
+        req.send_header("Content-Type", "text/plain")
+        req.send_header("Transfer-Encoding", "chunked")
+        req.end_headers()
+        for line in text.splitlines(keepends=True):
+            _chunk(req, line.encode())
+            time.sleep(0.01)
+        _chunk(req, b"")
+
+
+# ---- scripted lifecycle steps --------------------------------------------------------------
+def created() -> Callable[[FakeApiServer, str, str], None]:
+    return lambda api, ns, name: api.set_condition(ns, name, "Created", "MPIJobCreated",
+                                                   f"MPIJob {ns}/{name} is created.")
+
+
+def running(logs: str = "") -> Callable[[FakeApiServer, str, str], None]:
+    def act(api: FakeApiServer, ns: str, name: str) -> None:
+        api.add_pod(ns, f"{name}-launcher-x1", {"training.kubeflow.org/job-name": name,
+                                                "training.kubeflow.org/job-role": "launcher"},
+                    logs=logs)
+        api.set_condition(ns, name, "Running", "MPIJobRunning", f"MPIJob {ns}/{name} is running.")
+    return act
+
+
+def succeeded() -> Callable[[FakeApiServer, str, str], None]:
+    return lambda api, ns, name: api.set_condition(ns, name, "Succeeded", "MPIJobSucceeded",
+                                                   f"MPIJob {ns}/{name} successfully completed.")
+
+
+def failed(message: str = "launcher exited 1") -> Callable[[FakeApiServer, str, str], None]:
+    return lambda api, ns, name: api.set_condition(ns, name, "Failed", "BackoffLimitExceeded",
+                                                   message)
+
+
+def kubeconfig(url: str, namespace: str = "team-a", token: str = TOKEN) -> str:
+    """A kubeconfig (YAML text) whose current context points at ``url``."""
+    return (f"apiVersion: v1\nkind: Config\ncurrent-context: fake\n"
+            f"clusters:\n- name: fake\n  cluster:\n    server: {url}\n"
+            f"users:\n- name: tester\n  user:\n    token: {token}\n"
+            f"contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: tester\n"
+            f"    namespace: {namespace}\n")
+
+
+# ---- HTTP plumbing ---------------------------------------------------------------------------
+def _public(obj: dict[str, Any]) -> dict[str, Any]:
+    return {k: copy.deepcopy(v) for k, v in obj.items() if k != "logs"}
+
+
+def _not_found(resource: str, name: str) -> dict[str, Any]:
+    group = _GROUPS[resource][0]
+    full = f'{resource}{"." + group if group else ""}'
+    return status_doc(404, "NotFound", f'{full} "{name}" not found')
+
+
+def _gone(rv: int) -> dict[str, Any]:
+    return {"type": "ERROR", "object": status_doc(
+        410, "Expired", f"too old resource version: {rv}")}
+
+
+def _send(req: BaseHTTPRequestHandler, code: int, body: Any,
+          ctype: str = "application/json") -> None:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req.send_response(code)
+    req.send_header("Content-Type", ctype)
+    req.send_header("Content-Length", str(len(data)))
+    req.end_headers()
+    req.wfile.write(data)
+
+
+def _chunk(req: BaseHTTPRequestHandler, data: bytes) -> None:
+    req.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+    req.wfile.flush()
+
+
+def _handler(api: FakeApiServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            api.handle(self, "GET")
+
+        def do_POST(self) -> None:  # noqa: N802
+            api.handle(self, "POST")
+
+        def do_DELETE(self) -> None:  # noqa: N802
+            api.handle(self, "DELETE")
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
+            pass
+
+    return Handler
