@@ -70,77 +70,147 @@ LIST_EXAMPLE = """example:
 def register(sub: Any) -> None:
     """Add submit, status, logs, delete and list to the ``finetune-job`` subparsers."""
     fmt = argparse.RawDescriptionHelpFormatter
-    p = sub.add_parser("submit", help="submit a fine-tuning MPIJob (and wait for it)",
-                       epilog=SUBMIT_EXAMPLE, formatter_class=fmt)
-    p.add_argument("--values", "-f", action="append", default=[], metavar="FILE",
-                   help="chart values file (repeatable; later wins)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="one value, e.g. training.epochs=5 (VALUE read as YAML; repeatable)")
+    p = sub.add_parser(
+        "submit",
+        help="submit a fine-tuning MPIJob (and wait for it)",
+        epilog=SUBMIT_EXAMPLE,
+        formatter_class=fmt,
+    )
+    p.add_argument(
+        "--values",
+        "-f",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="chart values file (repeatable; later wins)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one value, e.g. training.epochs=5 (VALUE read as YAML; repeatable)",
+    )
     p.add_argument("--name-prefix", default="", help="run name prefix (default: full name)")
-    p.add_argument("--release", default=manifest.CHART,
-                   help="release name for names and labels (values 'release' wins)")
-    p.add_argument("--schedule", default="",
-                   help=f"schedule name for the {c.SCHEDULE_LABEL} label "
-                        f"(default: {c.MANUAL_SCHEDULE})")
-    p.add_argument("--first-pretrained", default="zoo", metavar="URI",
-                   help="weights while <root>/latest does not exist yet (default: zoo)")
+    p.add_argument(
+        "--release",
+        default=manifest.CHART,
+        help="release name for names and labels (values 'release' wins)",
+    )
+    p.add_argument(
+        "--schedule",
+        default="",
+        help=f"schedule name for the {c.SCHEDULE_LABEL} label (default: {c.MANUAL_SCHEDULE})",
+    )
+    p.add_argument(
+        "--first-pretrained",
+        default="zoo",
+        metavar="URI",
+        help="weights while <root>/latest does not exist yet (default: zoo)",
+    )
     p.add_argument("--wait", action="store_true", help="wait until the run ends")
     p.add_argument("--follow", action="store_true", help="stream the launcher log (implies --wait)")
-    p.add_argument("--timeout", type=float, default=24 * 3600.0, metavar="SECONDS",
-                   help="give up waiting after this long (default: 86400)")
-    p.add_argument("--min-accuracy", type=float, default=None, metavar="X",
-                   help="gate: summary val_top1 must reach X to become latest")
-    p.add_argument("--not-worse", action="store_true",
-                   help="gate: val_top1 must not be below the current latest's")
-    p.add_argument("--delete-after", action="store_true",
-                   help="delete the MPIJob once it ended and its logs are saved")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the MPIJob and ConfigMap as YAML; submit nothing")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=24 * 3600.0,
+        metavar="SECONDS",
+        help="give up waiting after this long (default: 86400)",
+    )
+    p.add_argument(
+        "--min-accuracy",
+        type=float,
+        default=None,
+        metavar="X",
+        help="gate: summary val_top1 must reach X to become latest",
+    )
+    p.add_argument(
+        "--not-worse",
+        action="store_true",
+        help="gate: val_top1 must not be below the current latest's",
+    )
+    p.add_argument(
+        "--delete-after",
+        action="store_true",
+        help="delete the MPIJob once it ended and its logs are saved",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the MPIJob and ConfigMap as YAML; submit nothing",
+    )
     _cluster_args(p)
     p.set_defaults(func=submit)
 
-    p = sub.add_parser("status", help="phase and conditions of an MPIJob",
-                       epilog=STATUS_EXAMPLE, formatter_class=fmt)
+    p = sub.add_parser(
+        "status",
+        help="phase and conditions of an MPIJob",
+        epilog=STATUS_EXAMPLE,
+        formatter_class=fmt,
+    )
     p.add_argument("name", help="MPIJob name")
     p.add_argument("--output", "-o", choices=("text", "json"), default="text")
     _cluster_args(p)
     p.set_defaults(func=status)
 
-    p = sub.add_parser("logs", help="the launcher's log of an MPIJob", epilog=LOGS_EXAMPLE,
-                       formatter_class=fmt)
+    p = sub.add_parser(
+        "logs", help="the launcher's log of an MPIJob", epilog=LOGS_EXAMPLE, formatter_class=fmt
+    )
     p.add_argument("name", help="MPIJob name")
     p.add_argument("--follow", action="store_true", help="stream until the launcher ends")
     p.add_argument("--tail", type=int, default=None, metavar="N", help="last N lines only")
     p.add_argument("--save", default="", metavar="URI", help="also write it here (path or s3://)")
-    p.add_argument("--timeout", type=float, default=24 * 3600.0, metavar="SECONDS",
-                   help="with --follow: stop after this long")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=24 * 3600.0,
+        metavar="SECONDS",
+        help="with --follow: stop after this long",
+    )
     _cluster_args(p)
     p.set_defaults(func=logs)
 
-    p = sub.add_parser("delete", help="delete an MPIJob (its pods and ConfigMap go with it)",
-                       epilog=DELETE_EXAMPLE, formatter_class=fmt)
+    p = sub.add_parser(
+        "delete",
+        help="delete an MPIJob (its pods and ConfigMap go with it)",
+        epilog=DELETE_EXAMPLE,
+        formatter_class=fmt,
+    )
     p.add_argument("name", help="MPIJob name")
     _cluster_args(p)
     p.set_defaults(func=delete)
 
-    p = sub.add_parser("list", help="this chart's MPIJobs in the namespace",
-                       epilog=LIST_EXAMPLE, formatter_class=fmt)
-    p.add_argument("--selector", "-l", default=f"{c.NAME_LABEL}={c.APP_NAME}",
-                   help="label selector")
+    p = sub.add_parser(
+        "list",
+        help="this chart's MPIJobs in the namespace",
+        epilog=LIST_EXAMPLE,
+        formatter_class=fmt,
+    )
+    p.add_argument(
+        "--selector", "-l", default=f"{c.NAME_LABEL}={c.APP_NAME}", help="label selector"
+    )
     _cluster_args(p)
     p.set_defaults(func=list_jobs)
 
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--namespace", "-n", default=None,
-                   help="namespace (default: the pod's, or the kubeconfig context's)")
-    p.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster, "
-                                                      "then $KUBECONFIG, ~/.kube/config)")
+    p.add_argument(
+        "--namespace",
+        "-n",
+        default=None,
+        help="namespace (default: the pod's, or the kubeconfig context's)",
+    )
+    p.add_argument(
+        "--kubeconfig",
+        default=None,
+        help="kubeconfig file (default: in-cluster, then $KUBECONFIG, ~/.kube/config)",
+    )
     p.add_argument("--context", default=None, help="kubeconfig context")
 
 
 def guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Known failures become one stderr line and the documented exit code."""
+
     @functools.wraps(func)
     def run(args: argparse.Namespace) -> int:
         try:
@@ -151,6 +221,7 @@ def guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
             return _fail(e, EXIT_BAD_INPUT)
         except JobError as e:
             return _fail(e, EXIT_FAILED)
+
     return run
 
 
@@ -186,8 +257,9 @@ def submit(args: argparse.Namespace) -> int:
     if pretrained and retrain.is_latest_uri(pretrained):
         resolved = retrain.resolve_pretrained(pretrained, storage, if_missing=args.first_pretrained)
         _note(f"pretrained {pretrained} -> {resolved}")
-    run = manifest.build_run(values, release, schedule=args.schedule, prefix=args.name_prefix,
-                             pretrained=resolved)
+    run = manifest.build_run(
+        values, release, schedule=args.schedule, prefix=args.name_prefix, pretrained=resolved
+    )
     if args.dry_run:
         print(yaml.safe_dump_all([run.mpijob, run.config_map], sort_keys=False), end="")
         return EXIT_SUCCEEDED
@@ -200,14 +272,18 @@ def submit(args: argparse.Namespace) -> int:
     return _wait_and_gate(args, client, storage, values, run)
 
 
-def _wait_and_gate(args: argparse.Namespace, client: Any, storage: Any, values: dict[str, Any],
-                   run: manifest.Run) -> int:
+def _wait_and_gate(
+    args: argparse.Namespace, client: Any, storage: Any, values: dict[str, Any], run: manifest.Run
+) -> int:
     deadline = time.monotonic() + args.timeout
     if args.follow:
         client.follow_logs(run.name, sys.stdout, deadline)
     try:
-        client.wait(run.name, max(0.0, deadline - time.monotonic()),
-                    on_change=lambda s: _note(f"MPIJob {s.describe()}"))
+        client.wait(
+            run.name,
+            max(0.0, deadline - time.monotonic()),
+            on_change=lambda s: _note(f"MPIJob {s.describe()}"),
+        )
     except JobFailedError:
         _save_logs(client, storage, run)
         _cleanup(args, client, run.name)
@@ -252,8 +328,10 @@ def status(args: argparse.Namespace) -> int:
     else:
         print(state.describe())
         for cond in state.conditions:
-            print(f"  {cond.type:<10} {cond.status:<5} {cond.last_transition_time:<20} "
-                  f"{cond.reason}: {cond.message}".rstrip(": "))
+            print(
+                f"  {cond.type:<10} {cond.status:<5} {cond.last_transition_time:<20} "
+                f"{cond.reason}: {cond.message}".rstrip(": ")
+            )
         if state.output:
             print(f"  output: {state.output}")
     return EXIT_FAILED if state.failed else EXIT_SUCCEEDED
@@ -286,6 +364,5 @@ def delete(args: argparse.Namespace) -> int:
 @guarded
 def list_jobs(args: argparse.Namespace) -> int:
     for state in _client(args).list_jobs(args.selector):
-        print(f"{state.name:<52} {state.phase:<10} {state.schedule or '-':<20} "
-              f"{state.created}")
+        print(f"{state.name:<52} {state.phase:<10} {state.schedule or '-':<20} {state.created}")
     return EXIT_SUCCEEDED

@@ -55,8 +55,9 @@ SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 WATCH_CHUNK_SECONDS = 300
 
 
-def load_api_client(kubeconfig: str | None = None, context: str | None = None,
-                    in_cluster: bool | None = None) -> tuple[k8s.ApiClient, str]:
+def load_api_client(
+    kubeconfig: str | None = None, context: str | None = None, in_cluster: bool | None = None
+) -> tuple[k8s.ApiClient, str]:
     """An ApiClient and its default namespace, from in-cluster config or a kubeconfig.
 
     ``in_cluster=None`` tries the pod's service account first, unless a kubeconfig or a
@@ -88,9 +89,16 @@ def load_api_client(kubeconfig: str | None = None, context: str | None = None,
 class MPIJobClient:
     """The MPIJobs of one namespace, through one API client made once."""
 
-    def __init__(self, namespace: str | None = None, *, kubeconfig: str | None = None,
-                 context: str | None = None, in_cluster: bool | None = None,
-                 api_client: k8s.ApiClient | None = None, request_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        namespace: str | None = None,
+        *,
+        kubeconfig: str | None = None,
+        context: str | None = None,
+        in_cluster: bool | None = None,
+        api_client: k8s.ApiClient | None = None,
+        request_timeout: float = 30.0,
+    ) -> None:
         if api_client is None:
             api_client, default_ns = load_api_client(kubeconfig, context, in_cluster)
         else:
@@ -104,8 +112,9 @@ class MPIJobClient:
     def _ref(self, name: str) -> str:
         return f"{self.namespace}/{name}"
 
-    def _call(self, verb: str, resource: str, name: str, fn: Callable[..., Any], *args: Any,
-              **kwargs: Any) -> Any:
+    def _call(
+        self, verb: str, resource: str, name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Any:
         """Run one API call; failures become named errors ``from`` the exception."""
         kwargs.setdefault("_request_timeout", self.request_timeout)
         try:
@@ -113,8 +122,10 @@ class MPIJobClient:
         except ApiException as e:
             raise from_api(e, verb, resource, self.namespace, name) from e
         except urllib3.exceptions.HTTPError as e:
-            raise ApiError(f"{verb} {resource} {self._ref(name)}: cannot reach the API server "
-                           f"at {self.api_client.configuration.host}: {e}") from e
+            raise ApiError(
+                f"{verb} {resource} {self._ref(name)}: cannot reach the API server "
+                f"at {self.api_client.configuration.host}: {e}"
+            ) from e
 
     # ---- submit / get / list / delete -----------------------------------------------------
     def submit(self, mpijob: dict[str, Any], config_map: dict[str, Any] | None = None) -> JobState:
@@ -125,16 +136,43 @@ class MPIJobClient:
         ConfigMap cannot be created the MPIJob is deleted again, so nothing half-made stays.
         """
         name = mpijob["metadata"]["name"]
-        created = self._call("create", MPIJOB, name, self.custom.create_namespaced_custom_object,
-                             c.GROUP, c.VERSION, self.namespace, c.PLURAL, mpijob)
+        created = self._call(
+            "create",
+            MPIJOB,
+            name,
+            self.custom.create_namespaced_custom_object,
+            c.GROUP,
+            c.VERSION,
+            self.namespace,
+            c.PLURAL,
+            mpijob,
+        )
         if config_map is not None:
-            owned = dict(config_map, metadata=dict(config_map["metadata"], ownerReferences=[{
-                "apiVersion": c.API_VERSION, "kind": c.KIND, "name": name,
-                "uid": created["metadata"]["uid"], "controller": True,
-                "blockOwnerDeletion": True}]))
+            owned = dict(
+                config_map,
+                metadata=dict(
+                    config_map["metadata"],
+                    ownerReferences=[
+                        {
+                            "apiVersion": c.API_VERSION,
+                            "kind": c.KIND,
+                            "name": name,
+                            "uid": created["metadata"]["uid"],
+                            "controller": True,
+                            "blockOwnerDeletion": True,
+                        }
+                    ],
+                ),
+            )
             try:
-                self._call("create", "configmaps", owned["metadata"]["name"],
-                           self.core.create_namespaced_config_map, self.namespace, owned)
+                self._call(
+                    "create",
+                    "configmaps",
+                    owned["metadata"]["name"],
+                    self.core.create_namespaced_config_map,
+                    self.namespace,
+                    owned,
+                )
             except Exception:
                 self._delete_quietly(name)
                 raise
@@ -148,9 +186,17 @@ class MPIJobClient:
             log.warning("could not delete MPIJob %s after a failed submit: %s", self._ref(name), e)
 
     def get(self, name: str) -> dict[str, Any]:
-        obj: dict[str, Any] = self._call("get", MPIJOB, name,
-                                         self.custom.get_namespaced_custom_object,
-                                         c.GROUP, c.VERSION, self.namespace, c.PLURAL, name)
+        obj: dict[str, Any] = self._call(
+            "get",
+            MPIJOB,
+            name,
+            self.custom.get_namespaced_custom_object,
+            c.GROUP,
+            c.VERSION,
+            self.namespace,
+            c.PLURAL,
+            name,
+        )
         return obj
 
     def status(self, name: str) -> JobState:
@@ -158,39 +204,63 @@ class MPIJobClient:
 
     def list_jobs(self, label_selector: str = f"{c.NAME_LABEL}={c.APP_NAME}") -> list[JobState]:
         """This chart's MPIJobs in the namespace, oldest first."""
-        doc = self._call("list", MPIJOB, "", self.custom.list_namespaced_custom_object,
-                         c.GROUP, c.VERSION, self.namespace, c.PLURAL,
-                         label_selector=label_selector)
+        doc = self._call(
+            "list",
+            MPIJOB,
+            "",
+            self.custom.list_namespaced_custom_object,
+            c.GROUP,
+            c.VERSION,
+            self.namespace,
+            c.PLURAL,
+            label_selector=label_selector,
+        )
         states = [job_state(item) for item in doc.get("items", [])]
         return sorted(states, key=lambda s: (s.created, s.name))
 
     def delete(self, name: str) -> None:
         """Delete the MPIJob; its pods and ConfigMaps go with it (background cascade)."""
-        self._call("delete", MPIJOB, name, self.custom.delete_namespaced_custom_object,
-                   c.GROUP, c.VERSION, self.namespace, c.PLURAL, name,
-                   propagation_policy="Background")
+        self._call(
+            "delete",
+            MPIJOB,
+            name,
+            self.custom.delete_namespaced_custom_object,
+            c.GROUP,
+            c.VERSION,
+            self.namespace,
+            c.PLURAL,
+            name,
+            propagation_policy="Background",
+        )
         log.info("deleted MPIJob %s", self._ref(name))
 
     # ---- wait -----------------------------------------------------------------------------
-    def wait(self, name: str, timeout: float,
-             on_change: Callable[[JobState], None] | None = None) -> JobState:
+    def wait(
+        self, name: str, timeout: float, on_change: Callable[[JobState], None] | None = None
+    ) -> JobState:
         """Block until the MPIJob succeeds; returns its final state.
 
         Raises JobFailedError when it fails, JobTimeoutError after ``timeout`` seconds (the
         job keeps running), NotFoundError when it does not exist or is deleted meanwhile.
         """
-        state = self.watch_until(name, time.monotonic() + timeout, lambda s: s.finished,
-                                 on_change)
+        state = self.watch_until(name, time.monotonic() + timeout, lambda s: s.finished, on_change)
         if state is None:
-            raise JobTimeoutError(f"MPIJob {self._ref(name)} did not finish within "
-                                  f"{round(timeout, 1):g} s (still running; "
-                                  f"`finetune-job delete {name}` stops it)")
+            raise JobTimeoutError(
+                f"MPIJob {self._ref(name)} did not finish within "
+                f"{round(timeout, 1):g} s (still running; "
+                f"`finetune-job delete {name}` stops it)"
+            )
         if state.failed:
             raise JobFailedError(f"MPIJob {state.describe()}", state)
         return state
 
-    def watch_until(self, name: str, deadline: float, done: Callable[[JobState], bool],
-                    on_change: Callable[[JobState], None] | None = None) -> JobState | None:
+    def watch_until(
+        self,
+        name: str,
+        deadline: float,
+        done: Callable[[JobState], bool],
+        on_change: Callable[[JobState], None] | None = None,
+    ) -> JobState | None:
         """Watch the MPIJob until ``done(state)``; None when ``deadline`` (monotonic) passes."""
         state, rv = self._relist(name)
         last_phase = None
@@ -221,25 +291,41 @@ class MPIJobClient:
 
     def _relist(self, name: str) -> tuple[JobState, str]:
         """The job's current state and the list's resourceVersion to watch from."""
-        doc = self._call("list", MPIJOB, name, self.custom.list_namespaced_custom_object,
-                         c.GROUP, c.VERSION, self.namespace, c.PLURAL,
-                         field_selector=f"metadata.name={name}")
+        doc = self._call(
+            "list",
+            MPIJOB,
+            name,
+            self.custom.list_namespaced_custom_object,
+            c.GROUP,
+            c.VERSION,
+            self.namespace,
+            c.PLURAL,
+            field_selector=f"metadata.name={name}",
+        )
         items = doc.get("items") or []
         if not items:
             raise NotFoundError(f"MPIJob {self._ref(name)} not found")
         return job_state(items[0]), str(doc.get("metadata", {}).get("resourceVersion") or "")
 
-    def _watch_once(self, name: str, rv: str,
-                    left: float) -> Generator[tuple[JobState, str], None, None]:
+    def _watch_once(
+        self, name: str, rv: str, left: float
+    ) -> Generator[tuple[JobState, str], None, None]:
         """One watch request (at most ``left`` seconds): (state, resourceVersion) per change."""
         seconds = max(1, min(WATCH_CHUNK_SECONDS, math.ceil(left)))
         watcher = k8s_watch.Watch()
         try:
             for event in watcher.stream(
-                    self.custom.list_namespaced_custom_object, c.GROUP, c.VERSION,
-                    self.namespace, c.PLURAL, field_selector=f"metadata.name={name}",
-                    resource_version=rv or None, allow_watch_bookmarks=True,
-                    timeout_seconds=seconds, _request_timeout=(self.request_timeout, left)):
+                self.custom.list_namespaced_custom_object,
+                c.GROUP,
+                c.VERSION,
+                self.namespace,
+                c.PLURAL,
+                field_selector=f"metadata.name={name}",
+                resource_version=rv or None,
+                allow_watch_bookmarks=True,
+                timeout_seconds=seconds,
+                _request_timeout=(self.request_timeout, left),
+            ):
                 obj = event["raw_object"]
                 rv = str(obj.get("metadata", {}).get("resourceVersion") or rv)
                 if event["type"] == "BOOKMARK":
@@ -253,18 +339,30 @@ class MPIJobClient:
     # ---- logs -----------------------------------------------------------------------------
     def launcher_pods(self, name: str) -> list[Any]:
         """The job's launcher pods (``V1Pod``; one per launcher attempt), oldest first."""
-        selector = (f"{c.OPERATOR_JOB_NAME_LABEL}={name},"
-                    f"{c.OPERATOR_JOB_ROLE_LABEL}={c.LAUNCHER_ROLE}")
-        pods: list[Any] = self._call("list", "pods", name, self.core.list_namespaced_pod,
-                                     self.namespace, label_selector=selector).items or []
+        selector = (
+            f"{c.OPERATOR_JOB_NAME_LABEL}={name},{c.OPERATOR_JOB_ROLE_LABEL}={c.LAUNCHER_ROLE}"
+        )
+        pods: list[Any] = (
+            self._call(
+                "list",
+                "pods",
+                name,
+                self.core.list_namespaced_pod,
+                self.namespace,
+                label_selector=selector,
+            ).items
+            or []
+        )
         return sorted(pods, key=lambda p: (str(p.metadata.creation_timestamp), p.metadata.name))
 
     def _launcher(self, name: str) -> tuple[str, str]:
         """(pod name, container name) of the newest launcher pod."""
         pods = self.launcher_pods(name)
         if not pods:
-            raise NotFoundError(f"MPIJob {self._ref(name)} has no launcher pod (not started yet, "
-                                f"or its pods were cleaned up)")
+            raise NotFoundError(
+                f"MPIJob {self._ref(name)} has no launcher pod (not started yet, "
+                f"or its pods were cleaned up)"
+            )
         return str(pods[-1].metadata.name), str(pods[-1].spec.containers[0].name)
 
     def logs(self, name: str, tail_lines: int | None = None) -> str:
@@ -273,8 +371,9 @@ class MPIJobClient:
         kwargs: dict[str, Any] = {"container": container}
         if tail_lines is not None:
             kwargs["tail_lines"] = tail_lines
-        text: str = self._call("get", "pods/log", pod, self.core.read_namespaced_pod_log, pod,
-                               self.namespace, **kwargs)
+        text: str = self._call(
+            "get", "pods/log", pod, self.core.read_namespaced_pod_log, pod, self.namespace, **kwargs
+        )
         return text
 
     def follow_logs(self, name: str, out: TextIO, deadline: float) -> JobState | None:
@@ -288,10 +387,13 @@ class MPIJobClient:
         pod, container = self._launcher(name)
         watcher = k8s_watch.Watch()
         try:
-            for line in watcher.stream(self.core.read_namespaced_pod_log, pod,
-                                       self.namespace, container=container,
-                                       _request_timeout=(self.request_timeout,
-                                                         max(1.0, deadline - time.monotonic()))):
+            for line in watcher.stream(
+                self.core.read_namespaced_pod_log,
+                pod,
+                self.namespace,
+                container=container,
+                _request_timeout=(self.request_timeout, max(1.0, deadline - time.monotonic())),
+            ):
                 out.write(line + "\n")
                 out.flush()
         except ApiException as e:

@@ -99,5 +99,6 @@ def from_api(e: Any, verb: str, resource: str, namespace: str, name: str = "") -
         return PermissionDeniedError(
             f"permission denied: cannot {verb} {resource} {where} (HTTP {status}); "
             f"grant this identity '{verb}' on {resource} in namespace {namespace} "
-            f"(the chart's CronJob Role does): {detail}")
+            f"(the chart's CronJob Role does): {detail}"
+        )
     return ApiError(f"{verb} {resource} {where} failed (HTTP {status}): {detail}")

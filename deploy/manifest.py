@@ -41,34 +41,79 @@ CHART = "finetune-job"
 CONFIG_MAP_SUFFIX = "-training"
 # The chart's values.yaml defaults of every key used here (a test keeps them equal).
 DEFAULTS: dict[str, Any] = {
-    "nameOverride": "", "fullnameOverride": "",
-    "image": {"repository": "finetune-job", "tag": "", "pullPolicy": "IfNotPresent",
-              "pullSecrets": []},
+    "nameOverride": "",
+    "fullnameOverride": "",
+    "image": {
+        "repository": "finetune-job",
+        "tag": "",
+        "pullPolicy": "IfNotPresent",
+        "pullSecrets": [],
+    },
     "slotsPerWorker": 1,
     "launcherCreationPolicy": "WaitForWorkersReady",
     "sshAuthMountPath": "/home/mpiuser/.ssh",
-    "runPolicy": {"cleanPodPolicy": "Running", "ttlSecondsAfterFinished": 604800,
-                  "backoffLimit": 3, "activeDeadlineSeconds": None},
+    "runPolicy": {
+        "cleanPodPolicy": "Running",
+        "ttlSecondsAfterFinished": 604800,
+        "backoffLimit": 3,
+        "activeDeadlineSeconds": None,
+    },
     "mpirun": {"extraArgs": []},
-    "launcher": {"resources": {"requests": {"cpu": "100m", "memory": "256Mi"},
-                               "limits": {"memory": "512Mi"}},
-                 "restartPolicy": "OnFailure", "nodeSelector": {}, "tolerations": []},
-    "workers": {"replicas": 2, "resources": {}, "ompNumThreads": 0, "shmSize": "1Gi",
-                "command": ["/usr/sbin/sshd", "-De", "-f", "/home/mpiuser/.sshd_config"],
-                "readinessProbe": {"tcpSocket": {"port": 2222}, "initialDelaySeconds": 2,
-                                   "periodSeconds": 5},
-                "restartPolicy": "Never", "nodeSelector": {}, "tolerations": [], "affinity": {},
-                "priorityClassName": ""},
-    "training": {"data": "", "output": "", "model": "resnet18_v2", "epochs": 10,
-                 "batch_size": 32, "lr": 0.01, "metrics_port": 9095},
+    "launcher": {
+        "resources": {
+            "requests": {"cpu": "100m", "memory": "256Mi"},
+            "limits": {"memory": "512Mi"},
+        },
+        "restartPolicy": "OnFailure",
+        "nodeSelector": {},
+        "tolerations": [],
+    },
+    "workers": {
+        "replicas": 2,
+        "resources": {},
+        "ompNumThreads": 0,
+        "shmSize": "1Gi",
+        "command": ["/usr/sbin/sshd", "-De", "-f", "/home/mpiuser/.sshd_config"],
+        "readinessProbe": {
+            "tcpSocket": {"port": 2222},
+            "initialDelaySeconds": 2,
+            "periodSeconds": 5,
+        },
+        "restartPolicy": "Never",
+        "nodeSelector": {},
+        "tolerations": [],
+        "affinity": {},
+        "priorityClassName": "",
+    },
+    "training": {
+        "data": "",
+        "output": "",
+        "model": "resnet18_v2",
+        "epochs": 10,
+        "batch_size": 32,
+        "lr": 0.01,
+        "metrics_port": 9095,
+    },
     "s3": {"endpoint": "", "region": "", "existingSecret": "", "webIdentity": False},
     "serviceAccount": {"create": True, "name": "", "annotations": {}},
-    "env": [], "extraVolumes": [], "extraVolumeMounts": [],
-    "cudaCache": {"enabled": False, "path": "/home/mpiuser/.nv/ComputeCache",
-                  "maxSize": 4294967296, "volume": {}},
-    "podAnnotations": {}, "podLabels": {},
-    "podSecurityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000,
-                           "fsGroup": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
+    "env": [],
+    "extraVolumes": [],
+    "extraVolumeMounts": [],
+    "cudaCache": {
+        "enabled": False,
+        "path": "/home/mpiuser/.nv/ComputeCache",
+        "maxSize": 4294967296,
+        "volume": {},
+    },
+    "podAnnotations": {},
+    "podLabels": {},
+    "podSecurityContext": {
+        "runAsNonRoot": True,
+        "runAsUser": 1000,
+        "runAsGroup": 1000,
+        "fsGroup": 1000,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    },
     "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
 }
 # Chart keys that do not shape the MPIJob; accepted in values files and ignored here.
@@ -102,8 +147,11 @@ def parse_set(item: str) -> dict[str, Any]:
     return value  # type: ignore[return-value]
 
 
-def load_values(files: list[str] | tuple[str, ...] = (), sets: list[str] | tuple[str, ...] = (),
-                base: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def load_values(
+    files: list[str] | tuple[str, ...] = (),
+    sets: list[str] | tuple[str, ...] = (),
+    base: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """``DEFAULTS``, then each ``--values`` file, then each ``--set`` (later wins)."""
     values = copy.deepcopy(dict(DEFAULTS if base is None else base))
     for path in files:
@@ -113,8 +161,9 @@ def load_values(files: list[str] | tuple[str, ...] = (), sets: list[str] | tuple
         except OSError as e:
             raise BadInputError(f"values file {path}: {e.strerror}") from e
         except yaml.YAMLError as e:
-            raise BadInputError(f"values file {path} is not valid YAML: "
-                                f"{str(e).splitlines()[0]}") from e
+            raise BadInputError(
+                f"values file {path} is not valid YAML: {str(e).splitlines()[0]}"
+            ) from e
         if not isinstance(doc, dict):
             raise BadInputError(f"values file {path} must hold a mapping")
         values = merge(values, doc)
@@ -132,8 +181,13 @@ def check_keys(values: Mapping[str, Any]) -> None:
         if key not in DEFAULTS:
             raise BadInputError(f"unknown values key '{key}'")
         default = DEFAULTS[key]
-        free_form = key in ("training", "podAnnotations", "podLabels", "podSecurityContext",
-                            "securityContext")
+        free_form = key in (
+            "training",
+            "podAnnotations",
+            "podLabels",
+            "podSecurityContext",
+            "securityContext",
+        )
         if isinstance(default, dict) and not free_form:
             if not isinstance(value, Mapping):
                 raise BadInputError(f"values key '{key}' must be a mapping, got {value!r}")
@@ -168,15 +222,24 @@ class Release:
     labels: dict[str, str]
 
     @classmethod
-    def of(cls, values: Mapping[str, Any], name: str = CHART, chart_version: str = "0.1.0",
-           app_version: str = "0.1.0", service: str = "Helm") -> Release:
+    def of(
+        cls,
+        values: Mapping[str, Any],
+        name: str = CHART,
+        chart_version: str = "0.1.0",
+        app_version: str = "0.1.0",
+        service: str = "Helm",
+    ) -> Release:
         """Resolve from values (``values["release"]`` wins, as mounted by the CronJob)."""
         given = values.get("release") or {}
         if given:
             try:
-                return cls(name=str(given["name"]), fullname=str(given["fullname"]),
-                           service_account=str(given["serviceAccountName"]),
-                           labels={str(k): str(v) for k, v in given["labels"].items()})
+                return cls(
+                    name=str(given["name"]),
+                    fullname=str(given["fullname"]),
+                    service_account=str(given["serviceAccountName"]),
+                    labels={str(k): str(v) for k, v in given["labels"].items()},
+                )
             except (KeyError, AttributeError) as e:
                 raise BadInputError(f"values key 'release' lacks {e}") from e
         full = fullname(values, name)
@@ -185,8 +248,10 @@ class Release:
         tag = values["image"].get("tag") or app_version
         labels = {
             "helm.sh/chart": _trunc(f"{CHART}-{chart_version}".replace("+", "_")),
-            c.NAME_LABEL: chart_name(values), c.INSTANCE_LABEL: name,
-            "app.kubernetes.io/version": str(tag), c.MANAGED_BY_LABEL: service,
+            c.NAME_LABEL: chart_name(values),
+            c.INSTANCE_LABEL: name,
+            "app.kubernetes.io/version": str(tag),
+            c.MANAGED_BY_LABEL: service,
             "app.kubernetes.io/part-of": CHART,
         }
         return cls(name=name, fullname=full, service_account=account, labels=labels)
@@ -243,12 +308,15 @@ def env(values: Mapping[str, Any]) -> list[dict[str, Any]]:
     if s3.get("region"):
         out.append({"name": "AWS_REGION", "value": str(s3["region"])})
     if s3.get("existingSecret"):
-        out += [{"name": key, "valueFrom": {"secretKeyRef": {"name": s3["existingSecret"],
-                                                             "key": key}}}
-                for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
+        out += [
+            {"name": key, "valueFrom": {"secretKeyRef": {"name": s3["existingSecret"], "key": key}}}
+            for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+        ]
     if cuda.get("enabled"):
-        out += [{"name": "CUDA_CACHE_PATH", "value": str(cuda["path"])},
-                {"name": "CUDA_CACHE_MAXSIZE", "value": str(int(cuda["maxSize"]))}]
+        out += [
+            {"name": "CUDA_CACHE_PATH", "value": str(cuda["path"])},
+            {"name": "CUDA_CACHE_MAXSIZE", "value": str(int(cuda["maxSize"]))},
+        ]
     return out + copy.deepcopy(list(values.get("env") or []))
 
 
@@ -280,8 +348,10 @@ def volumes(values: Mapping[str, Any], config_map: str, worker: bool) -> list[di
         out.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}})
     if worker and cuda.get("enabled"):
         if not cuda.get("volume"):
-            raise BadInputError("cudaCache.enabled needs cudaCache.volume, a volume source "
-                                "such as persistentVolumeClaim")
+            raise BadInputError(
+                "cudaCache.enabled needs cudaCache.volume, a volume source "
+                "such as persistentVolumeClaim"
+            )
         out.append({"name": "cuda-cache", **copy.deepcopy(cuda["volume"])})
     return out + copy.deepcopy(list(values.get("extraVolumes") or []))
 
@@ -299,8 +369,14 @@ def metrics_ports(values: Mapping[str, Any]) -> list[dict[str, Any]]:
     base = int(values["training"].get("metrics_port") or 0)
     if base <= 0:
         return []
-    return [{"name": "metrics" if r == 0 else f"metrics-{r}", "containerPort": base + r,
-             "protocol": "TCP"} for r in range(int(values["slotsPerWorker"]))]
+    return [
+        {
+            "name": "metrics" if r == 0 else f"metrics-{r}",
+            "containerPort": base + r,
+            "protocol": "TCP",
+        }
+        for r in range(int(values["slotsPerWorker"]))
+    ]
 
 
 def run_policy(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -312,25 +388,41 @@ def run_policy(values: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def pod_template(values: Mapping[str, Any], release: Release, config_map: str, checksum: str,
-                 worker: bool, extra_labels: Mapping[str, str]) -> dict[str, Any]:
+def pod_template(
+    values: Mapping[str, Any],
+    release: Release,
+    config_map: str,
+    checksum: str,
+    worker: bool,
+    extra_labels: Mapping[str, str],
+) -> dict[str, Any]:
     v = values
     role = c.WORKER_ROLE if worker else c.LAUNCHER_ROLE
     side = v["workers"] if worker else v["launcher"]
-    labels = {**release.labels, c.COMPONENT_LABEL: role, **(v.get("podLabels") or {}),
-              **extra_labels}
-    spec: dict[str, Any] = {"serviceAccountName": release.service_account,
-                            "automountServiceAccountToken": False}
+    labels = {
+        **release.labels,
+        c.COMPONENT_LABEL: role,
+        **(v.get("podLabels") or {}),
+        **extra_labels,
+    }
+    spec: dict[str, Any] = {
+        "serviceAccountName": release.service_account,
+        "automountServiceAccountToken": False,
+    }
     if v["image"].get("pullSecrets"):
         spec["imagePullSecrets"] = copy.deepcopy(v["image"]["pullSecrets"])
     if v.get("podSecurityContext"):
         spec["securityContext"] = copy.deepcopy(v["podSecurityContext"])
-    keys = ("priorityClassName", "nodeSelector", "tolerations", "affinity") if worker else (
-        "nodeSelector", "tolerations")
+    keys = (
+        ("priorityClassName", "nodeSelector", "tolerations", "affinity")
+        if worker
+        else ("nodeSelector", "tolerations")
+    )
     spec.update({k: copy.deepcopy(side[k]) for k in keys if side.get(k)})
     tag = v["image"].get("tag") or release.labels.get("app.kubernetes.io/version", "")
     container: dict[str, Any] = {
-        "name": role, "image": f"{v['image']['repository']}:{tag}",
+        "name": role,
+        "image": f"{v['image']['repository']}:{tag}",
         "imagePullPolicy": v["image"]["pullPolicy"],
         "command": [str(a) for a in v["workers"]["command"]] if worker else launcher_command(v),
         "env": env(v),
@@ -346,25 +438,36 @@ def pod_template(values: Mapping[str, Any], release: Release, config_map: str, c
     container["volumeMounts"] = volume_mounts(v, worker)
     spec["containers"] = [container]
     spec["volumes"] = volumes(v, config_map, worker)
-    return {"metadata": {"labels": labels,
-                         "annotations": {"checksum/config": checksum,
-                                         **(v.get("podAnnotations") or {})}},
-            "spec": spec}
+    return {
+        "metadata": {
+            "labels": labels,
+            "annotations": {"checksum/config": checksum, **(v.get("podAnnotations") or {})},
+        },
+        "spec": spec,
+    }
 
 
 def check_gpus(values: Mapping[str, Any]) -> None:
     gpus = ((values["workers"].get("resources") or {}).get("limits") or {}).get("nvidia.com/gpu")
     if gpus not in (None, "") and str(gpus) != str(values["slotsPerWorker"]):
-        raise BadInputError(f"slotsPerWorker ({values['slotsPerWorker']}) must equal "
-                            f"workers.resources.limits.nvidia.com/gpu ({gpus}): one process "
-                            f"per GPU")
+        raise BadInputError(
+            f"slotsPerWorker ({values['slotsPerWorker']}) must equal "
+            f"workers.resources.limits.nvidia.com/gpu ({gpus}): one process "
+            f"per GPU"
+        )
 
 
 # ---- the objects ---------------------------------------------------------------------------
-def build_mpijob(values: Mapping[str, Any], release: Release, *, name: str | None = None,
-                 config_map: str | None = None, extra_labels: Mapping[str, str] | None = None,
-                 annotations: Mapping[str, str] | None = None,
-                 namespace: str | None = None) -> dict[str, Any]:
+def build_mpijob(
+    values: Mapping[str, Any],
+    release: Release,
+    *,
+    name: str | None = None,
+    config_map: str | None = None,
+    extra_labels: Mapping[str, str] | None = None,
+    annotations: Mapping[str, str] | None = None,
+    namespace: str | None = None,
+) -> dict[str, Any]:
     """The MPIJob ``templates/mpijob.yaml`` renders (name and ConfigMap: the release's)."""
     check_gpus(values)
     name = name or release.fullname
@@ -382,7 +485,9 @@ def build_mpijob(values: Mapping[str, Any], release: Release, *, name: str | Non
         "Worker": (values["workers"]["replicas"], values["workers"]["restartPolicy"], True),
     }
     return {
-        "apiVersion": c.API_VERSION, "kind": c.KIND, "metadata": metadata,
+        "apiVersion": c.API_VERSION,
+        "kind": c.KIND,
+        "metadata": metadata,
         "spec": {
             "slotsPerWorker": values["slotsPerWorker"],
             "launcherCreationPolicy": values["launcherCreationPolicy"],
@@ -390,21 +495,29 @@ def build_mpijob(values: Mapping[str, Any], release: Release, *, name: str | Non
             "mpiImplementation": "OpenMPI",
             "runPolicy": run_policy(values),
             "mpiReplicaSpecs": {
-                kind: {"replicas": replicas, "restartPolicy": restart,
-                       "template": pod_template(values, release, config_map, checksum, worker,
-                                                extra)}
-                for kind, (replicas, restart, worker) in replica.items()},
+                kind: {
+                    "replicas": replicas,
+                    "restartPolicy": restart,
+                    "template": pod_template(values, release, config_map, checksum, worker, extra),
+                }
+                for kind, (replicas, restart, worker) in replica.items()
+            },
         },
     }
 
 
-def build_config_map(name: str, training: Mapping[str, Any], labels: Mapping[str, str],
-                     namespace: str | None = None) -> dict[str, Any]:
+def build_config_map(
+    name: str, training: Mapping[str, Any], labels: Mapping[str, str], namespace: str | None = None
+) -> dict[str, Any]:
     metadata: dict[str, Any] = {"name": name, "labels": dict(labels)}
     if namespace:
         metadata["namespace"] = namespace
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata,
-            "data": {c.CONFIG_KEY: config_yaml(training)}}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata,
+        "data": {c.CONFIG_KEY: config_yaml(training)},
+    }
 
 
 def check_training(training: Mapping[str, Any]) -> None:
@@ -417,7 +530,8 @@ def check_training(training: Mapping[str, Any]) -> None:
             choices = config_mod.FIELDS[key].metadata["choices"]
             if choices and value not in choices:
                 raise config_mod.ConfigError(
-                    f"config key '{key}' must be one of {', '.join(choices)}; got {value!r}")
+                    f"config key '{key}' must be one of {', '.join(choices)}; got {value!r}"
+                )
         config_mod.Config(**parsed)
     except config_mod.ConfigError as e:
         raise BadInputError(f"values training: {e}") from e
@@ -431,9 +545,17 @@ class Run:
     config_map: dict[str, Any]
 
 
-def build_run(values: Mapping[str, Any], release: Release, *, schedule: str = "",
-              prefix: str = "", namespace: str | None = None, pretrained: str | None = None,
-              now: dt.datetime | None = None, rng: random.Random | None = None) -> Run:
+def build_run(
+    values: Mapping[str, Any],
+    release: Release,
+    *,
+    schedule: str = "",
+    prefix: str = "",
+    namespace: str | None = None,
+    pretrained: str | None = None,
+    now: dt.datetime | None = None,
+    rng: random.Random | None = None,
+) -> Run:
     """A uniquely named run of ``values``: its MPIJob and its ConfigMap.
 
     ``training.output`` is the output root; the run writes to ``<root>/runs/<name>``.
@@ -454,8 +576,14 @@ def build_run(values: Mapping[str, Any], release: Release, *, schedule: str = ""
     labels = {**release.labels, c.MANAGED_BY_LABEL: c.MANAGED_BY}
     run_release = Release(release.name, release.fullname, release.service_account, labels)
     config_map = _trunc(name + CONFIG_MAP_SUFFIX)
-    mpijob = build_mpijob(run_values, run_release, name=name, config_map=config_map,
-                          extra_labels=extra, annotations={c.OUTPUT_ANNOTATION: output},
-                          namespace=namespace)
+    mpijob = build_mpijob(
+        run_values,
+        run_release,
+        name=name,
+        config_map=config_map,
+        extra_labels=extra,
+        annotations={c.OUTPUT_ANNOTATION: output},
+        namespace=namespace,
+    )
     cm = build_config_map(config_map, training, {**labels, **extra}, namespace)
     return Run(name=name, output=output, mpijob=mpijob, config_map=cm)

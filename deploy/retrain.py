@@ -103,16 +103,19 @@ def promote(storage: Storage, root: str, run: str, accuracy: float) -> dict[str,
     return pointer
 
 
-def finish_run(storage: Storage, root: str, run: str,
-               gate: Gate) -> tuple[dict[str, Any], dict[str, Any]]:
+def finish_run(
+    storage: Storage, root: str, run: str, gate: Gate
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Gate a succeeded run and promote it; returns (summary, pointer).
 
     Raises GateError (the summary is attached as ``.summary``) when the run does not pass.
     """
     summary = read_summary(storage, run_output(root, run))
     accuracy = metric(summary, join(run_output(root, run), SUMMARY))
-    why = gate.rejects(accuracy, latest_accuracy(storage, root, read_latest(storage, root))
-                       if gate.not_worse else None)
+    why = gate.rejects(
+        accuracy,
+        latest_accuracy(storage, root, read_latest(storage, root)) if gate.not_worse else None,
+    )
     if why:
         raise GateError(f"run {run}: {why}; {join(root, LATEST)} left unchanged", summary)
     return summary, promote(storage, root, run, accuracy)

@@ -67,9 +67,15 @@ class JobState:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "namespace": self.namespace, "name": self.name, "phase": self.phase,
-            "reason": self.reason, "message": self.message, "output": self.output,
-            "run": self.run, "schedule": self.schedule, "created": self.created,
+            "namespace": self.namespace,
+            "name": self.name,
+            "phase": self.phase,
+            "reason": self.reason,
+            "message": self.message,
+            "output": self.output,
+            "run": self.run,
+            "schedule": self.schedule,
+            "created": self.created,
             "completed": self.completed,
             "conditions": [vars(cond) for cond in self.conditions],
         }
@@ -78,10 +84,16 @@ class JobState:
 def conditions(obj: dict[str, Any]) -> tuple[Condition, ...]:
     raw = ((obj.get("status") or {}).get("conditions")) or []
     return tuple(
-        Condition(type=str(d.get("type", "")), status=str(d.get("status", "")),
-                  reason=str(d.get("reason") or ""), message=str(d.get("message") or ""),
-                  last_transition_time=str(d.get("lastTransitionTime") or ""))
-        for d in raw if isinstance(d, dict))
+        Condition(
+            type=str(d.get("type", "")),
+            status=str(d.get("status", "")),
+            reason=str(d.get("reason") or ""),
+            message=str(d.get("message") or ""),
+            last_transition_time=str(d.get("lastTransitionTime") or ""),
+        )
+        for d in raw
+        if isinstance(d, dict)
+    )
 
 
 def phase_of(conds: tuple[Condition, ...]) -> Condition | None:
@@ -101,13 +113,15 @@ def job_state(obj: dict[str, Any]) -> JobState:
     conds = conditions(obj)
     deciding = phase_of(conds)
     return JobState(
-        namespace=str(meta.get("namespace", "")), name=str(meta.get("name", "")),
+        namespace=str(meta.get("namespace", "")),
+        name=str(meta.get("name", "")),
         phase=deciding.type if deciding else c.PENDING,
         reason=deciding.reason if deciding else "",
         message=deciding.message if deciding else "",
         conditions=conds,
         output=str((meta.get("annotations") or {}).get(c.OUTPUT_ANNOTATION, "")),
-        run=str(labels.get(c.RUN_LABEL, "")), schedule=str(labels.get(c.SCHEDULE_LABEL, "")),
+        run=str(labels.get(c.RUN_LABEL, "")),
+        schedule=str(labels.get(c.SCHEDULE_LABEL, "")),
         created=str(meta.get("creationTimestamp") or ""),
         completed=str(status.get("completionTime") or ""),
         resource_version=str(meta.get("resourceVersion") or ""),

@@ -22,7 +22,9 @@ GRAY = np.array([0.299, 0.587, 0.114], np.float32)  # luma weights, RGB
 EVAL_CROP_FRACTION = 0.875
 BGR_TO_RGB = np.eye(3, dtype=np.float32)[::-1]
 # RGB <-> YIQ, for hue rotation (as mx.image.HueJitterAug).
-_TYIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.321], [0.211, -0.523, 0.311]], np.float32)
+_TYIQ = np.array(
+    [[0.299, 0.587, 0.114], [0.596, -0.274, -0.321], [0.211, -0.523, 0.311]], np.float32
+)
 _ITYIQ = np.linalg.inv(_TYIQ).astype(np.float32)
 
 
@@ -38,8 +40,12 @@ def decode(buf: bytes, reduce: int = 1) -> np.ndarray | None:
     """BGR uint8 image, or None when the bytes are not an image. ``reduce`` (2, 4, 8) lets
     libjpeg-turbo decode at 1/reduce size straight from the DCT, for images much larger than
     needed."""
-    flag = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-            8: cv2.IMREAD_REDUCED_COLOR_8}[reduce]
+    flag = {
+        1: cv2.IMREAD_COLOR,
+        2: cv2.IMREAD_REDUCED_COLOR_2,
+        4: cv2.IMREAD_REDUCED_COLOR_4,
+        8: cv2.IMREAD_REDUCED_COLOR_8,
+    }[reduce]
     img = cv2.imdecode(np.frombuffer(buf, np.uint8), flag)
     return img if img is not None and img.ndim == 3 else None
 
@@ -74,9 +80,16 @@ def eval_resize(image_size: int) -> int:
 def jitter_matrix(jitter: Jitter, mean_rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A 3×4 affine colour map (RGB in, RGB out) doing the jitters in a random order."""
     m = np.eye(3, 4, dtype=np.float32)
-    steps = [(name, amount) for name, amount in (
-        ("brightness", jitter.brightness), ("contrast", jitter.contrast),
-        ("saturation", jitter.saturation), ("hue", jitter.hue)) if amount > 0]
+    steps = [
+        (name, amount)
+        for name, amount in (
+            ("brightness", jitter.brightness),
+            ("contrast", jitter.contrast),
+            ("saturation", jitter.saturation),
+            ("hue", jitter.hue),
+        )
+        if amount > 0
+    ]
     for i in rng.permutation(len(steps)):
         name, amount = steps[i]
         alpha = np.float32(1 + rng.uniform(-amount, amount))
@@ -91,8 +104,10 @@ def jitter_matrix(jitter: Jitter, mean_rgb: np.ndarray, rng: np.random.Generator
             step[:, :3] = alpha * np.eye(3) + (1 - alpha) * np.outer(np.ones(3), GRAY)
         else:  # hue: rotate the chroma plane of YIQ
             theta = rng.uniform(-amount, amount) * np.pi
-            rot = np.array([[1, 0, 0], [0, np.cos(theta), -np.sin(theta)],
-                            [0, np.sin(theta), np.cos(theta)]], np.float32)
+            rot = np.array(
+                [[1, 0, 0], [0, np.cos(theta), -np.sin(theta)], [0, np.sin(theta), np.cos(theta)]],
+                np.float32,
+            )
             step = np.zeros((3, 4), np.float32)
             step[:, :3] = _ITYIQ @ rot @ _TYIQ
         m = compose(step, m)
@@ -126,13 +141,19 @@ def write_chw(crop_bgr: np.ndarray, matrix: np.ndarray, out: np.ndarray) -> None
     np.copyto(out, hwc.transpose(2, 0, 1))
 
 
-def train_sample(img: np.ndarray, size: int, flip_prob: float, jitter: Jitter,
-                 rng: np.random.Generator, out: np.ndarray) -> None:
+def train_sample(
+    img: np.ndarray,
+    size: int,
+    flip_prob: float,
+    jitter: Jitter,
+    rng: np.random.Generator,
+    out: np.ndarray,
+) -> None:
     """Random crop (enlarging small images first), flip, jitter, normalise into ``out``."""
     if min(img.shape[:2]) < size:
         img = resize_shorter(img, size)
     y, x = random_crop_box(img.shape[0], img.shape[1], size, rng)
-    crop = img[y:y + size, x:x + size]
+    crop = img[y : y + size, x : x + size]
     if rng.random() < flip_prob:
         crop = crop[:, ::-1]
     crop = np.ascontiguousarray(crop)
@@ -143,12 +164,14 @@ def train_sample(img: np.ndarray, size: int, flip_prob: float, jitter: Jitter,
     write_chw(crop, matrix, out)
 
 
-def eval_sample(img: np.ndarray, size: int, out: np.ndarray, five: np.ndarray | None = None) -> None:
+def eval_sample(
+    img: np.ndarray, size: int, out: np.ndarray, five: np.ndarray | None = None
+) -> None:
     """Center crop into ``out``; with ``five``, also the five crops into five[0..4]."""
     img = resize_shorter(img, eval_resize(size))
     h, w = img.shape[:2]
     y, x = center_box(h, w, size)
-    write_chw(img[y:y + size, x:x + size], IDENTITY_NORMALIZE, out)
+    write_chw(img[y : y + size, x : x + size], IDENTITY_NORMALIZE, out)
     if five is not None:
         for k, (y, x) in enumerate(five_boxes(h, w, size)):
-            write_chw(img[y:y + size, x:x + size], IDENTITY_NORMALIZE, five[k])
+            write_chw(img[y : y + size, x : x + size], IDENTITY_NORMALIZE, five[k])

@@ -52,7 +52,9 @@ class Checkpointer:
                 json.dump(state, fh, indent=1)
             for part in ("model.params", "trainer.states", "state.json"):
                 self.storage.upload(os.path.join(tmp, part), st.join(folder, part))
-        self.storage.write_bytes(st.join(self.root, POINTER), json.dumps({"checkpoint": name}).encode())
+        self.storage.write_bytes(
+            st.join(self.root, POINTER), json.dumps({"checkpoint": name}).encode()
+        )
         self._prune(keep_name=name)
         return folder
 
@@ -64,7 +66,9 @@ class Checkpointer:
         name = json.loads(self.storage.read_bytes(pointer))["checkpoint"]
         return st.join(self.root, name)
 
-    def load(self, folder: str, net: Any, trainer: Any, ctx: Any) -> tuple[Progress, dict[str, Any]]:
+    def load(
+        self, folder: str, net: Any, trainer: Any, ctx: Any
+    ) -> tuple[Progress, dict[str, Any]]:
         with self.storage.local_copy(st.join(folder, "model.params")) as path:
             net.load_parameters(path, ctx=ctx)
         with self.storage.local_copy(st.join(folder, "trainer.states")) as path:
@@ -73,8 +77,10 @@ class Checkpointer:
         return Progress(**state["progress"]), state["config"]
 
     def _prune(self, keep_name: str) -> None:
-        names = sorted({uri[len(self.root):].strip("/").split("/")[0]
-                        for uri in self.storage.list(self.root)} - {POINTER})
+        names = sorted(
+            {uri[len(self.root) :].strip("/").split("/")[0] for uri in self.storage.list(self.root)}
+            - {POINTER}
+        )
         old = [n for n in names if n < keep_name][: max(0, len(names) - self.keep)]
         for name in old:
             self.storage.delete_prefix(st.join(self.root, name))

@@ -49,32 +49,49 @@ EVALUATE_EXAMPLE = """example:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="finetune-job", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="finetune-job",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = argparse.RawDescriptionHelpFormatter
 
-    train = sub.add_parser("train", help="fine-tune a pretrained ResNet", epilog=TRAIN_EXAMPLE,
-                           formatter_class=fmt)
+    train = sub.add_parser(
+        "train", help="fine-tune a pretrained ResNet", epilog=TRAIN_EXAMPLE, formatter_class=fmt
+    )
     config_mod.add_arguments(train)
     train.set_defaults(func=_train)
 
-    prepare = sub.add_parser("prepare", help="turn an image folder into RecordIO shards",
-                             epilog=PREPARE_EXAMPLE, formatter_class=fmt)
+    prepare = sub.add_parser(
+        "prepare",
+        help="turn an image folder into RecordIO shards",
+        epilog=PREPARE_EXAMPLE,
+        formatter_class=fmt,
+    )
     prepare.add_argument("src", help="image folder, one subfolder per class")
     prepare.add_argument("dest", help="dataset root (local path or s3://)")
-    prepare.add_argument("--resize", type=int, default=256, help="shorter side in pixels (default 256)")
-    prepare.add_argument("--val-fraction", type=float, default=0.1, help="share held out for validation")
+    prepare.add_argument(
+        "--resize", type=int, default=256, help="shorter side in pixels (default 256)"
+    )
+    prepare.add_argument(
+        "--val-fraction", type=float, default=0.1, help="share held out for validation"
+    )
     prepare.add_argument("--shard-size", type=int, default=1000, help="records per shard")
     prepare.add_argument("--quality", type=int, default=95, help="JPEG quality")
     prepare.add_argument("--workers", type=int, default=0, help="processes (0: all cores)")
     prepare.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
-    prepare.add_argument("--verify", action="store_true", help="re-read every shard and check sha256")
+    prepare.add_argument(
+        "--verify", action="store_true", help="re-read every shard and check sha256"
+    )
     _add_s3_arguments(prepare)
     prepare.set_defaults(func=_prepare)
 
-    evaluate = sub.add_parser("evaluate", help="accuracy of an exported model on a dataset",
-                              epilog=EVALUATE_EXAMPLE, formatter_class=fmt)
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="accuracy of an exported model on a dataset",
+        epilog=EVALUATE_EXAMPLE,
+        formatter_class=fmt,
+    )
     evaluate.add_argument("--data", required=True, help="dataset root written by prepare")
     evaluate.add_argument("--model", required=True, help="a training run's OUTPUT")
     evaluate.add_argument("--split", default="val", choices=("train", "val"))
@@ -114,9 +131,18 @@ def _prepare(args: argparse.Namespace) -> int:
     from job.storage import S3Settings, Storage
 
     storage = Storage(S3Settings(endpoint_url=args.s3_endpoint_url, region=args.s3_region))
-    prepare.prepare(args.src, args.dest, storage, resize=args.resize, val_fraction=args.val_fraction,
-                    shard_size=args.shard_size, quality=args.quality, workers=args.workers,
-                    seed=args.seed, verify=args.verify)
+    prepare.prepare(
+        args.src,
+        args.dest,
+        storage,
+        resize=args.resize,
+        val_fraction=args.val_fraction,
+        shard_size=args.shard_size,
+        quality=args.quality,
+        workers=args.workers,
+        seed=args.seed,
+        verify=args.verify,
+    )
     return EXIT_OK
 
 
@@ -126,9 +152,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     from job.storage import S3Settings, Storage
 
     storage = Storage(S3Settings(endpoint_url=args.s3_endpoint_url, region=args.s3_region))
-    result = evaluate.evaluate_export(args.data, args.model, storage, split=args.split,
-                                      tta=args.tta, batch_size=args.batch_size)
-    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+    result = evaluate.evaluate_export(
+        args.data, args.model, storage, split=args.split, tta=args.tta, batch_size=args.batch_size
+    )
+    print(
+        " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
+    )
     return EXIT_OK
 
 
@@ -138,8 +167,9 @@ def _set_thread_defaults(threads: int) -> None:
     MXNet otherwise takes half the cores per process, and Open MPI's busy polling steals
     compute on small machines; both are read when the libraries load, hence here.
     """
-    local_size = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE")
-                     or os.environ.get("HOROVOD_LOCAL_SIZE") or 1)
+    local_size = int(
+        os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE") or os.environ.get("HOROVOD_LOCAL_SIZE") or 1
+    )
     per_process = threads or max(1, (os.cpu_count() or 1) // local_size)
     os.environ.setdefault("OMP_NUM_THREADS", str(per_process))
     os.environ.setdefault("MXNET_CPU_WORKER_NTHREADS", "1")
@@ -149,8 +179,9 @@ def _set_thread_defaults(threads: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
+    )
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     return run_guarded(func, args)

@@ -69,18 +69,26 @@ class Config:
     threads: int = _opt(0, "compute threads per worker (0: cores / workers on the node)")
     data_workers: int = _opt(0, "decode and augment threads per worker (0: cores / workers)")
     shuffle_buffer: int = _opt(1024, "records shuffled together while streaming")
-    strict_data: bool = _opt(False, "fail (not warn) when a shard's sha256 differs from the manifest")
+    strict_data: bool = _opt(
+        False, "fail (not warn) when a shard's sha256 differs from the manifest"
+    )
     keep_checkpoints: int = _opt(3, "checkpoints kept in OUTPUT/checkpoints (older ones pruned)")
     log_format: str = _opt("text", "progress lines", choices=("text", "json"))
     # Metrics.
-    metrics_port: int = _opt(9095, "Prometheus /metrics port of local rank 0 (+ local rank); 0: off")
+    metrics_port: int = _opt(
+        9095, "Prometheus /metrics port of local rank 0 (+ local rank); 0: off"
+    )
     metrics_address: str = _opt("0.0.0.0", "address the metrics server binds")
     pushgateway: str = _opt("", "Pushgateway URL that receives the final metrics")
     # S3 (credentials come from the standard AWS chain, never from here).
-    s3_endpoint_url: str = _opt("", "S3 endpoint (MinIO, Ceph, ...); empty: AWS or AWS_ENDPOINT_URL")
+    s3_endpoint_url: str = _opt(
+        "", "S3 endpoint (MinIO, Ceph, ...); empty: AWS or AWS_ENDPOINT_URL"
+    )
     s3_region: str = _opt("", "S3 region; empty: from the AWS configuration")
     s3_max_attempts: int = _opt(5, "attempts per S3 request (botocore retries)")
-    s3_retry_mode: str = _opt("standard", "botocore retry mode", choices=("standard", "adaptive", "legacy"))
+    s3_retry_mode: str = _opt(
+        "standard", "botocore retry mode", choices=("standard", "adaptive", "legacy")
+    )
     s3_connect_timeout: float = _opt(10.0, "seconds to connect to S3")
     s3_read_timeout: float = _opt(60.0, "seconds without bytes before an S3 read fails")
 
@@ -102,8 +110,16 @@ class Config:
         problems["metrics_port"] = not 0 <= self.metrics_port <= 65535
         problems["keep_checkpoints"] = self.keep_checkpoints < 1
         problems["s3_max_attempts"] = self.s3_max_attempts < 1
-        for key in ("brightness", "contrast", "saturation", "hue", "threads", "data_workers",
-                    "s3_connect_timeout", "s3_read_timeout"):
+        for key in (
+            "brightness",
+            "contrast",
+            "saturation",
+            "hue",
+            "threads",
+            "data_workers",
+            "s3_connect_timeout",
+            "s3_read_timeout",
+        ):
             problems[key] = getattr(self, key) < 0
         for key, bad in problems.items():
             if bad:
@@ -113,7 +129,9 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML types (tuples as lists), loadable again as a config file."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -125,7 +143,9 @@ def coerce(key: str, value: Any, source: str) -> Any:
     if key not in FIELDS:
         raise ConfigError(f"unknown config key '{key}' in {source}")
     hint = _HINTS[key]
-    bad = ConfigError(f"config key '{key}' from {source}: expected {_type_name(hint)}, got {value!r}")
+    bad = ConfigError(
+        f"config key '{key}' from {source}: expected {_type_name(hint)}, got {value!r}"
+    )
     try:
         if hint is bool:
             if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
@@ -167,11 +187,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         help_text = f"{f.metadata['help']} (default: {_default(f)!r})"
         if _HINTS[name] is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(
+                flag,
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
         else:
-            parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar=_metavar(name),
-                                choices=f.metadata["choices"], help=help_text)
+            parser.add_argument(
+                flag,
+                dest=name,
+                default=argparse.SUPPRESS,
+                metavar=_metavar(name),
+                choices=f.metadata["choices"],
+                help=help_text,
+            )
 
 
 def _default(f: dataclasses.Field[Any]) -> Any:
@@ -192,7 +223,7 @@ def load(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> 
         values.update(_from_yaml(path))
     for var, raw in environ.items():
         if var.startswith(ENV_PREFIX) and var != ENV_PREFIX + "CONFIG":
-            key = var[len(ENV_PREFIX):].lower()
+            key = var[len(ENV_PREFIX) :].lower()
             values[key] = coerce(key, raw, f"environment variable {var}")
     for key, raw in flags.items():
         if key in FIELDS:
@@ -200,7 +231,9 @@ def load(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> 
     for key, value in values.items():
         choices = FIELDS[key].metadata["choices"]
         if choices and value not in choices:
-            raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}; got {value!r}")
+            raise ConfigError(
+                f"config key '{key}' must be one of {', '.join(choices)}; got {value!r}"
+            )
     return Config(**values)
 
 
@@ -216,5 +249,7 @@ def _from_yaml(path: str) -> dict[str, Any]:
         return {}
     if not isinstance(doc, dict):
         raise ConfigError(f"config file {path} must hold a mapping of config keys")
-    return {key.replace("-", "_"): coerce(key.replace("-", "_"), value, f"config file {path}")
-            for key, value in doc.items()}
+    return {
+        key.replace("-", "_"): coerce(key.replace("-", "_"), value, f"config file {path}")
+        for key, value in doc.items()
+    }

@@ -68,10 +68,18 @@ def load_dataset(root: str, storage: Storage) -> Dataset:
         if not storage.exists(uri):
             raise InputError(f"{uri}: no dataset manifest (run `finetune-job prepare` first)")
         doc = json.loads(storage.read_bytes(uri))
-        splits = {name: [Shard(st.join(root, s["rec"]), st.join(root, s["idx"]), int(s["count"]),
-                               s.get("sha256", ""))
-                         for s in split["shards"]]
-                  for name, split in doc["splits"].items()}
+        splits = {
+            name: [
+                Shard(
+                    st.join(root, s["rec"]),
+                    st.join(root, s["idx"]),
+                    int(s["count"]),
+                    s.get("sha256", ""),
+                )
+                for s in split["shards"]
+            ]
+            for name, split in doc["splits"].items()
+        }
         dataset = Dataset(root, list(doc["classes"]), int(doc["resize"]), splits)
     except StorageError as e:
         raise InputError(str(e)) from e
@@ -82,8 +90,9 @@ def load_dataset(root: str, storage: Storage) -> Dataset:
     return dataset
 
 
-def assign_shards(shards: list[Shard], rank: int, size: int, epoch: int, seed: int,
-                  shuffle: bool = True) -> list[Piece]:
+def assign_shards(
+    shards: list[Shard], rank: int, size: int, epoch: int, seed: int, shuffle: bool = True
+) -> list[Piece]:
     """This rank's disjoint share of the records.
 
     The shards, in an order shuffled by (seed, epoch), are laid end to end and cut into
@@ -123,8 +132,13 @@ class DataStats:
             first = c.shard not in self.reported_shards
             self.reported_shards.add(c.shard)
         if first:  # once per shard; the count carries the rest
-            log.warning("corrupt data in %s at byte %d: %s (skipped; later ones in this shard "
-                        "are counted, not logged)", c.shard, c.offset, c.reason)
+            log.warning(
+                "corrupt data in %s at byte %d: %s (skipped; later ones in this shard "
+                "are counted, not logged)",
+                c.shard,
+                c.offset,
+                c.reason,
+            )
 
 
 class ShardReader:
@@ -155,13 +169,21 @@ class ShardReader:
             self.stats.read_retries += 1
             if failures > self.retries:
                 self.stats.read_errors += 1
-                raise DataError(f"{shard.uri}: read failed at byte {offset} after "
-                                f"{self.retries} retries: {error}") from error
+                raise DataError(
+                    f"{shard.uri}: read failed at byte {offset} after "
+                    f"{self.retries} retries: {error}"
+                ) from error
             log.info("%s: stream dropped at byte %d (%s); resuming", shard.uri, offset, error)
             return self.storage.open_read(shard.uri, offset, end)
 
-        stream = RecordStream(shard.uri, self.storage.open_read(shard.uri, start, end), start, end,
-                              on_corrupt=self.stats.corrupt, reopen=reopen)
+        stream = RecordStream(
+            shard.uri,
+            self.storage.open_read(shard.uri, start, end),
+            start,
+            end,
+            on_corrupt=self.stats.corrupt,
+            reopen=reopen,
+        )
         try:
             for record in stream:
                 self.stats.bytes_read += len(record.payload) + 8
@@ -242,11 +264,20 @@ class Batch:
 class Loader:
     """Batches of one split for one rank."""
 
-    def __init__(self, dataset: Dataset, split: str, settings: LoaderSettings, rank: int,
-                 size: int, storage: Storage, stats: DataStats) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        split: str,
+        settings: LoaderSettings,
+        rank: int,
+        size: int,
+        storage: Storage,
+        stats: DataStats,
+        train: bool | None = None,
+    ) -> None:
         self.dataset, self.split, self.s = dataset, split, settings
         self.rank, self.size = rank, size
-        self.train = split == "train"
+        self.train = split == "train" if train is None else train
         self.stats = stats
         self.reader = ShardReader(storage, stats)
         self._pool = ThreadPoolExecutor(max(1, settings.workers), thread_name_prefix="finetune-aug")
@@ -257,8 +288,10 @@ class Loader:
         if self.train:
             self.steps_per_epoch = per_rank // settings.batch_size
             if self.steps_per_epoch < 1:
-                raise InputError(f"{dataset.root}: {per_rank} training images per worker is less "
-                                 f"than one batch of {settings.batch_size}")
+                raise InputError(
+                    f"{dataset.root}: {per_rank} training images per worker is less "
+                    f"than one batch of {settings.batch_size}"
+                )
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -266,8 +299,14 @@ class Loader:
     def _records(self, epoch: int) -> Iterator[tuple[int, bytes]]:
         from mxnet import recordio
 
-        pieces = assign_shards(self.dataset.splits[self.split], self.rank, self.size, epoch,
-                               self.s.seed, shuffle=self.train)
+        pieces = assign_shards(
+            self.dataset.splits[self.split],
+            self.rank,
+            self.size,
+            epoch,
+            self.s.seed,
+            shuffle=self.train,
+        )
         rng = random.Random(f"{self.s.seed}/{epoch}/{self.rank}")
         while True:
             raw: Iterator[bytes] = (payload for p in pieces for payload in self.reader.records(p))
@@ -282,8 +321,10 @@ class Loader:
             if not self.train:
                 return
             if not yielded:
-                raise DataError(f"{self.dataset.root}: no readable {self.split} records in the "
-                                f"share of rank {self.rank}")
+                raise DataError(
+                    f"{self.dataset.root}: no readable {self.split} records in the "
+                    f"share of rank {self.rank}"
+                )
             # Training: fill the epoch's last batches with the share's first records again.
 
     def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[Batch]:
@@ -295,14 +336,19 @@ class Loader:
         batches = self._batches(records, epoch, skip_batches, steps)
         return background(batches, depth=self.s.prefetch_batches)
 
-    def _batches(self, records: Iterator[tuple[int, bytes]], epoch: int, first: int,
-                 steps: int | None) -> Iterator[Batch]:
+    def _batches(
+        self, records: Iterator[tuple[int, bytes]], epoch: int, first: int, steps: int | None
+    ) -> Iterator[Batch]:
         b, size = self.s.batch_size, self.s.image_size
         step, exhausted = first, False
         while not exhausted and (steps is None or step < first + steps):
             five = self.s.tta and not self.train
-            batch = Batch(np.zeros((b, 3, size, size), np.float32), np.zeros(b, np.float32), 0,
-                          np.zeros((b, 5, 3, size, size), np.float32) if five else None)
+            batch = Batch(
+                np.zeros((b, 3, size, size), np.float32),
+                np.zeros(b, np.float32),
+                0,
+                np.zeros((b, 5, 3, size, size), np.float32) if five else None,
+            )
             filled = np.zeros(b, bool)
             while not exhausted and not filled.all():
                 taken = []
@@ -313,8 +359,11 @@ class Loader:
                         break
                     taken.append((int(slot), item))
                 seeds = [(self.s.seed, epoch, self.rank, step, slot) for slot, _ in taken]
-                for (slot, _), good in zip(taken, self._pool.map(self._sample, [batch] * len(taken),
-                                                                 taken, seeds), strict=True):
+                for (slot, _), good in zip(
+                    taken,
+                    self._pool.map(self._sample, [batch] * len(taken), taken, seeds),
+                    strict=True,
+                ):
                     filled[slot] = good
             batch.valid = int(filled.sum())
             self.stats.records += batch.valid
@@ -326,21 +375,35 @@ class Loader:
                 yield batch
             step += 1
 
-    def _sample(self, batch: Batch, item: tuple[int, tuple[int, bytes]],
-                seed: tuple[int, ...]) -> bool:
+    def _sample(
+        self, batch: Batch, item: tuple[int, tuple[int, bytes]], seed: tuple[int, ...]
+    ) -> bool:
         slot, (label, jpeg) = item
         img = augment.decode(jpeg, self.reduce)
         if img is None:
-            self.stats.corrupt(Corruption(f"{self.dataset.root} ({self.split})", -1,
-                                          "a record's image does not decode"))
+            self.stats.corrupt(
+                Corruption(
+                    f"{self.dataset.root} ({self.split})", -1, "a record's image does not decode"
+                )
+            )
             return False
         batch.label[slot] = label
         if self.train:
-            augment.train_sample(img, self.s.image_size, self.s.flip_prob, self.s.jitter,
-                                 np.random.default_rng(seed), batch.data[slot])
+            augment.train_sample(
+                img,
+                self.s.image_size,
+                self.s.flip_prob,
+                self.s.jitter,
+                np.random.default_rng(seed),
+                batch.data[slot],
+            )
         else:
-            augment.eval_sample(img, self.s.image_size, batch.data[slot],
-                                None if batch.five is None else batch.five[slot])
+            augment.eval_sample(
+                img,
+                self.s.image_size,
+                batch.data[slot],
+                None if batch.five is None else batch.five[slot],
+            )
         return True
 
 
@@ -350,9 +413,11 @@ class SyntheticLoader:
     def __init__(self, classes: int, images: int, settings: LoaderSettings, size: int) -> None:
         rng = np.random.default_rng(settings.seed)
         shape = (settings.batch_size, 3, settings.image_size, settings.image_size)
-        self.batch = Batch(rng.standard_normal(shape, np.float32),
-                           rng.integers(0, classes, settings.batch_size).astype(np.float32),
-                           settings.batch_size)
+        self.batch = Batch(
+            rng.standard_normal(shape, np.float32),
+            rng.integers(0, classes, settings.batch_size).astype(np.float32),
+            settings.batch_size,
+        )
         self.steps_per_epoch = max(1, images // (settings.batch_size * size))
 
     def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[Batch]:

@@ -53,8 +53,9 @@ def allreduce_sum(values: list[float], name: str) -> list[float]:
     """Sum a few numbers over all ranks (one small allreduce)."""
     import horovod.mxnet as hvd
 
-    total = hvd.allreduce(mx.nd.array(np.asarray(values, np.float64), dtype="float64"),
-                          average=False, name=name)  # Horovod: sum over ranks
+    total = hvd.allreduce(
+        mx.nd.array(np.asarray(values, np.float64), dtype="float64"), average=False, name=name
+    )  # Horovod: sum over ranks
     return [float(v) for v in total.asnumpy()]
 
 

@@ -34,7 +34,11 @@ class DataStatsCollector(Collector):
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         for name, attr, doc in (
-            ("finetune_read_bytes", "bytes_read", "Bytes of records read from storage (S3 or local)."),
+            (
+                "finetune_read_bytes",
+                "bytes_read",
+                "Bytes of records read from storage (S3 or local).",
+            ),
             ("finetune_read_retries", "read_retries", "Reads resumed after a dropped stream."),
             ("finetune_read_errors", "read_errors", "Reads that failed after all retries."),
             ("finetune_corrupt_records", "corrupt_records", "Corrupt records skipped."),
@@ -53,26 +57,58 @@ class Metrics:
         self.images = Counter("finetune_images", "Training images processed.", labels, registry=r)
         self.steps = Counter("finetune_steps", "Optimizer steps taken.", labels, registry=r)
         self.epoch = Gauge("finetune_epoch", "Epoch in progress (0-based).", labels, registry=r)
-        self.loss = Gauge("finetune_train_loss", "Training loss over the last log interval, "
-                          "averaged over ranks.", labels, registry=r)
-        self.accuracy = Gauge("finetune_accuracy", "Top-1 accuracy (0-1); split is train, val "
-                              "or val_tta.", ["rank", "split"], registry=r)
-        self.lr = Gauge("finetune_learning_rate", "Current learning rate (scaled by workers).",
-                        labels, registry=r)
-        self.step_seconds = Histogram("finetune_step_seconds", "Wall time of one training step.",
-                                      labels, buckets=STEP_BUCKETS, registry=r)
+        self.loss = Gauge(
+            "finetune_train_loss",
+            "Training loss over the last log interval, averaged over ranks.",
+            labels,
+            registry=r,
+        )
+        self.accuracy = Gauge(
+            "finetune_accuracy",
+            "Top-1 accuracy (0-1); split is train, val or val_tta.",
+            ["rank", "split"],
+            registry=r,
+        )
+        self.lr = Gauge(
+            "finetune_learning_rate",
+            "Current learning rate (scaled by workers).",
+            labels,
+            registry=r,
+        )
+        self.step_seconds = Histogram(
+            "finetune_step_seconds",
+            "Wall time of one training step.",
+            labels,
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
         self.phase_seconds = Histogram(
-            "finetune_step_phase_seconds", "Time of one step spent per phase: data (waiting for "
+            "finetune_step_phase_seconds",
+            "Time of one step spent per phase: data (waiting for "
             "the batch), compute (forward+backward), allreduce (allreduce+update).",
-            ["rank", "phase"], buckets=STEP_BUCKETS, registry=r)
-        self.checkpoint_seconds = Histogram("finetune_checkpoint_seconds", "Time to write a "
-                                            "checkpoint.", buckets=CHECKPOINT_BUCKETS, registry=r)
-        self.last_checkpoint = Gauge("finetune_last_checkpoint_timestamp_seconds",
-                                     "Unix time of the last checkpoint written.", registry=r)
-        self.gpu_memory = Gauge("finetune_gpu_memory_bytes", "GPU memory in use by this worker.",
-                                labels, registry=r)
-        self.last_success = Gauge("finetune_last_success_timestamp_seconds",
-                                  "Unix time the job last finished successfully.", registry=r)
+            ["rank", "phase"],
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.checkpoint_seconds = Histogram(
+            "finetune_checkpoint_seconds",
+            "Time to write a checkpoint.",
+            buckets=CHECKPOINT_BUCKETS,
+            registry=r,
+        )
+        self.last_checkpoint = Gauge(
+            "finetune_last_checkpoint_timestamp_seconds",
+            "Unix time of the last checkpoint written.",
+            registry=r,
+        )
+        self.gpu_memory = Gauge(
+            "finetune_gpu_memory_bytes", "GPU memory in use by this worker.", labels, registry=r
+        )
+        self.last_success = Gauge(
+            "finetune_last_success_timestamp_seconds",
+            "Unix time the job last finished successfully.",
+            registry=r,
+        )
         self.failed = Gauge("finetune_failed", "1 when the job ended in failure.", registry=r)
         self._server: Any = None
 
@@ -114,7 +150,12 @@ class Metrics:
             self.last_success.set(time.time())
         self.failed.set(0 if success else 1)
         try:
-            push_to_gateway(url, job="finetune-job", grouping_key={"rank": self.rank},
-                            registry=self.registry, timeout=10)
+            push_to_gateway(
+                url,
+                job="finetune-job",
+                grouping_key={"rank": self.rank},
+                registry=self.registry,
+                timeout=10,
+            )
         except OSError as e:
             log.warning("pushgateway %s: push failed: %s", url, e)

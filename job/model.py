@@ -29,8 +29,9 @@ def build(cfg: Config, classes: int, ctx: mx.Context, storage: Storage) -> gluon
     if source is not None:
         net.features = source.features
     else:
-        net.features.initialize(mx.init.Xavier(rnd_type="gaussian", factor_type="in", magnitude=2),
-                                ctx=ctx)
+        net.features.initialize(
+            mx.init.Xavier(rnd_type="gaussian", factor_type="in", magnitude=2), ctx=ctx
+        )
     net.output.initialize(mx.init.Xavier(), ctx=ctx)
     net.output.collect_params().setattr("lr_mult", cfg.head_lr_mult)
     if cfg.freeze_features:
@@ -58,7 +59,8 @@ def _from_zoo(name: str, ctx: mx.Context) -> gluon.HybridBlock:
         raise InputError(
             f"--pretrained zoo: cannot load the model zoo's {name} weights ({reason[:200]}); "
             "put them in $MXNET_HOME/models, or use --pretrained PATH (a save_parameters file, "
-            "local or s3://) or --pretrained none") from e
+            "local or s3://) or --pretrained none"
+        ) from e
 
 
 def load_params_file(name: str, uri: str, ctx: mx.Context, storage: Storage) -> gluon.HybridBlock:
@@ -67,8 +69,9 @@ def load_params_file(name: str, uri: str, ctx: mx.Context, storage: Storage) -> 
         with storage.local_copy(uri) as path:
             arrays = mx.nd.load(path)
             if not isinstance(arrays, dict) or "output.weight" not in arrays:
-                raise InputError(f"--pretrained {uri}: not a save_parameters file of a ResNet "
-                                 "(no output.weight)")
+                raise InputError(
+                    f"--pretrained {uri}: not a save_parameters file of a ResNet (no output.weight)"
+                )
             source = vision.get_model(name, classes=int(arrays["output.weight"].shape[0]))
             source.load_parameters(path, ctx=ctx)
     except StorageError as e:
@@ -81,5 +84,4 @@ def load_params_file(name: str, uri: str, ctx: mx.Context, storage: Storage) -> 
 
 
 def count_parameters(block: gluon.Block) -> int:
-    return sum(int(p.data().size) for p in block.collect_params().values()
-               if p._data is not None)  # noqa: SLF001 - deferred parameters have no size yet
+    return sum(int(p.data().size) for p in block.collect_params().values() if p._data is not None)  # noqa: SLF001 - deferred parameters have no size yet

@@ -95,22 +95,40 @@ def encode(job: tuple[str, int, int]) -> bytes | None:
     return buf.tobytes() if ok else None
 
 
-def prepare(src: str, dest: str, storage: Storage, *, resize: int = 256, val_fraction: float = 0.1,
-            shard_size: int = 1000, quality: int = 95, workers: int = 0, seed: int = 0,
-            verify: bool = False) -> dict:
+def prepare(
+    src: str,
+    dest: str,
+    storage: Storage,
+    *,
+    resize: int = 256,
+    val_fraction: float = 0.1,
+    shard_size: int = 1000,
+    quality: int = 95,
+    workers: int = 0,
+    seed: int = 0,
+    verify: bool = False,
+) -> dict:
     if resize < 16 or shard_size < 1 or not 1 <= quality <= 100:
         raise InputError("prepare: --resize must be >= 16, --shard-size >= 1, --quality 1..100")
     classes, items = list_images(src)
     splits = split(items, val_fraction, seed)
-    manifest: dict = {"version": 1, "classes": classes, "resize": resize, "quality": quality,
-                      "splits": {}, "skipped_files": []}
+    manifest: dict = {
+        "version": 1,
+        "classes": classes,
+        "resize": resize,
+        "quality": quality,
+        "splits": {},
+        "skipped_files": [],
+    }
     workers = workers or os.cpu_count() or 1
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(workers) as pool, tempfile.TemporaryDirectory(prefix="finetune-prep-") as tmp:
         for name in SPLITS:
             jobs = [(i.path, resize, quality) for i in splits[name]]
             encoded = pool.imap(encode, jobs, chunksize=8)
-            shards, skipped = _write_split(name, splits[name], encoded, dest, storage, tmp, shard_size)
+            shards, skipped = _write_split(
+                name, splits[name], encoded, dest, storage, tmp, shard_size
+            )
             manifest["splits"][name] = {"count": sum(s["count"] for s in shards), "shards": shards}
             manifest["skipped_files"] += skipped
     for path in manifest["skipped_files"]:
@@ -119,14 +137,21 @@ def prepare(src: str, dest: str, storage: Storage, *, resize: int = 256, val_fra
         verify_dataset(dest, manifest, storage)
     # The manifest goes last: a reader never sees a half-written dataset.
     storage.write_bytes(st.join(dest, MANIFEST), json.dumps(manifest, indent=1).encode())
-    log.info("prepare: %s → %s: %d classes, %d train / %d val images in %d shards", src, dest,
-             len(classes), manifest["splits"]["train"]["count"], manifest["splits"]["val"]["count"],
-             sum(len(s["shards"]) for s in manifest["splits"].values()))
+    log.info(
+        "prepare: %s → %s: %d classes, %d train / %d val images in %d shards",
+        src,
+        dest,
+        len(classes),
+        manifest["splits"]["train"]["count"],
+        manifest["splits"]["val"]["count"],
+        sum(len(s["shards"]) for s in manifest["splits"].values()),
+    )
     return manifest
 
 
-def _write_split(name: str, items: list[Item], encoded, dest: str, storage: Storage, tmp: str,
-                 shard_size: int) -> tuple[list[dict], list[str]]:
+def _write_split(
+    name: str, items: list[Item], encoded, dest: str, storage: Storage, tmp: str, shard_size: int
+) -> tuple[list[dict], list[str]]:
     from mxnet import recordio
 
     shards: list[dict] = []
@@ -137,8 +162,15 @@ def _write_split(name: str, items: list[Item], encoded, dest: str, storage: Stor
     def finish() -> None:
         writer.close()
         shard = f"{name}/part-{len(shards):05d}"
-        shards.append({"rec": shard + ".rec", "idx": shard + ".idx", "count": count,
-                       "bytes": os.path.getsize(rec_path), "sha256": sha256_file(rec_path)})
+        shards.append(
+            {
+                "rec": shard + ".rec",
+                "idx": shard + ".idx",
+                "count": count,
+                "bytes": os.path.getsize(rec_path),
+                "sha256": sha256_file(rec_path),
+            }
+        )
         storage.upload(rec_path, st.join(dest, shard + ".rec"))
         storage.upload(idx_path, st.join(dest, shard + ".idx"))
 
@@ -182,8 +214,10 @@ def verify_dataset(root: str, manifest: dict, storage: Storage) -> None:
                 stream = _Hashing(fh, digest)
                 count = sum(1 for _ in RecordStream(uri, stream))  # type: ignore[arg-type]
             if digest.hexdigest() != shard["sha256"] or count != shard["count"]:
-                raise InputError(f"prepare --verify: {uri}: sha256 or record count does not match "
-                                 f"({count} of {shard['count']} records)")
+                raise InputError(
+                    f"prepare --verify: {uri}: sha256 or record count does not match "
+                    f"({count} of {shard['count']} records)"
+                )
     log.info("prepare: verified every shard's sha256 and record count")
 
 

@@ -13,24 +13,48 @@ class ProgressLog:
         self.enabled, self.fmt, self.stream = enabled, fmt, stream
         self.bar = enabled and fmt == "text" and stream.isatty()
 
-    def step(self, *, epoch: int, epochs: int, batch: int, steps: int, loss: float, acc: float,
-             lr: float, images_per_second: float, data_share: float) -> None:
+    def step(
+        self,
+        *,
+        epoch: int,
+        epochs: int,
+        batch: int,
+        steps: int,
+        loss: float,
+        acc: float,
+        lr: float,
+        images_per_second: float,
+        data_share: float,
+    ) -> None:
         if not self.enabled:
             return
         if self.bar:
             done = int(30 * batch / steps)
-            self.stream.write(f"\repoch {epoch}/{epochs} [{'#' * done}{'.' * (30 - done)}] "
-                              f"{batch}/{steps} loss {loss:.4f} acc {acc:.3f} "
-                              f"{images_per_second:.1f} img/s")
+            self.stream.write(
+                f"\repoch {epoch}/{epochs} [{'#' * done}{'.' * (30 - done)}] "
+                f"{batch}/{steps} loss {loss:.4f} acc {acc:.3f} "
+                f"{images_per_second:.1f} img/s"
+            )
             self.stream.flush()
             return
-        fields = {"event": "step", "epoch": epoch, "epochs": epochs, "step": batch, "steps": steps,
-                  "loss": round(loss, 5), "train_top1": round(acc, 5),
-                  "images_per_second": round(images_per_second, 1), "lr": float(f"{lr:.6g}"),
-                  "data_wait_share": round(data_share, 3)}
-        self._line(fields, f"epoch {epoch}/{epochs} step {batch}/{steps} loss {loss:.4f} "
-                           f"train_top1 {acc:.3f} {images_per_second:.1f} img/s lr {lr:.4g} "
-                           f"data-wait {100 * data_share:.0f}%")
+        fields = {
+            "event": "step",
+            "epoch": epoch,
+            "epochs": epochs,
+            "step": batch,
+            "steps": steps,
+            "loss": round(loss, 5),
+            "train_top1": round(acc, 5),
+            "images_per_second": round(images_per_second, 1),
+            "lr": float(f"{lr:.6g}"),
+            "data_wait_share": round(data_share, 3),
+        }
+        self._line(
+            fields,
+            f"epoch {epoch}/{epochs} step {batch}/{steps} loss {loss:.4f} "
+            f"train_top1 {acc:.3f} {images_per_second:.1f} img/s lr {lr:.4g} "
+            f"data-wait {100 * data_share:.0f}%",
+        )
 
     def epoch(self, record: dict[str, Any], epochs: int) -> None:
         if not self.enabled:
@@ -38,8 +62,10 @@ class ProgressLog:
         if self.bar:
             self.stream.write("\n")
         parts = [f"{k} {v}" for k, v in record.items() if k != "epoch"]
-        self._line({"event": "epoch", **record},
-                   f"epoch {record['epoch']}/{epochs} done: " + ", ".join(parts))
+        self._line(
+            {"event": "epoch", **record},
+            f"epoch {record['epoch']}/{epochs} done: " + ", ".join(parts),
+        )
 
     def _line(self, fields: dict[str, Any], text: str) -> None:
         if self.fmt == "json":

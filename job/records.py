@@ -46,9 +46,15 @@ class RecordStream:
     one ranged request, never a record.
     """
 
-    def __init__(self, name: str, stream: IO[bytes], start: int = 0, end: int | None = None,
-                 on_corrupt: Callable[[Corruption], None] | None = None,
-                 reopen: Callable[[int, Exception], IO[bytes]] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        stream: IO[bytes],
+        start: int = 0,
+        end: int | None = None,
+        on_corrupt: Callable[[Corruption], None] | None = None,
+        reopen: Callable[[int, Exception], IO[bytes]] | None = None,
+    ) -> None:
         self.name = name
         self._stream = stream
         self._buf = bytearray()
@@ -79,8 +85,9 @@ class RecordStream:
                     self._eof = True
                     break
             try:
-                chunk = self._stream.read(max(limit, need - len(self._buf)) if self._end is None
-                                          else limit)
+                chunk = self._stream.read(
+                    max(limit, need - len(self._buf)) if self._end is None else limit
+                )
             except Exception as e:  # a dropped connection: resume from the last whole frame
                 if self._reopen is None:
                     raise
@@ -110,7 +117,9 @@ class RecordStream:
         while True:
             if not self._fill(8):
                 if self._buf or parts:
-                    self._corrupt(record_offset, f"truncated shard: {len(self._buf)} trailing bytes")
+                    self._corrupt(
+                        record_offset, f"truncated shard: {len(self._buf)} trailing bytes"
+                    )
                     self._consume(len(self._buf))
                 return None
             magic, lrec = struct.unpack_from("<II", self._buf)
@@ -123,15 +132,17 @@ class RecordStream:
                 continue
             padded = 8 + length + (-length % 4)
             if not self._fill(padded):
-                self._corrupt(self._buf_offset, f"truncated record: needs {padded} bytes, "
-                                                f"{len(self._buf)} left")
+                self._corrupt(
+                    self._buf_offset,
+                    f"truncated record: needs {padded} bytes, {len(self._buf)} left",
+                )
                 self._consume(len(self._buf))
                 return None
             if flag in (0, 1):
                 if parts:  # a started multi-part record never finished
                     self._corrupt(record_offset, "unterminated multi-part record")
                 parts, record_offset = [], self._buf_offset
-            payload = bytes(self._buf[8:8 + length])
+            payload = bytes(self._buf[8 : 8 + length])
             self._consume(padded)
             if flag == 0:
                 return Record(record_offset, payload)
@@ -167,5 +178,7 @@ class RecordStream:
 
 def read_index(text: str) -> list[int]:
     """Byte offsets of records from an ``.idx`` file (``key\\toffset`` lines)."""
-    pairs = sorted((int(k), int(v)) for k, v in (line.split("\t") for line in text.split("\n") if line))
+    pairs = sorted(
+        (int(k), int(v)) for k, v in (line.split("\t") for line in text.split("\n") if line)
+    )
     return [offset for _, offset in pairs]

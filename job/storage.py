@@ -38,7 +38,7 @@ def is_s3(uri: str) -> bool:
 
 
 def split_s3(uri: str) -> tuple[str, str]:
-    bucket, _, key = uri[len("s3://"):].partition("/")
+    bucket, _, key = uri[len("s3://") :].partition("/")
     if not bucket:
         raise StorageError(f"{uri}: no bucket in S3 URI")
     return bucket, key
@@ -70,8 +70,11 @@ class Storage:
                 max_pool_connections=32,
             )
             self._client = boto3.session.Session().client(
-                "s3", endpoint_url=s.endpoint_url or None, region_name=s.region or None,
-                config=config)
+                "s3",
+                endpoint_url=s.endpoint_url or None,
+                region_name=s.region or None,
+                config=config,
+            )
         return self._client
 
     @contextlib.contextmanager
@@ -149,8 +152,16 @@ class Storage:
 
             bucket, key = split_s3(uri)
             with self._errors(uri, "upload"):
-                self.client.upload_file(local_path, bucket, key, Config=TransferConfig(
-                    multipart_threshold=64 << 20, multipart_chunksize=16 << 20, max_concurrency=8))
+                self.client.upload_file(
+                    local_path,
+                    bucket,
+                    key,
+                    Config=TransferConfig(
+                        multipart_threshold=64 << 20,
+                        multipart_chunksize=16 << 20,
+                        max_concurrency=8,
+                    ),
+                )
             return
         with self._atomic_local(uri) as tmp:
             shutil.copyfile(local_path, tmp)
@@ -177,7 +188,9 @@ class Storage:
         key = key.rstrip("/") + "/" if key else ""
         uris = []
         with self._errors(prefix, "LIST"):
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=key
+            ):
                 uris += [f"s3://{bucket}/{o['Key']}" for o in page.get("Contents", [])]
         return sorted(uris)
 
@@ -189,8 +202,10 @@ class Storage:
         keys = [split_s3(u)[1] for u in self.list(prefix)]
         with self._errors(prefix, "DELETE"):
             for i in range(0, len(keys), 1000):
-                self.client.delete_objects(Bucket=bucket, Delete={
-                    "Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
+                self.client.delete_objects(
+                    Bucket=bucket,
+                    Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True},
+                )
 
     @contextlib.contextmanager
     def local_copy(self, uri: str) -> Iterator[str]:

@@ -74,9 +74,14 @@ class Window:
     def reduce(self, name: str) -> tuple[float, float, int]:
         """(mean loss, accuracy, images) over every rank."""
         loss = float(self.loss.asscalar()) if isinstance(self.loss, mx.nd.NDArray) else self.loss
-        correct = (float(self.correct.asscalar()) if isinstance(self.correct, mx.nd.NDArray)
-                   else self.correct)
-        loss_sum, correct_sum, images = distributed.allreduce_sum([loss, correct, self.images], name)
+        correct = (
+            float(self.correct.asscalar())
+            if isinstance(self.correct, mx.nd.NDArray)
+            else self.correct
+        )
+        loss_sum, correct_sum, images = distributed.allreduce_sum(
+            [loss, correct, self.images], name
+        )
         return loss_sum / max(images, 1), correct_sum / max(images, 1), int(images)
 
 
@@ -86,9 +91,17 @@ class Run:
     def __init__(self, cfg: Config, dist: Dist) -> None:
         self.cfg, self.dist = cfg, dist
         self.ctx = dist.context()
-        self.storage = Storage(S3Settings(cfg.s3_endpoint_url, cfg.s3_region, cfg.s3_max_attempts,
-                                          cfg.s3_retry_mode, cfg.s3_connect_timeout,
-                                          cfg.s3_read_timeout))
+        mx.random.seed(cfg.seed)  # the new head's (and a scratch model's) initial weights
+        self.storage = Storage(
+            S3Settings(
+                cfg.s3_endpoint_url,
+                cfg.s3_region,
+                cfg.s3_max_attempts,
+                cfg.s3_retry_mode,
+                cfg.s3_connect_timeout,
+                cfg.s3_read_timeout,
+            )
+        )
         self.stats = DataStats()
         self.metrics = Metrics(dist.rank)
         self.metrics.watch_data(self.stats)
@@ -98,9 +111,11 @@ class Run:
         self._warm_up()
         distributed.broadcast_parameters(self.net.collect_params())
         self.trainer = distributed.trainer(
-            self.net.collect_params(), "sgd",
+            self.net.collect_params(),
+            "sgd",
             {"learning_rate": cfg.lr * dist.size, "momentum": cfg.momentum, "wd": cfg.wd},
-            cfg.fp16_allreduce)
+            cfg.fp16_allreduce,
+        )
         self.loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
         # ResNet v2 starts with a parameter-free BatchNorm on the input; MXNet updates its
         # running stats in backward, which only happens when the input asks for a gradient.
@@ -112,23 +127,31 @@ class Run:
         cfg, dist = self.cfg, self.dist
         workers = cfg.data_workers or max(1, (os.cpu_count() or 1) // dist.local_size)
         settings = LoaderSettings(
-            batch_size=cfg.batch_size, image_size=cfg.image_size, seed=cfg.seed,
-            flip_prob=cfg.flip_prob, jitter=Jitter(cfg.brightness, cfg.contrast, cfg.saturation,
-                                                   cfg.hue),
-            shuffle_buffer=cfg.shuffle_buffer, workers=workers, tta=cfg.tta)
+            batch_size=cfg.batch_size,
+            image_size=cfg.image_size,
+            seed=cfg.seed,
+            flip_prob=cfg.flip_prob,
+            jitter=Jitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue),
+            shuffle_buffer=cfg.shuffle_buffer,
+            workers=workers,
+            tta=cfg.tta,
+        )
         self.val: Loader | None = None
         if cfg.synthetic:
             self.classes = [f"class{i}" for i in range(cfg.synthetic_classes)]
             self.train: Loader | SyntheticLoader = SyntheticLoader(
-                cfg.synthetic_classes, cfg.synthetic_images, settings, dist.size)
+                cfg.synthetic_classes, cfg.synthetic_images, settings, dist.size
+            )
             return
         dataset = load_dataset(cfg.data, self.storage)
         self.classes = dataset.classes
-        self.train = Loader(dataset, "train", settings, dist.rank, dist.size, self.storage,
-                            self.stats)
+        self.train = Loader(
+            dataset, "train", settings, dist.rank, dist.size, self.storage, self.stats
+        )
         if dataset.count("val"):
-            self.val = Loader(dataset, "val", settings, dist.rank, dist.size, self.storage,
-                              self.stats)
+            self.val = Loader(
+                dataset, "val", settings, dist.rank, dist.size, self.storage, self.stats
+            )
 
     def _warm_up(self) -> None:
         # Run the first forward in training mode before the broadcast: an inference-mode
@@ -145,8 +168,12 @@ class Run:
         if folder is None:
             return
         self.progress, _ = self.checkpointer.load(folder, self.net, self.trainer, self.ctx)
-        log.info("resumed from %s: epoch %d, step %d", folder, self.progress.epoch + 1,
-                 self.progress.step)
+        log.info(
+            "resumed from %s: epoch %d, step %d",
+            folder,
+            self.progress.epoch + 1,
+            self.progress.step,
+        )
 
     def fit(self) -> None:
         cfg, p = self.cfg, self.progress
@@ -155,10 +182,13 @@ class Run:
             epoch_window, seconds = self.train_epoch(p.epoch, p.batch)
             loss, acc, images = epoch_window.reduce("epoch_train")
             self.sync_running_stats()
-            record: dict[str, Any] = {"epoch": p.epoch + 1, "train_loss": round(loss, 5),
-                                      "train_top1": round(acc, 5),
-                                      "images_per_second": round(images / max(seconds, 1e-9), 2),
-                                      "train_seconds": round(seconds, 2)}
+            record: dict[str, Any] = {
+                "epoch": p.epoch + 1,
+                "train_loss": round(loss, 5),
+                "train_top1": round(acc, 5),
+                "images_per_second": round(images / max(seconds, 1e-9), 2),
+                "train_seconds": round(seconds, 2),
+            }
             record.update(self.evaluate())
             record["seconds"] = round(time.perf_counter() - self._epoch_started, 2)
             p.history.append(record)
@@ -217,15 +247,24 @@ class Run:
         loss, acc, images = window.reduce("window")
         if not math.isfinite(loss):
             latest = self.checkpointer.latest() or "none"
-            raise DivergedError(f"training loss is {loss} at epoch {epoch + 1} step "
-                                f"{self.progress.step}; stopped. Last good checkpoint: {latest}")
+            raise DivergedError(
+                f"training loss is {loss} at epoch {epoch + 1} step "
+                f"{self.progress.step}; stopped. Last good checkpoint: {latest}"
+            )
         self.metrics.loss.labels(self.metrics.rank).set(loss)
         self.metrics.set_accuracy("train", acc)
         self.metrics.lr.labels(self.metrics.rank).set(lr)
-        self.log.step(epoch=epoch + 1, epochs=self.cfg.epochs, batch=self.progress.batch,
-                      steps=steps, loss=loss, acc=acc, lr=lr,
-                      images_per_second=images / max(window.seconds, 1e-9),
-                      data_share=window.data_s / max(window.seconds, 1e-9))
+        self.log.step(
+            epoch=epoch + 1,
+            epochs=self.cfg.epochs,
+            batch=self.progress.batch,
+            steps=steps,
+            loss=loss,
+            acc=acc,
+            lr=lr,
+            images_per_second=images / max(window.seconds, 1e-9),
+            data_share=window.data_s / max(window.seconds, 1e-9),
+        )
 
     def sync_running_stats(self) -> None:
         """Average BatchNorm running mean/var over ranks. Each rank updates them from its
@@ -250,7 +289,9 @@ class Run:
                 prob = prob.reshape(len(batch.label), 5, -1)[:n].mean(axis=1)
                 correct_tta += float((prob.argmax(1) == label).sum())
             count += n
-        correct, correct_tta, count = distributed.allreduce_sum([correct, correct_tta, count], "eval")
+        correct, correct_tta, count = distributed.allreduce_sum(
+            [correct, correct_tta, count], "eval"
+        )
         result = {"val_top1": round(correct / max(count, 1), 5)}
         self.metrics.set_accuracy("val", result["val_top1"])
         if self.cfg.tta:
@@ -276,13 +317,21 @@ class Run:
         last = history[-1] if history else {}
         cfg = self.cfg
         summary = {
-            "model": cfg.model, "classes": self.classes, "num_classes": len(self.classes),
-            "pretrained": cfg.pretrained, "epochs": cfg.epochs, "workers": self.dist.size,
+            "model": cfg.model,
+            "classes": self.classes,
+            "num_classes": len(self.classes),
+            "pretrained": cfg.pretrained,
+            "epochs": cfg.epochs,
+            "workers": self.dist.size,
             "global_batch_size": cfg.batch_size * self.dist.size,
-            "val_top1": last.get("val_top1"), "best_val_top1": self.progress.best_val_top1,
+            "val_top1": last.get("val_top1"),
+            "best_val_top1": self.progress.best_val_top1,
             "train_images_per_second": _mean([h["images_per_second"] for h in history]),
-            "wall_seconds": round(wall_seconds, 2), "corrupt_records": int(corrupt),
-            "params_sha256_per_rank": digests, "history": history, "config": cfg.to_dict(),
+            "wall_seconds": round(wall_seconds, 2),
+            "corrupt_records": int(corrupt),
+            "params_sha256_per_rank": digests,
+            "history": history,
+            "config": cfg.to_dict(),
             "version": __version__,
         }
         if cfg.tta:
@@ -298,8 +347,9 @@ class Run:
             for name in ("model-symbol.json", "model-0000.params", "model.params"):
                 self.storage.upload(os.path.join(tmp, name), st.join(out, name))
         # The summary goes last: its presence means the outputs are complete.
-        self.storage.write_bytes(st.join(out, "summary.json"),
-                                 json.dumps(summary, indent=1).encode())
+        self.storage.write_bytes(
+            st.join(out, "summary.json"), json.dumps(summary, indent=1).encode()
+        )
         log.info("exported model and summary to %s", out)
 
 
@@ -326,14 +376,28 @@ def run(cfg: Config) -> dict[str, Any] | None:
         if cfg.metrics_port:
             port = run_.metrics.serve(cfg.metrics_address, cfg.metrics_port + dist.local_rank)
             log.info("metrics on http://%s:%d/metrics", cfg.metrics_address, port)
-        run_.metrics.info.info({"model": cfg.model, "workers": str(dist.size),
-                                "batch_size": str(cfg.batch_size), "version": __version__})
+        run_.metrics.info.info(
+            {
+                "model": cfg.model,
+                "workers": str(dist.size),
+                "batch_size": str(cfg.batch_size),
+                "version": __version__,
+            }
+        )
         if dist.is_primary:
             log.info("config %s", json.dumps(cfg.to_dict(), sort_keys=True))
-            log.info("%d workers × batch %d = global batch %d; %d steps per epoch; lr %.4g "
-                     "(%.4g per worker × %d); %d classes", dist.size, cfg.batch_size,
-                     cfg.batch_size * dist.size, run_.train.steps_per_epoch, cfg.lr * dist.size,
-                     cfg.lr, dist.size, len(run_.classes))
+            log.info(
+                "%d workers × batch %d = global batch %d; %d steps per epoch; lr %.4g "
+                "(%.4g per worker × %d); %d classes",
+                dist.size,
+                cfg.batch_size,
+                cfg.batch_size * dist.size,
+                run_.train.steps_per_epoch,
+                cfg.lr * dist.size,
+                cfg.lr,
+                dist.size,
+                len(run_.classes),
+            )
         run_.resume()
         run_.fit()
         summary = run_.finish(time.perf_counter() - started)

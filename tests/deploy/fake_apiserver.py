@@ -43,8 +43,11 @@ _ROUTES = [
     (re.compile(r"^/api/v1/namespaces/([^/]+)/(pods)(?:/([^/]+))?$"), None),
     (re.compile(r"^/api/v1/namespaces/([^/]+)/(pods)/([^/]+)/log$"), "log"),
 ]
-_GROUPS = {MPIJOBS: ("kubeflow.org", "kubeflow.org/v2beta1", "MPIJob"),
-           CONFIGMAPS: ("", "v1", "ConfigMap"), PODS: ("", "v1", "Pod")}
+_GROUPS = {
+    MPIJOBS: ("kubeflow.org", "kubeflow.org/v2beta1", "MPIJob"),
+    CONFIGMAPS: ("", "v1", "ConfigMap"),
+    PODS: ("", "v1", "Pod"),
+}
 
 Step = tuple[float, Callable[["FakeApiServer", str, str], None]]
 
@@ -54,8 +57,15 @@ def now() -> str:
 
 
 def status_doc(code: int, reason: str, message: str) -> dict[str, Any]:
-    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-            "message": message, "reason": reason, "code": code}
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
 
 
 def matches_labels(labels: dict[str, str], selector: str) -> bool:
@@ -100,8 +110,7 @@ class FakeApiServer:
         self._timers: list[threading.Thread] = []
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,),
-                                        daemon=True)
+        self._thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
 
     @property
     def url(self) -> str:
@@ -132,8 +141,11 @@ class FakeApiServer:
         self.steps = steps
 
     def watch_requests(self) -> list[dict[str, str]]:
-        return [q for m, p, q in self.requests if m == "GET" and q.get("watch") == "true"
-                and p.endswith("/" + MPIJOBS)]
+        return [
+            q
+            for m, p, q in self.requests
+            if m == "GET" and q.get("watch") == "true" and p.endswith("/" + MPIJOBS)
+        ]
 
     # ---- state changes (also used by scripted steps) ---------------------------------------
     def put(self, resource: str, ns: str, obj: dict[str, Any], event: str) -> dict[str, Any]:
@@ -157,8 +169,15 @@ class FakeApiServer:
         meta.update(namespace=ns, uid=str(uuid.uuid4()), creationTimestamp=now())
         return self.put(resource, ns, obj, "ADDED")
 
-    def set_condition(self, ns: str, name: str, kind: str, reason: str = "", message: str = "",
-                      status: str = "True") -> None:
+    def set_condition(
+        self,
+        ns: str,
+        name: str,
+        kind: str,
+        reason: str = "",
+        message: str = "",
+        status: str = "True",
+    ) -> None:
         with self.cond:
             obj = copy.deepcopy(self.objects[(MPIJOBS, ns, name)])
             conds = obj.setdefault("status", {}).setdefault("conditions", [])
@@ -168,23 +187,37 @@ class FakeApiServer:
                     if c["type"] == "Running":
                         c["status"] = "False"
                 obj["status"]["completionTime"] = now()
-            conds.append({"type": kind, "status": status, "reason": reason, "message": message,
-                          "lastTransitionTime": now(), "lastUpdateTime": now()})
+            conds.append(
+                {
+                    "type": kind,
+                    "status": status,
+                    "reason": reason,
+                    "message": message,
+                    "lastTransitionTime": now(),
+                    "lastUpdateTime": now(),
+                }
+            )
             self.put(MPIJOBS, ns, obj, "MODIFIED")
 
-    def add_pod(self, ns: str, name: str, labels: dict[str, str], logs: str = "",
-                phase: str = "Running") -> None:
-        pod = {"metadata": {"name": name, "labels": labels},
-               "spec": {"containers": [{"name": "launcher", "image": "finetune-job"}]},
-               "status": {"phase": phase}, "logs": logs}
+    def add_pod(
+        self, ns: str, name: str, labels: dict[str, str], logs: str = "", phase: str = "Running"
+    ) -> None:
+        pod = {
+            "metadata": {"name": name, "labels": labels},
+            "spec": {"containers": [{"name": "launcher", "image": "finetune-job"}]},
+            "status": {"phase": phase},
+            "logs": logs,
+        }
         self.create(PODS, ns, pod)
 
     def _run_steps(self, ns: str, name: str) -> None:
         start = time.monotonic()
         for delay, action in self.steps:
             with self.cond:
-                self.cond.wait_for(lambda: self.stopping,  # noqa: B023 - evaluated right here
-                                   timeout=max(0.0, start + delay - time.monotonic()))
+                self.cond.wait_for(
+                    lambda: self.stopping,  # noqa: B023 - evaluated right here
+                    timeout=max(0.0, start + delay - time.monotonic()),
+                )
                 if self.stopping or (MPIJOBS, ns, name) not in self.objects:
                     return
             action(self, ns, name)
@@ -204,18 +237,35 @@ class FakeApiServer:
                 ns, resource, name, sub = m.group(1), m.group(2), m.group(3), kind
                 break
         else:
-            return _send(req, 404, status_doc(404, "NotFound", f"the server could not find "
-                                              f"the requested resource {parts.path}"))
+            return _send(
+                req,
+                404,
+                status_doc(
+                    404,
+                    "NotFound",
+                    f"the server could not find the requested resource {parts.path}",
+                ),
+            )
         verb = {"POST": "create", "DELETE": "delete"}.get(method, "get" if name else "list")
         if query.get("watch") == "true":
             verb = "watch"
         target = "pods/log" if sub else resource
         if (verb, target) in self.forbidden:
             group = _GROUPS[resource][0]
-            return _send(req, 403, status_doc(403, "Forbidden", (
-                f'{resource}{"." + group if group else ""} "{name or ""}" is forbidden: User '
-                f'"system:serviceaccount:{ns}:finetune-job" cannot {verb} resource "{target}" '
-                f'in API group "{group}" in the namespace "{ns}"')))
+            return _send(
+                req,
+                403,
+                status_doc(
+                    403,
+                    "Forbidden",
+                    (
+                        f'{resource}{"." + group if group else ""} "{name or ""}" is forbidden: '
+                        f'User "system:serviceaccount:{ns}:finetune-job" cannot {verb} resource '
+                        f'"{target}" '
+                        f'in API group "{group}" in the namespace "{ns}"'
+                    ),
+                ),
+            )
         if sub == "log":
             return self._log(req, ns, name, query)
         if method == "POST":
@@ -231,14 +281,21 @@ class FakeApiServer:
             return self._watch(req, resource, ns, query)
         return _send(req, 200, self._list(resource, ns, query))
 
-    def _create(self, req: BaseHTTPRequestHandler, resource: str, ns: str,
-                body: dict[str, Any]) -> None:
+    def _create(
+        self, req: BaseHTTPRequestHandler, resource: str, ns: str, body: dict[str, Any]
+    ) -> None:
         name = body.get("metadata", {}).get("name", "")
         if (resource, ns, name) in self.objects:
             group = _GROUPS[resource][0]
-            return _send(req, 409, status_doc(409, "AlreadyExists",
-                                              f'{resource}{"." + group if group else ""} '
-                                              f'"{name}" already exists'))
+            return _send(
+                req,
+                409,
+                status_doc(
+                    409,
+                    "AlreadyExists",
+                    f'{resource}{"." + group if group else ""} "{name}" already exists',
+                ),
+            )
         obj = self.create(resource, ns, body)
         if resource == MPIJOBS and self.steps:
             thread = threading.Thread(target=self._run_steps, args=(ns, name), daemon=True)
@@ -257,23 +314,40 @@ class FakeApiServer:
             job_label = other["metadata"].get("labels", {}).get("training.kubeflow.org/job-name")
             if ons == ns and (uid in owners or (res == PODS and job_label == name)):
                 self.put(res, ons, copy.deepcopy(other), "DELETED")
-        return _send(req, 200, {"kind": "Status", "apiVersion": "v1", "status": "Success",
-                                "details": {"name": name, "kind": resource, "uid": uid}})
+        return _send(
+            req,
+            200,
+            {
+                "kind": "Status",
+                "apiVersion": "v1",
+                "status": "Success",
+                "details": {"name": name, "kind": resource, "uid": uid},
+            },
+        )
 
     def _list(self, resource: str, ns: str, query: dict[str, str]) -> dict[str, Any]:
         _, api_version, kind = _GROUPS[resource]
-        items = [_public(o) for (res, ons, _), o in sorted(self.objects.items())
-                 if res == resource and ons == ns and self._selected(o, query)]
-        return {"kind": kind + "List", "apiVersion": api_version,
-                "metadata": {"resourceVersion": str(self.rv)}, "items": items}
+        items = [
+            _public(o)
+            for (res, ons, _), o in sorted(self.objects.items())
+            if res == resource and ons == ns and self._selected(o, query)
+        ]
+        return {
+            "kind": kind + "List",
+            "apiVersion": api_version,
+            "metadata": {"resourceVersion": str(self.rv)},
+            "items": items,
+        }
 
     @staticmethod
     def _selected(obj: dict[str, Any], query: dict[str, str]) -> bool:
-        return (matches_labels(obj["metadata"].get("labels", {}), query.get("labelSelector", ""))
-                and matches_fields(obj, query.get("fieldSelector", "")))
+        return matches_labels(
+            obj["metadata"].get("labels", {}), query.get("labelSelector", "")
+        ) and matches_fields(obj, query.get("fieldSelector", ""))
 
-    def _watch(self, req: BaseHTTPRequestHandler, resource: str, ns: str,
-               query: dict[str, str]) -> None:
+    def _watch(
+        self, req: BaseHTTPRequestHandler, resource: str, ns: str, query: dict[str, str]
+    ) -> None:
         timeout = min(float(query.get("timeoutSeconds") or 1e9), self.max_watch_seconds)
         deadline = time.monotonic() + timeout
         since = int(query.get("resourceVersion") or 0)
@@ -288,8 +362,9 @@ class FakeApiServer:
         except (BrokenPipeError, ConnectionResetError):
             pass
 
-    def _events(self, resource: str, ns: str, query: dict[str, str], since: int,
-                deadline: float) -> Iterator[dict[str, Any]]:
+    def _events(
+        self, resource: str, ns: str, query: dict[str, str], since: int, deadline: float
+    ) -> Iterator[dict[str, Any]]:
         with self.cond:
             if since and since < self.compacted:
                 yield _gone(since)
@@ -305,9 +380,11 @@ class FakeApiServer:
                 return
         while True:
             with self.cond:
-                pending = [(rv, t, o) for rv, res, ons, t, o in self.events
-                           if rv > since and res == resource and ons == ns
-                           and self._selected(o, query)]
+                pending = [
+                    (rv, t, o)
+                    for rv, res, ons, t, o in self.events
+                    if rv > since and res == resource and ons == ns and self._selected(o, query)
+                ]
                 if not pending:
                     left = deadline - time.monotonic()
                     if left <= 0 or self.stopping:
@@ -318,8 +395,7 @@ class FakeApiServer:
                 since = rv
                 yield {"type": kind, "object": _public(obj)}
 
-    def _log(self, req: BaseHTTPRequestHandler, ns: str, name: str,
-             query: dict[str, str]) -> None:
+    def _log(self, req: BaseHTTPRequestHandler, ns: str, name: str, query: dict[str, str]) -> None:
         pod = self.objects.get((PODS, ns, name))
         if pod is None:
             return _send(req, 404, _not_found(PODS, name))
@@ -338,36 +414,45 @@ class FakeApiServer:
 
 # ---- scripted lifecycle steps --------------------------------------------------------------
 def created() -> Callable[[FakeApiServer, str, str], None]:
-    return lambda api, ns, name: api.set_condition(ns, name, "Created", "MPIJobCreated",
-                                                   f"MPIJob {ns}/{name} is created.")
+    return lambda api, ns, name: api.set_condition(
+        ns, name, "Created", "MPIJobCreated", f"MPIJob {ns}/{name} is created."
+    )
 
 
 def running(logs: str = "") -> Callable[[FakeApiServer, str, str], None]:
     def act(api: FakeApiServer, ns: str, name: str) -> None:
-        api.add_pod(ns, f"{name}-launcher-x1", {"training.kubeflow.org/job-name": name,
-                                                "training.kubeflow.org/job-role": "launcher"},
-                    logs=logs)
+        api.add_pod(
+            ns,
+            f"{name}-launcher-x1",
+            {"training.kubeflow.org/job-name": name, "training.kubeflow.org/job-role": "launcher"},
+            logs=logs,
+        )
         api.set_condition(ns, name, "Running", "MPIJobRunning", f"MPIJob {ns}/{name} is running.")
+
     return act
 
 
 def succeeded() -> Callable[[FakeApiServer, str, str], None]:
-    return lambda api, ns, name: api.set_condition(ns, name, "Succeeded", "MPIJobSucceeded",
-                                                   f"MPIJob {ns}/{name} successfully completed.")
+    return lambda api, ns, name: api.set_condition(
+        ns, name, "Succeeded", "MPIJobSucceeded", f"MPIJob {ns}/{name} successfully completed."
+    )
 
 
 def failed(message: str = "launcher exited 1") -> Callable[[FakeApiServer, str, str], None]:
-    return lambda api, ns, name: api.set_condition(ns, name, "Failed", "BackoffLimitExceeded",
-                                                   message)
+    return lambda api, ns, name: api.set_condition(
+        ns, name, "Failed", "BackoffLimitExceeded", message
+    )
 
 
 def kubeconfig(url: str, namespace: str = "team-a", token: str = TOKEN) -> str:
     """A kubeconfig (YAML text) whose current context points at ``url``."""
-    return (f"apiVersion: v1\nkind: Config\ncurrent-context: fake\n"
-            f"clusters:\n- name: fake\n  cluster:\n    server: {url}\n"
-            f"users:\n- name: tester\n  user:\n    token: {token}\n"
-            f"contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: tester\n"
-            f"    namespace: {namespace}\n")
+    return (
+        f"apiVersion: v1\nkind: Config\ncurrent-context: fake\n"
+        f"clusters:\n- name: fake\n  cluster:\n    server: {url}\n"
+        f"users:\n- name: tester\n  user:\n    token: {token}\n"
+        f"contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: tester\n"
+        f"    namespace: {namespace}\n"
+    )
 
 
 # ---- HTTP plumbing ---------------------------------------------------------------------------
@@ -377,17 +462,20 @@ def _public(obj: dict[str, Any]) -> dict[str, Any]:
 
 def _not_found(resource: str, name: str) -> dict[str, Any]:
     group = _GROUPS[resource][0]
-    full = f'{resource}{"." + group if group else ""}'
+    full = f"{resource}{'.' + group if group else ''}"
     return status_doc(404, "NotFound", f'{full} "{name}" not found')
 
 
 def _gone(rv: int) -> dict[str, Any]:
-    return {"type": "ERROR", "object": status_doc(
-        410, "Expired", f"too old resource version: {rv}")}
+    return {
+        "type": "ERROR",
+        "object": status_doc(410, "Expired", f"too old resource version: {rv}"),
+    }
 
 
-def _send(req: BaseHTTPRequestHandler, code: int, body: Any,
-          ctype: str = "application/json") -> None:
+def _send(
+    req: BaseHTTPRequestHandler, code: int, body: Any, ctype: str = "application/json"
+) -> None:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     req.send_response(code)
     req.send_header("Content-Type", ctype)

@@ -27,18 +27,28 @@ def run(*argv: str) -> int:
 
 def write_summary(val_top1: float):
     """A scripted step: the run writes summary.json to its output, as rank 0 does."""
+
     def act(api, ns, name):
-        out = Path(api.objects[("mpijobs", ns, name)]["metadata"]["annotations"][
-            c.OUTPUT_ANNOTATION])
+        out = Path(
+            api.objects[("mpijobs", ns, name)]["metadata"]["annotations"][c.OUTPUT_ANNOTATION]
+        )
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.json").write_text(json.dumps({"val_top1": val_top1}))
+
     return act
 
 
 @pytest.fixture
 def submit_args(kubeconfig_path, tmp_path):
-    return ["submit", "--kubeconfig", kubeconfig_path, "--set", "training.synthetic=true",
-            "--set", f"training.output={tmp_path / 'flowers'}"]
+    return [
+        "submit",
+        "--kubeconfig",
+        kubeconfig_path,
+        "--set",
+        "training.synthetic=true",
+        "--set",
+        f"training.output={tmp_path / 'flowers'}",
+    ]
 
 
 @pytest.mark.parametrize("command", ["submit", "status", "logs", "delete", "list"])
@@ -56,8 +66,16 @@ def test_main_command_has_the_subcommands():
 
 
 def test_dry_run_prints_the_objects(capsys, tmp_path):
-    code = run("submit", "--set", "training.synthetic=true", "--set",
-               "training.output=s3://b/flowers", "--schedule", "nightly", "--dry-run")
+    code = run(
+        "submit",
+        "--set",
+        "training.synthetic=true",
+        "--set",
+        "training.output=s3://b/flowers",
+        "--schedule",
+        "nightly",
+        "--dry-run",
+    )
     assert code == 0
     mpijob, config_map = yaml.safe_load_all(capsys.readouterr().out)
     assert mpijob["kind"] == "MPIJob" and config_map["kind"] == "ConfigMap"
@@ -70,32 +88,47 @@ def test_submit_without_wait_prints_the_name(api, submit_args, capsys):
     assert ("mpijobs", "team-a", name) in api.objects
 
 
-def test_submit_wait_success_gates_saves_logs_and_moves_latest(api, submit_args, tmp_path,
-                                                               capsys):
-    api.script([(0.05, running("training...\n")), (0.1, write_summary(0.93)),
-                (0.15, succeeded())])
-    code = run(*submit_args, "--wait", "--timeout", "5", "--min-accuracy", "0.9", "--not-worse",
-               "--delete-after")
+def test_submit_wait_success_gates_saves_logs_and_moves_latest(api, submit_args, tmp_path, capsys):
+    api.script([(0.05, running("training...\n")), (0.1, write_summary(0.93)), (0.15, succeeded())])
+    code = run(
+        *submit_args,
+        "--wait",
+        "--timeout",
+        "5",
+        "--min-accuracy",
+        "0.9",
+        "--not-worse",
+        "--delete-after",
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     assert json.loads(out) == {"val_top1": 0.93}
     latest = json.loads((tmp_path / "flowers" / "latest").read_text())
     assert latest["val_top1"] == 0.93 and latest["model"].endswith("/model.params")
     assert (tmp_path / "flowers" / "runs" / latest["run"] / "launcher.log").read_text() == (
-        "training...\n")
+        "training...\n"
+    )
     assert "latest -> " in err
     assert not api.objects  # --delete-after, once the logs were saved
 
 
-def test_next_run_starts_from_latest_and_a_worse_one_is_rejected(api, submit_args, tmp_path,
-                                                                capsys):
+def test_next_run_starts_from_latest_and_a_worse_one_is_rejected(
+    api, submit_args, tmp_path, capsys
+):
     api.script([(0.05, write_summary(0.9)), (0.1, succeeded())])
     assert run(*submit_args, "--wait", "--timeout", "5") == 0
     first = json.loads((tmp_path / "flowers" / "latest").read_text())
     api.script([(0.05, write_summary(0.8)), (0.1, succeeded())])
     capsys.readouterr()
-    code = run(*submit_args, "--set", f"training.pretrained={tmp_path / 'flowers' / 'latest'}",
-               "--wait", "--timeout", "5", "--not-worse")
+    code = run(
+        *submit_args,
+        "--set",
+        f"training.pretrained={tmp_path / 'flowers' / 'latest'}",
+        "--wait",
+        "--timeout",
+        "5",
+        "--not-worse",
+    )
     out, err = capsys.readouterr()
     assert code == 1
     assert json.loads(out) == {"val_top1": 0.8}
@@ -103,17 +136,35 @@ def test_next_run_starts_from_latest_and_a_worse_one_is_rejected(api, submit_arg
     assert err.strip().endswith("left unchanged")
     assert "finetune-job: error: run " in err and "is worse than latest's 0.9000" in err
     assert json.loads((tmp_path / "flowers" / "latest").read_text()) == first
-    second = [o for (kind, _, _), o in api.objects.items() if kind == "configmaps"
-              and o["metadata"]["labels"][c.RUN_LABEL] != first["run"]]
+    second = [
+        o
+        for (kind, _, _), o in api.objects.items()
+        if kind == "configmaps" and o["metadata"]["labels"][c.RUN_LABEL] != first["run"]
+    ]
     assert yaml.safe_load(second[0]["data"]["config.yaml"])["pretrained"] == first["model"]
 
 
-@pytest.mark.parametrize(("steps", "extra", "code", "message"), [
-    ([(0.05, failed("launcher exited with 1")), ], [], 1, "Failed (BackoffLimitExceeded"),
-    ([(0.05, running())], ["--timeout", "0.5"], 2, "did not finish within 0.5 s"),
-    ([(0.05, write_summary(0.5)), (0.1, succeeded())], ["--min-accuracy", "0.9"], 1,
-     "val_top1 0.5000 is below --min-accuracy 0.9000"),
-], ids=["job-failed", "timed-out", "below-min-accuracy"])
+@pytest.mark.parametrize(
+    ("steps", "extra", "code", "message"),
+    [
+        (
+            [
+                (0.05, failed("launcher exited with 1")),
+            ],
+            [],
+            1,
+            "Failed (BackoffLimitExceeded",
+        ),
+        ([(0.05, running())], ["--timeout", "0.5"], 2, "did not finish within 0.5 s"),
+        (
+            [(0.05, write_summary(0.5)), (0.1, succeeded())],
+            ["--min-accuracy", "0.9"],
+            1,
+            "val_top1 0.5000 is below --min-accuracy 0.9000",
+        ),
+    ],
+    ids=["job-failed", "timed-out", "below-min-accuracy"],
+)
 def test_submit_wait_exit_codes(api, submit_args, tmp_path, capsys, steps, extra, code, message):
     api.script(steps)
     assert run(*submit_args, "--wait", "--timeout", "5", *extra) == code
@@ -123,11 +174,15 @@ def test_submit_wait_exit_codes(api, submit_args, tmp_path, capsys, steps, extra
     assert not (tmp_path / "flowers" / "latest").exists()
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["--set", "workers.replica=3"], "unknown values key 'workers.replica'"),
-    (["--set", "training.epochs=lots"], "config key 'epochs'"),
-    (["--values", "/nonexistent.yaml"], "values file /nonexistent.yaml"),
-], ids=["unknown-key", "bad-training-value", "missing-values-file"])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--set", "workers.replica=3"], "unknown values key 'workers.replica'"),
+        (["--set", "training.epochs=lots"], "config key 'epochs'"),
+        (["--values", "/nonexistent.yaml"], "values file /nonexistent.yaml"),
+    ],
+    ids=["unknown-key", "bad-training-value", "missing-values-file"],
+)
 def test_bad_input_exits_3(api, submit_args, capsys, argv, message):
     assert run(*submit_args, *argv) == 3
     err = capsys.readouterr().err
@@ -147,6 +202,7 @@ def test_status_logs_delete(api, kubeconfig_path, submit_args, capsys):
     name = capsys.readouterr().out.strip()
     cluster = ["--kubeconfig", kubeconfig_path]
     import time
+
     time.sleep(0.2)
     assert run("status", name, *cluster) == 1  # the job failed
     assert f"team-a/{name} Failed (BackoffLimitExceeded: boom)" in capsys.readouterr().out

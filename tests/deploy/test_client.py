@@ -24,8 +24,9 @@ NS = "team-a"
 
 
 def new_run(name_prefix: str = "ft"):
-    v = manifest.merge(manifest.DEFAULTS, {"training": {"synthetic": True,
-                                                        "output": "s3://b/flowers"}})
+    v = manifest.merge(
+        manifest.DEFAULTS, {"training": {"synthetic": True, "output": "s3://b/flowers"}}
+    )
     return manifest.build_run(v, manifest.Release.of(v, name="ft"), prefix=name_prefix)
 
 
@@ -62,8 +63,11 @@ def test_failure_raises_with_reason(api, client):
     api.script([(0.05, running("Traceback ...\n")), (0.1, failed("launcher exited with 1"))])
     run = new_run()
     client.submit(run.mpijob, run.config_map)
-    with pytest.raises(JobFailedError, match=f"MPIJob {NS}/{run.name} Failed "
-                                             r"\(BackoffLimitExceeded: launcher exited with 1\)"):
+    with pytest.raises(
+        JobFailedError,
+        match=f"MPIJob {NS}/{run.name} Failed "
+        r"\(BackoffLimitExceeded: launcher exited with 1\)",
+    ):
         client.wait(run.name, timeout=5)
     assert client.status(run.name).failed
     assert client.logs(run.name) == "Traceback ...\n"
@@ -74,8 +78,9 @@ def test_timeout_names_the_job_and_leaves_it_running(api, client):
     run = new_run()
     client.submit(run.mpijob, run.config_map)
     start = time.monotonic()
-    with pytest.raises(JobTimeoutError, match=f"MPIJob {NS}/{run.name} did not finish within "
-                                              "0.6 s"):
+    with pytest.raises(
+        JobTimeoutError, match=f"MPIJob {NS}/{run.name} did not finish within 0.6 s"
+    ):
         client.wait(run.name, timeout=0.6)
     assert time.monotonic() - start < 3
     assert client.status(run.name).phase == c.RUNNING
@@ -99,8 +104,11 @@ def test_watch_410_gone_relists_and_resumes(api, client):
     run = new_run()
     client.submit(run.mpijob, run.config_map)
     assert client.wait(run.name, timeout=5).succeeded
-    lists = [q for m, p, q in api.requests if m == "GET" and p.endswith("/mpijobs")
-             and q.get("watch") != "true"]
+    lists = [
+        q
+        for m, p, q in api.requests
+        if m == "GET" and p.endswith("/mpijobs") and q.get("watch") != "true"
+    ]
     assert len(lists) >= 2  # the first list, and the relist after 410 Gone
     assert len(api.watch_requests()) >= 2
 
@@ -108,7 +116,8 @@ def test_watch_410_gone_relists_and_resumes(api, client):
 def test_deleted_while_waiting(api, client):
     api.script([(0.05, running()), (0.15, lambda a, ns, name: a._delete_for_test(ns, name))])
     api._delete_for_test = lambda ns, name: api.put(  # noqa: SLF001 - a test-only hook
-        "mpijobs", ns, dict(api.objects[("mpijobs", ns, name)]), "DELETED")
+        "mpijobs", ns, dict(api.objects[("mpijobs", ns, name)]), "DELETED"
+    )
     run = new_run()
     client.submit(run.mpijob, run.config_map)
     with pytest.raises(NotFoundError, match=f"MPIJob {NS}/{run.name} was deleted while waiting"):
@@ -118,8 +127,9 @@ def test_deleted_while_waiting(api, client):
 def test_already_exists(api, client):
     run = new_run()
     client.submit(run.mpijob, run.config_map)
-    with pytest.raises(AlreadyExistsError, match=f"mpijobs.kubeflow.org {NS}/{run.name} already "
-                                                 "exists") as info:
+    with pytest.raises(
+        AlreadyExistsError, match=f"mpijobs.kubeflow.org {NS}/{run.name} already exists"
+    ) as info:
         client.submit(run.mpijob, run.config_map)
     assert info.value.exit_code == 3
     assert info.value.__cause__ is not None and info.value.__cause__.status == 409
@@ -139,11 +149,15 @@ def test_logs_of_a_job_without_launcher(api, client):
         client.logs(run.name)
 
 
-@pytest.mark.parametrize(("verb", "resource", "call"), [
-    ("create", "mpijobs", "submit"),
-    ("watch", "mpijobs", "wait"),
-    ("get", "pods/log", "logs"),
-], ids=["create", "watch", "logs"])
+@pytest.mark.parametrize(
+    ("verb", "resource", "call"),
+    [
+        ("create", "mpijobs", "submit"),
+        ("watch", "mpijobs", "wait"),
+        ("get", "pods/log", "logs"),
+    ],
+    ids=["create", "watch", "logs"],
+)
 def test_rbac_denied_is_a_clear_message(api, client, verb, resource, call):
     api.script([(0.0, running("x\n"))])
     run = new_run()
@@ -151,11 +165,15 @@ def test_rbac_denied_is_a_clear_message(api, client, verb, resource, call):
         client.submit(run.mpijob, run.config_map)
         time.sleep(0.1)
     api.forbid(verb, resource)
-    args = {"submit": (run.mpijob, run.config_map), "wait": (run.name, 2.0),
-            "logs": (run.name,)}[call]
-    with pytest.raises(PermissionDeniedError, match=f"permission denied: cannot {verb} .*{NS}"
-                                                    f".*HTTP 403.*grant this identity '{verb}'"
-                                                    ".*cannot .* in the namespace") as info:
+    args = {"submit": (run.mpijob, run.config_map), "wait": (run.name, 2.0), "logs": (run.name,)}[
+        call
+    ]
+    with pytest.raises(
+        PermissionDeniedError,
+        match=f"permission denied: cannot {verb} .*{NS}"
+        f".*HTTP 403.*grant this identity '{verb}'"
+        ".*cannot .* in the namespace",
+    ) as info:
         getattr(client, call)(*args)
     assert info.value.__cause__.status == 403
 

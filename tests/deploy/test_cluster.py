@@ -16,31 +16,47 @@ from deploy.client import MPIJobClient
 
 pytestmark = [
     pytest.mark.cluster,
-    pytest.mark.skipif(not os.environ.get("KUBECONFIG"),
-                       reason="needs a real Kubernetes cluster with the MPI Operator: "
-                              "set KUBECONFIG to run it"),
+    pytest.mark.skipif(
+        not os.environ.get("KUBECONFIG"),
+        reason="needs a real Kubernetes cluster with the MPI Operator: set KUBECONFIG to run it",
+    ),
 ]
 
 
 def test_submit_wait_logs_delete():
     image = os.environ.get("FINETUNE_TEST_IMAGE", "finetune-job-cpu:latest")
     repository, _, tag = image.rpartition(":")
-    values = manifest.load_values([], [
-        f"image.repository={repository}", f"image.tag={tag}", "workers.replicas=1",
-        "workers.shmSize=", "training.synthetic=true", "training.epochs=1",
-        "training.synthetic_images=32", "training.image_size=32", "training.batch_size=8",
-        "training.pretrained=none", "training.metrics_port=0",
-        "training.output=" + os.environ.get("FINETUNE_TEST_OUTPUT",
-                                            "/tmp/finetune-job-cluster-test"),
-        "runPolicy.backoffLimit=0"])
-    client = MPIJobClient(kubeconfig=os.environ["KUBECONFIG"],
-                          namespace=os.environ.get("FINETUNE_TEST_NAMESPACE"))
-    run = manifest.build_run(values, manifest.Release.of(values, name="ft-e2e"),
-                             schedule="cluster-test", namespace=client.namespace)
+    values = manifest.load_values(
+        [],
+        [
+            f"image.repository={repository}",
+            f"image.tag={tag}",
+            "workers.replicas=1",
+            "workers.shmSize=",
+            "training.synthetic=true",
+            "training.epochs=1",
+            "training.synthetic_images=32",
+            "training.image_size=32",
+            "training.batch_size=8",
+            "training.pretrained=none",
+            "training.metrics_port=0",
+            "training.output="
+            + os.environ.get("FINETUNE_TEST_OUTPUT", "/tmp/finetune-job-cluster-test"),
+            "runPolicy.backoffLimit=0",
+        ],
+    )
+    client = MPIJobClient(
+        kubeconfig=os.environ["KUBECONFIG"], namespace=os.environ.get("FINETUNE_TEST_NAMESPACE")
+    )
+    run = manifest.build_run(
+        values,
+        manifest.Release.of(values, name="ft-e2e"),
+        schedule="cluster-test",
+        namespace=client.namespace,
+    )
     client.submit(run.mpijob, run.config_map)
     try:
-        state = client.wait(run.name, timeout=float(os.environ.get("FINETUNE_TEST_TIMEOUT",
-                                                                  "900")))
+        state = client.wait(run.name, timeout=float(os.environ.get("FINETUNE_TEST_TIMEOUT", "900")))
         assert state.succeeded
         assert "epoch" in client.logs(run.name).lower()
         assert [s.name for s in client.list_jobs(f"finetune-job/run={run.name}")] == [run.name]

@@ -16,26 +16,48 @@ def api_exc(status: int, message: str) -> ApiException:
     return e
 
 
-@pytest.mark.parametrize(("status", "kind", "code", "text"), [
-    (404, errors.NotFoundError, 3, "mpijobs.kubeflow.org ml/r1 not found"),
-    (409, errors.AlreadyExistsError, 3, "ml/r1 already exists: server says"),
-    (403, errors.PermissionDeniedError, 3, "permission denied: cannot create mpijobs.kubeflow.org "
-                                           "ml/r1 (HTTP 403); grant this identity 'create'"),
-    (401, errors.PermissionDeniedError, 3, "HTTP 401"),
-    (500, errors.ApiError, 1, "create mpijobs.kubeflow.org ml/r1 failed (HTTP 500): server says"),
-], ids=["404", "409", "403", "401", "500"])
+@pytest.mark.parametrize(
+    ("status", "kind", "code", "text"),
+    [
+        (404, errors.NotFoundError, 3, "mpijobs.kubeflow.org ml/r1 not found"),
+        (409, errors.AlreadyExistsError, 3, "ml/r1 already exists: server says"),
+        (
+            403,
+            errors.PermissionDeniedError,
+            3,
+            "permission denied: cannot create mpijobs.kubeflow.org "
+            "ml/r1 (HTTP 403); grant this identity 'create'",
+        ),
+        (401, errors.PermissionDeniedError, 3, "HTTP 401"),
+        (
+            500,
+            errors.ApiError,
+            1,
+            "create mpijobs.kubeflow.org ml/r1 failed (HTTP 500): server says",
+        ),
+    ],
+    ids=["404", "409", "403", "401", "500"],
+)
 def test_from_api(status, kind, code, text):
-    err = errors.from_api(api_exc(status, "server says"), "create", "mpijobs.kubeflow.org",
-                          "ml", "r1")
+    err = errors.from_api(
+        api_exc(status, "server says"), "create", "mpijobs.kubeflow.org", "ml", "r1"
+    )
     assert isinstance(err, kind)
     assert err.exit_code == code
     assert text in str(err)
 
 
-@pytest.mark.parametrize(("kind", "code"), [
-    (errors.JobFailedError, 1), (errors.GateError, 1), (errors.JobTimeoutError, 2),
-    (errors.BadInputError, 3), (errors.NotFoundError, 3),
-], ids=["failed", "gate", "timeout", "bad-input", "not-found"])
+@pytest.mark.parametrize(
+    ("kind", "code"),
+    [
+        (errors.JobFailedError, 1),
+        (errors.GateError, 1),
+        (errors.JobTimeoutError, 2),
+        (errors.BadInputError, 3),
+        (errors.NotFoundError, 3),
+    ],
+    ids=["failed", "gate", "timeout", "bad-input", "not-found"],
+)
 def test_exit_codes(kind, code):
     assert kind("x").exit_code == code
 

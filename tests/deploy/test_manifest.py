@@ -17,17 +17,23 @@ NOW = dt.datetime(2024, 6, 1, 3, 0, 5, tzinfo=dt.UTC)
 
 
 def values(**training):
-    return manifest.merge(manifest.DEFAULTS, {"training": {
-        "data": "s3://b/ds", "output": "s3://b/flowers", **training}})
+    return manifest.merge(
+        manifest.DEFAULTS,
+        {"training": {"data": "s3://b/ds", "output": "s3://b/flowers", **training}},
+    )
 
 
-@pytest.mark.parametrize(("prefix", "expected_start"), [
-    ("finetune-job", "finetune-job-20240601-030005-"),
-    ("Nightly_Flowers", "nightly-flowers-20240601-030005-"),
-    ("9lives", "r-9lives-20240601-030005-"),
-    ("---", "r-20240601-030005-"),
-    ("a" * 80, "a" * 29 + "-20240601-030005-"),
-], ids=["plain", "cleaned", "digit-start", "nothing-left", "long-prefix-cut"])
+@pytest.mark.parametrize(
+    ("prefix", "expected_start"),
+    [
+        ("finetune-job", "finetune-job-20240601-030005-"),
+        ("Nightly_Flowers", "nightly-flowers-20240601-030005-"),
+        ("9lives", "r-9lives-20240601-030005-"),
+        ("---", "r-20240601-030005-"),
+        ("a" * 80, "a" * 29 + "-20240601-030005-"),
+    ],
+    ids=["plain", "cleaned", "digit-start", "nothing-left", "long-prefix-cut"],
+)
 def test_run_names(prefix, expected_start):
     name = manifest.run_name(prefix, NOW, random.Random(1))
     assert name.startswith(expected_start)
@@ -42,24 +48,32 @@ def test_run_names_differ_within_one_second():
     assert len(names) == 50
 
 
-@pytest.mark.parametrize(("item", "expected"), [
-    ("training.epochs=5", {"training": {"epochs": 5}}),
-    ("training.lr=0.02", {"training": {"lr": 0.02}}),
-    ("training.tta=true", {"training": {"tta": True}}),
-    ("image.tag=v1.2", {"image": {"tag": "v1.2"}}),
-    ("training.data=", {"training": {"data": ""}}),
-], ids=["int", "float", "bool", "string", "empty"])
+@pytest.mark.parametrize(
+    ("item", "expected"),
+    [
+        ("training.epochs=5", {"training": {"epochs": 5}}),
+        ("training.lr=0.02", {"training": {"lr": 0.02}}),
+        ("training.tta=true", {"training": {"tta": True}}),
+        ("image.tag=v1.2", {"image": {"tag": "v1.2"}}),
+        ("training.data=", {"training": {"data": ""}}),
+    ],
+    ids=["int", "float", "bool", "string", "empty"],
+)
 def test_parse_set(item, expected):
     assert manifest.parse_set(item) == expected
 
 
-@pytest.mark.parametrize(("sets", "match"), [
-    (["epochs"], "expected KEY.PATH=VALUE"),
-    (["training..lr=1"], "expected KEY.PATH=VALUE"),
-    (["nope=1"], "unknown values key 'nope'"),
-    (["workers.replica=3"], "unknown values key 'workers.replica'"),
-    (["workers=3"], "values key 'workers' must be a mapping"),
-], ids=["no-equals", "empty-part", "unknown-top", "unknown-nested", "not-a-mapping"])
+@pytest.mark.parametrize(
+    ("sets", "match"),
+    [
+        (["epochs"], "expected KEY.PATH=VALUE"),
+        (["training..lr=1"], "expected KEY.PATH=VALUE"),
+        (["nope=1"], "unknown values key 'nope'"),
+        (["workers.replica=3"], "unknown values key 'workers.replica'"),
+        (["workers=3"], "values key 'workers' must be a mapping"),
+    ],
+    ids=["no-equals", "empty-part", "unknown-top", "unknown-nested", "not-a-mapping"],
+)
 def test_bad_values_fail(sets, match):
     with pytest.raises(BadInputError, match=match):
         manifest.load_values([], sets)
@@ -83,8 +97,14 @@ def test_values_file_errors(tmp_path):
 
 
 def test_launcher_runs_mpirun_over_all_slots():
-    v = manifest.merge(values(), {"workers": {"replicas": 3}, "slotsPerWorker": 4,
-                                  "env": [{"name": "NCCL_DEBUG", "value": "INFO"}]})
+    v = manifest.merge(
+        values(),
+        {
+            "workers": {"replicas": 3},
+            "slotsPerWorker": 4,
+            "env": [{"name": "NCCL_DEBUG", "value": "INFO"}],
+        },
+    )
     cmd = manifest.launcher_command(v)
     assert cmd[:3] == ["mpirun", "-np", "12"]
     assert cmd[-4:] == ["finetune-job", "train", "--config", c.CONFIG_PATH]
@@ -92,12 +112,16 @@ def test_launcher_runs_mpirun_over_all_slots():
     assert "-bind-to none -map-by slot" in " ".join(cmd)
 
 
-@pytest.mark.parametrize(("workers", "slots", "threads"), [
-    ({"ompNumThreads": 3}, 1, 3),
-    ({"resources": {"limits": {"cpu": "8"}}}, 2, 4),
-    ({"resources": {"requests": {"cpu": 6}}}, 4, 1),
-    ({"resources": {"limits": {"cpu": "500m"}}}, 1, 1),
-], ids=["explicit", "limit-split", "request-floor", "millicores"])
+@pytest.mark.parametrize(
+    ("workers", "slots", "threads"),
+    [
+        ({"ompNumThreads": 3}, 1, 3),
+        ({"resources": {"limits": {"cpu": "8"}}}, 2, 4),
+        ({"resources": {"requests": {"cpu": 6}}}, 4, 1),
+        ({"resources": {"limits": {"cpu": "500m"}}}, 1, 1),
+    ],
+    ids=["explicit", "limit-split", "request-floor", "millicores"],
+)
 def test_omp_threads(workers, slots, threads):
     v = manifest.merge(values(), {"workers": workers, "slotsPerWorker": slots})
     assert manifest.omp_num_threads(v) == threads
@@ -111,9 +135,15 @@ def test_gpus_must_match_slots():
 
 def test_run_gets_its_own_name_output_config_and_labels():
     v = values(pretrained="zoo")
-    run = manifest.build_run(v, manifest.Release.of(v, name="ft"), schedule="ft-nightly",
-                             namespace="ml", pretrained="s3://b/flowers/runs/old/model.params",
-                             now=NOW, rng=random.Random(0))
+    run = manifest.build_run(
+        v,
+        manifest.Release.of(v, name="ft"),
+        schedule="ft-nightly",
+        namespace="ml",
+        pretrained="s3://b/flowers/runs/old/model.params",
+        now=NOW,
+        rng=random.Random(0),
+    )
     assert run.output == f"s3://b/flowers/runs/{run.name}"
     meta = run.mpijob["metadata"]
     assert meta["name"] == run.name and meta["namespace"] == "ml"
@@ -133,13 +163,17 @@ def test_run_gets_its_own_name_output_config_and_labels():
     validate_mpijob(run.mpijob)
 
 
-@pytest.mark.parametrize(("training", "match"), [
-    ({"output": ""}, "training.output .* is required"),
-    ({"epochs": "many"}, "values training: config key 'epochs'"),
-    ({"model": "vgg16"}, "config key 'model' must be one of"),
-    ({"no_such_key": 1}, "unknown config key 'no_such_key'"),
-    ({"data": ""}, "config key 'data' is required"),
-], ids=["no-output", "bad-type", "bad-choice", "unknown-key", "no-data"])
+@pytest.mark.parametrize(
+    ("training", "match"),
+    [
+        ({"output": ""}, "training.output .* is required"),
+        ({"epochs": "many"}, "values training: config key 'epochs'"),
+        ({"model": "vgg16"}, "config key 'model' must be one of"),
+        ({"no_such_key": 1}, "unknown config key 'no_such_key'"),
+        ({"data": ""}, "config key 'data' is required"),
+    ],
+    ids=["no-output", "bad-type", "bad-choice", "unknown-key", "no-data"],
+)
 def test_bad_training_values_fail_before_submit(training, match):
     v = values(**training)
     with pytest.raises(BadInputError, match=match):
@@ -154,14 +188,27 @@ def test_schedule_label_default_and_sanitized():
 
 
 def test_release_from_cronjob_values_wins():
-    v = manifest.merge(values(), {"release": {
-        "name": "prod", "fullname": "prod-ft", "serviceAccountName": "prod-sa",
-        "labels": {"app.kubernetes.io/instance": "prod", "app.kubernetes.io/version": "2.0"}}})
+    v = manifest.merge(
+        values(),
+        {
+            "release": {
+                "name": "prod",
+                "fullname": "prod-ft",
+                "serviceAccountName": "prod-sa",
+                "labels": {
+                    "app.kubernetes.io/instance": "prod",
+                    "app.kubernetes.io/version": "2.0",
+                },
+            }
+        },
+    )
     release = manifest.Release.of(v, name="ignored")
     assert (release.name, release.fullname, release.service_account) == (
-        "prod", "prod-ft", "prod-sa")
+        "prod",
+        "prod-ft",
+        "prod-sa",
+    )
     run = manifest.build_run(v, release)
     assert run.name.startswith("prod-ft-")
-    container = run.mpijob["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"][
-        "containers"][0]
+    container = run.mpijob["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
     assert container["image"] == "finetune-job:2.0"

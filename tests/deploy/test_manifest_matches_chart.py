@@ -16,24 +16,35 @@ from deploy import manifest
 RELEASE, NAMESPACE = "ft", "ml"
 BASE = {"training": {"data": "s3://b/ds", "output": "s3://b/flowers"}}
 CASES = [pytest.param(None, id="defaults")] + [
-    pytest.param(path, id=path.name.removesuffix("-values.yaml")) for path in CI_VALUES]
+    pytest.param(path, id=path.name.removesuffix("-values.yaml")) for path in CI_VALUES
+]
 EXTRA = {
-    "slotsPerWorker": 2, "fullnameOverride": "flowers",
-    "workers": {"replicas": 3, "ompNumThreads": 0, "shmSize": "",
-                "resources": {"limits": {"cpu": "8", "nvidia.com/gpu": 2}},
-                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
-                "priorityClassName": "high"},
+    "slotsPerWorker": 2,
+    "fullnameOverride": "flowers",
+    "workers": {
+        "replicas": 3,
+        "ompNumThreads": 0,
+        "shmSize": "",
+        "resources": {"limits": {"cpu": "8", "nvidia.com/gpu": 2}},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
+        "priorityClassName": "high",
+    },
     "launcher": {"nodeSelector": {"pool": "cpu"}},
     "runPolicy": {"activeDeadlineSeconds": 7200, "ttlSecondsAfterFinished": None},
-    "s3": {"endpoint": "http://minio:9000", "region": "eu", "existingSecret": "s3-keys",
-           "webIdentity": True},
+    "s3": {
+        "endpoint": "http://minio:9000",
+        "region": "eu",
+        "existingSecret": "s3-keys",
+        "webIdentity": True,
+    },
     "env": [{"name": "NCCL_DEBUG", "value": "INFO"}],
     "mpirun": {"extraArgs": ["-mca", "btl_tcp_if_include", "eth0"]},
     "cudaCache": {"enabled": True, "volume": {"persistentVolumeClaim": {"claimName": "cc"}}},
     "extraVolumes": [{"name": "data", "emptyDir": {}}],
     "extraVolumeMounts": [{"name": "data", "mountPath": "/data"}],
     "image": {"tag": "1.2.3", "pullSecrets": [{"name": "reg"}]},
-    "podLabels": {"team": "vision"}, "podAnnotations": {"note": "x"},
+    "podLabels": {"team": "vision"},
+    "podAnnotations": {"note": "x"},
     "serviceAccount": {"create": False, "name": "trainer"},
     "training": {"metrics_port": 9100, "lr_steps": [30, 60], "tta": True},
 }
@@ -74,22 +85,26 @@ def test_same_mpijob_with_every_option(helm):
     (cm,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"] == "flowers-training"]
     assert cm["data"][c.CONFIG_KEY] == manifest.config_yaml(values["training"])
     checksum = chart_mpijob["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["metadata"][
-        "annotations"]["checksum/config"]
+        "annotations"
+    ]["checksum/config"]
     assert checksum == hashlib.sha256(cm["data"][c.CONFIG_KEY].rstrip("\n").encode()).hexdigest()
 
 
 def test_cronjob_values_build_a_run_like_the_chart(helm):
     """What the chart's CronJob mounts for `finetune-job submit` gives the chart's MPIJob,
     but for the run's own name, labels, output and ConfigMap."""
-    docs = render(helm, manifest.merge(BASE, {"schedule": "0 3 * * *"}), release=RELEASE,
-                  namespace=NAMESPACE)
+    docs = render(
+        helm, manifest.merge(BASE, {"schedule": "0 3 * * *"}), release=RELEASE, namespace=NAMESPACE
+    )
     (submit_cm,) = [d for d in by_kind(docs, "ConfigMap") if "values.yaml" in d["data"]]
     cronjob = one(docs, "CronJob")
-    command = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0][
-        "command"]
+    command = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"]
     assert command[:2] == ["finetune-job", "submit"] and "--wait" in command
-    values = manifest.load_values([], [], base=manifest.merge(
-        manifest.DEFAULTS, yaml.safe_load(submit_cm["data"]["values.yaml"])))
+    values = manifest.load_values(
+        [],
+        [],
+        base=manifest.merge(manifest.DEFAULTS, yaml.safe_load(submit_cm["data"]["values.yaml"])),
+    )
     release = manifest.Release.of(values)
     run = manifest.build_run(values, release, schedule=cronjob["metadata"]["name"])
     chart_mpijob = one(docs, "MPIJob")

@@ -19,17 +19,29 @@ def write_run(root: Path, run: str, val_top1: float) -> None:
     (out / "summary.json").write_text(json.dumps({"val_top1": val_top1, "epochs": 2}))
 
 
-@pytest.mark.parametrize(("gate", "accuracy", "latest", "passes"), [
-    (retrain.Gate(), 0.1, None, True),
-    (retrain.Gate(min_accuracy=0.9), 0.91, None, True),
-    (retrain.Gate(min_accuracy=0.9), 0.9, None, True),
-    (retrain.Gate(min_accuracy=0.9), 0.89, None, False),
-    (retrain.Gate(not_worse=True), 0.80, 0.85, False),
-    (retrain.Gate(not_worse=True), 0.85, 0.85, True),
-    (retrain.Gate(not_worse=True), 0.80, None, True),
-    (retrain.Gate(min_accuracy=0.5, not_worse=True), 0.6, 0.7, False),
-], ids=["no-gate", "above-min", "at-min", "below-min", "worse-than-latest", "equal-to-latest",
-        "no-latest-yet", "min-ok-but-worse"])
+@pytest.mark.parametrize(
+    ("gate", "accuracy", "latest", "passes"),
+    [
+        (retrain.Gate(), 0.1, None, True),
+        (retrain.Gate(min_accuracy=0.9), 0.91, None, True),
+        (retrain.Gate(min_accuracy=0.9), 0.9, None, True),
+        (retrain.Gate(min_accuracy=0.9), 0.89, None, False),
+        (retrain.Gate(not_worse=True), 0.80, 0.85, False),
+        (retrain.Gate(not_worse=True), 0.85, 0.85, True),
+        (retrain.Gate(not_worse=True), 0.80, None, True),
+        (retrain.Gate(min_accuracy=0.5, not_worse=True), 0.6, 0.7, False),
+    ],
+    ids=[
+        "no-gate",
+        "above-min",
+        "at-min",
+        "below-min",
+        "worse-than-latest",
+        "equal-to-latest",
+        "no-latest-yet",
+        "min-ok-but-worse",
+    ],
+)
 def test_gate(gate, accuracy, latest, passes):
     assert (gate.rejects(accuracy, latest) is None) is passes
 
@@ -50,18 +62,23 @@ def test_a_worse_run_leaves_latest_alone(tmp_path):
     write_run(tmp_path, "r1", 0.8)
     retrain.finish_run(storage, str(tmp_path), "r1", retrain.Gate())
     write_run(tmp_path, "r2", 0.7)
-    with pytest.raises(GateError, match="run r2: val_top1 0.7000 is worse than latest's 0.8000"
-                                        ) as info:
+    with pytest.raises(
+        GateError, match="run r2: val_top1 0.7000 is worse than latest's 0.8000"
+    ) as info:
         retrain.finish_run(storage, str(tmp_path), "r2", retrain.Gate(not_worse=True))
     assert info.value.summary == {"val_top1": 0.7, "epochs": 2}
     assert json.loads((tmp_path / "latest").read_text())["run"] == "r1"
 
 
-@pytest.mark.parametrize(("summary", "match"), [
-    (None, "wrote no summary.json"),
-    ({"val_top1": "high"}, "no numeric 'val_top1'"),
-    ({"loss": 0.1}, "no numeric 'val_top1'"),
-], ids=["missing", "not-a-number", "no-metric"])
+@pytest.mark.parametrize(
+    ("summary", "match"),
+    [
+        (None, "wrote no summary.json"),
+        ({"val_top1": "high"}, "no numeric 'val_top1'"),
+        ({"loss": 0.1}, "no numeric 'val_top1'"),
+    ],
+    ids=["missing", "not-a-number", "no-metric"],
+)
 def test_bad_summaries_fail_the_gate(tmp_path, summary, match):
     (tmp_path / "runs" / "r1").mkdir(parents=True)
     if summary is not None:
@@ -71,11 +88,15 @@ def test_bad_summaries_fail_the_gate(tmp_path, summary, match):
     assert not (tmp_path / "latest").exists()
 
 
-@pytest.mark.parametrize(("uri", "if_missing", "expected"), [
-    ("s3://b/model.params", None, "s3://b/model.params"),
-    ("zoo", None, "zoo"),
-    ("{root}/latest", "zoo", "zoo"),
-], ids=["plain-uri", "zoo", "missing-latest-falls-back"])
+@pytest.mark.parametrize(
+    ("uri", "if_missing", "expected"),
+    [
+        ("s3://b/model.params", None, "s3://b/model.params"),
+        ("zoo", None, "zoo"),
+        ("{root}/latest", "zoo", "zoo"),
+    ],
+    ids=["plain-uri", "zoo", "missing-latest-falls-back"],
+)
 def test_resolve_pretrained_passthrough(tmp_path, uri, if_missing, expected):
     uri = uri.format(root=tmp_path)
     assert retrain.resolve_pretrained(uri, Storage(), if_missing=if_missing) == expected

@@ -1,0 +1,108 @@
+import hashlib
+import json
+import os
+
+import cv2
+import numpy as np
+import pytest
+from mxnet import recordio
+
+from job.errors import InputError
+from job.prepare import prepare
+from job.records import RecordStream
+from job.storage import Storage
+
+
+def records(path):
+    with open(path, "rb") as fh:
+        return [recordio.unpack(r.payload) for r in RecordStream(path, fh)]
+
+
+def test_round_trip_records_labels_manifest_and_checksums(shape_images, tiny_dataset):
+    manifest = json.load(open(os.path.join(tiny_dataset, "manifest.json")))
+    assert manifest["classes"] == ["circle", "cross", "triangle"]
+    total = 0
+    for split in ("train", "val"):
+        info = manifest["splits"][split]
+        assert info["count"] == sum(s["count"] for s in info["shards"])
+        for shard in info["shards"]:
+            path = os.path.join(tiny_dataset, shard["rec"])
+            assert hashlib.sha256(open(path, "rb").read()).hexdigest() == shard["sha256"]
+            assert os.path.exists(os.path.join(tiny_dataset, shard["idx"]))
+            recs = records(path)
+            assert len(recs) == shard["count"] <= 25
+            for header, jpeg in recs:
+                img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+                assert min(img.shape[:2]) == 36  # shorter side resized, nothing cropped
+                assert 0 <= int(header.label) < 3
+        total += info["count"]
+    assert total == 120
+    assert manifest["splits"]["val"]["count"] == 24  # 20 % of each class
+
+
+def test_labels_match_the_class_folders(tmp_path):
+    src = tmp_path / "src"
+    colours = {"blue": (255, 0, 0), "green": (0, 255, 0), "red": (0, 0, 255)}
+    for name, bgr in colours.items():
+        (src / name).mkdir(parents=True)
+        for i in range(4):
+            cv2.imwrite(str(src / name / f"{i}.png"), np.full((30, 50, 3), bgr, np.uint8))
+    prepare(str(src), str(tmp_path / "ds"), Storage(), resize=20, val_fraction=0.25, workers=1)
+    manifest = json.load(open(tmp_path / "ds" / "manifest.json"))
+    for header, jpeg in records(str(tmp_path / "ds" / "train" / "part-00000.rec")):
+        img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+        assert img.shape[:2] == (20, 33)  # 30x50 → shorter side 20, aspect kept
+        name = manifest["classes"][int(header.label)]
+        np.testing.assert_allclose(img.mean(axis=(0, 1)), colours[name], atol=3)
+
+
+def test_split_is_deterministic_for_a_seed(shape_images, tmp_path):
+    a = prepare(shape_images, str(tmp_path / "a"), Storage(), resize=24, seed=3, workers=2)
+    b = prepare(shape_images, str(tmp_path / "b"), Storage(), resize=24, seed=3, workers=2)
+    c = prepare(shape_images, str(tmp_path / "c"), Storage(), resize=24, seed=4, workers=2)
+    sums = [[s["sha256"] for s in m["splits"]["val"]["shards"]] for m in (a, b, c)]
+    assert sums[0] == sums[1] != sums[2]
+
+
+def test_small_images_are_enlarged(tmp_path):
+    src = tmp_path / "src"
+    for name in ("a", "b"):
+        (src / name).mkdir(parents=True)
+        cv2.imwrite(str(src / name / "x.jpg"), np.zeros((10, 16, 3), np.uint8))
+    prepare(str(src), str(tmp_path / "ds"), Storage(), resize=64, val_fraction=0)
+    (_, jpeg), _ = records(str(tmp_path / "ds" / "train" / "part-00000.rec"))
+    assert cv2.imdecode(np.frombuffer(jpeg, np.uint8), 1).shape[:2] == (64, 102)
+
+
+def test_unreadable_image_is_skipped_and_named(tmp_path, caplog):
+    src = tmp_path / "src"
+    for name in ("a", "b"):
+        (src / name).mkdir(parents=True)
+        cv2.imwrite(str(src / name / "ok.jpg"), np.zeros((20, 20, 3), np.uint8))
+    (src / "a" / "broken.jpg").write_bytes(b"definitely not a jpeg")
+    manifest = prepare(str(src), str(tmp_path / "ds"), Storage(), resize=16, val_fraction=0)
+    assert manifest["splits"]["train"]["count"] == 2
+    assert manifest["skipped_files"] == [str(src / "a" / "broken.jpg")]
+    assert "broken.jpg" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        ({}, "needs at least 2 class folders"),
+        ({"a": 1, "b": 0}, r"class folder .*b has no images"),
+    ],
+    ids=["empty", "empty-class"],
+)
+def test_bad_source_folders_are_named(tmp_path, layout, message):
+    for name, n in layout.items():
+        (tmp_path / name).mkdir()
+        for i in range(n):
+            cv2.imwrite(str(tmp_path / name / f"{i}.jpg"), np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(InputError, match=message):
+        prepare(str(tmp_path), str(tmp_path / "out"), Storage())
+
+
+def test_missing_source_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match="is not a folder"):
+        prepare(str(tmp_path / "nope"), str(tmp_path / "out"), Storage())
