@@ -48,7 +48,9 @@ def load_source(cfg: Config, ctx: mx.Context, storage: Storage) -> gluon.HybridB
         return None
     if cfg.pretrained == "zoo":
         return _from_zoo(cfg.model, ctx)
-    return load_params_file(cfg.model, cfg.pretrained, ctx, storage)
+    from deploy.retrain import resolve_pretrained  # <root>/latest of scheduled retraining
+
+    return load_params_file(cfg.model, resolve_pretrained(cfg.pretrained, storage), ctx, storage)
 
 
 def _from_zoo(name: str, ctx: mx.Context) -> gluon.HybridBlock:

@@ -98,3 +98,14 @@ def test_every_zoo_resnet_builds_with_a_new_head(tmp_path, name):
         Config(data="d", output="o", model=name, pretrained=path), 6, mx.cpu(), Storage()
     )
     assert net(mx.nd.zeros((1, 3, 32, 32))).shape == (1, 6)
+
+
+def test_latest_pointer_of_a_retraining_root_resolves_to_its_model(tmp_path):
+    path, source = source_file(tmp_path)
+    (tmp_path / "latest").write_text('{"run": "r1", "model": "%s", "val_top1": 0.9}' % path)
+    net = build(tmp_path, pretrained=str(tmp_path / "latest"))
+    np.testing.assert_array_equal(
+        net.features[1].weight.data().asnumpy(), source.features[1].weight.data().asnumpy()
+    )
+    with pytest.raises(InputError, match="no run has passed the gate yet"):
+        build(tmp_path, pretrained=str(tmp_path / "other" / "latest"))
