@@ -1,3 +1,5 @@
+import json
+
 import mxnet as mx
 import numpy as np
 import pytest
@@ -102,7 +104,8 @@ def test_every_zoo_resnet_builds_with_a_new_head(tmp_path, name):
 
 def test_latest_pointer_of_a_retraining_root_resolves_to_its_model(tmp_path):
     path, source = source_file(tmp_path)
-    (tmp_path / "latest").write_text('{"run": "r1", "model": "%s", "val_top1": 0.9}' % path)
+    pointer = {"run": "r1", "model": path, "val_top1": 0.9}
+    (tmp_path / "latest").write_text(json.dumps(pointer))
     net = build(tmp_path, pretrained=str(tmp_path / "latest"))
     np.testing.assert_array_equal(
         net.features[1].weight.data().asnumpy(), source.features[1].weight.data().asnumpy()
