@@ -85,6 +85,7 @@ DEFAULTS: dict[str, Any] = {
         "affinity": {},
         "priorityClassName": "",
     },
+    "terminationGracePeriodSeconds": 120,
     "training": {
         "data": "",
         "output": "",
@@ -408,6 +409,7 @@ def pod_template(
     spec: dict[str, Any] = {
         "serviceAccountName": release.service_account,
         "automountServiceAccountToken": False,
+        "terminationGracePeriodSeconds": int(v["terminationGracePeriodSeconds"]),
     }
     if v["image"].get("pullSecrets"):
         spec["imagePullSecrets"] = copy.deepcopy(v["image"]["pullSecrets"])

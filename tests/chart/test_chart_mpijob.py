@@ -313,3 +313,16 @@ def test_launcher_helper_returns_command_and_config(helm):
     command, text = launcher_command_and_config(render(helm, values(training={"epochs": 2})))
     assert command[0] == "mpirun"
     assert yaml.safe_load(text)["epochs"] == 2
+
+
+@pytest.mark.parametrize("grace", [None, 300], ids=["default", "set"])
+def test_pods_get_the_grace_period_that_covers_a_sigterm_checkpoint(helm, grace):
+    extra = {} if grace is None else {"terminationGracePeriodSeconds": grace}
+    mpijob = one(render(helm, values(**extra)), "MPIJob")
+    for role in ("Launcher", "Worker"):
+        assert replica_pod(mpijob, role)["spec"]["terminationGracePeriodSeconds"] == (grace or 120)
+
+
+def test_grace_period_below_one_second_is_rejected(helm):
+    with pytest.raises(HelmError, match="terminationGracePeriodSeconds"):
+        render(helm, values(terminationGracePeriodSeconds=0))

@@ -93,7 +93,7 @@ def test_watch_that_the_server_closes_is_resumed_from_the_last_version(api, clie
     client.submit(run.mpijob, run.config_map)
     assert client.wait(run.name, timeout=5).succeeded
     watches = api.watch_requests()
-    assert len(watches) >= 3
+    assert len(watches) >= 2  # at least one watch expired and was resumed
     versions = [int(w["resourceVersion"]) for w in watches]
     assert versions == sorted(versions) and all(w["resourceVersion"] for w in watches)
 

@@ -36,6 +36,7 @@ metadata:
 spec:
   serviceAccountName: {{ include "finetune-job.serviceAccountName" $ }}
   automountServiceAccountToken: false
+  terminationGracePeriodSeconds: {{ $v.terminationGracePeriodSeconds | int64 }}
   {{- with $v.image.pullSecrets }}
   imagePullSecrets:
     {{- toYaml . | nindent 4 }}
