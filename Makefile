@@ -20,7 +20,15 @@ export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 export OMPI_MCA_mpi_yield_when_idle := 1
 
-.PHONY: help install install-test apt demo test test-fast lint clean
+IMAGE       ?= finetune-job
+VERSION     := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+FLAVOUR     ?= gpu
+CPU_BASE    ?= debian:bookworm-slim
+CPU_BUILDER ?= debian:bookworm
+CPU_ARGS    := --build-arg BASE_IMAGE=$(CPU_BASE) --build-arg BUILDER_IMAGE=$(CPU_BUILDER) \
+               --build-arg MXNET_PACKAGE=mxnet==1.9.1 --build-arg HOROVOD_GPU_OPERATIONS=
+
+.PHONY: help install apt demo test test-fast lint image image-test clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -70,6 +78,14 @@ lint: install  ## ruff and mypy
 	$(BIN)/ruff check job deploy tests benchmarks
 	$(BIN)/ruff format --check job deploy tests benchmarks
 	$(BIN)/mypy job deploy
+
+image:  ## build the image with podman: FLAVOUR=gpu (default) or cpu; IMAGE_BUILD_ARGS=... for more
+	@command -v podman >/dev/null || $(MAKE) --no-print-directory apt EXTRA_APT="podman buildah runc uidmap fuse-overlayfs"
+	podman build --format docker --layers -t $(IMAGE):$(VERSION)-$(FLAVOUR) --build-arg VERSION=$(VERSION) \
+	  $(if $(filter cpu,$(FLAVOUR)),$(CPU_ARGS)) $(IMAGE_BUILD_ARGS) .
+
+image-test: install  ## lint the Dockerfile; build the CPU image on a debootstrapped base and train in it
+	$(BIN)/python -m pytest tests/image -v
 
 clean:  ## remove the venv and build output (the Horovod wheel cache stays)
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

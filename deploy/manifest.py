@@ -73,7 +73,7 @@ DEFAULTS: dict[str, Any] = {
         "resources": {},
         "ompNumThreads": 0,
         "shmSize": "1Gi",
-        "command": ["/usr/sbin/sshd", "-De", "-f", "/home/mpiuser/.sshd_config"],
+        "command": ["/usr/bin/tini", "--", "/usr/local/bin/finetune-job-entrypoint", "worker"],
         "readinessProbe": {
             "tcpSocket": {"port": 2222},
             "initialDelaySeconds": 2,

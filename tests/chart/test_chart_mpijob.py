@@ -205,7 +205,7 @@ def test_defaults_wait_for_workers_and_run_as_the_non_root_user(helm):
         assert container["securityContext"]["allowPrivilegeEscalation"] is False
         assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
     worker = replica_container(mpijob, "Worker")
-    assert worker["command"][0] == "/usr/sbin/sshd"
+    assert worker["command"][-2:] == ["/usr/local/bin/finetune-job-entrypoint", "worker"]
     assert worker["readinessProbe"]["tcpSocket"]["port"] == 2222
 
 
