@@ -124,8 +124,8 @@ def draw(
     angle = rng.uniform(0, 2 * np.pi)
     rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
     pts = (shape(rng) @ rot.T) * radius + centre
-    colour = colour or tuple(int(c) for c in rng.integers(130, 256, 3))
-    cv2.fillPoly(img, [np.round(pts).astype(np.int32)], colour, lineType=cv2.LINE_AA)
+    fill = colour or tuple(int(c) for c in rng.integers(130, 256, 3))
+    cv2.fillPoly(img, [np.round(pts).astype(np.int32)], fill, lineType=cv2.LINE_AA)
     return img
 
 

@@ -22,6 +22,7 @@ import os
 import random
 import tempfile
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -112,6 +113,7 @@ def prepare(
         raise InputError("prepare: --resize must be >= 16, --shard-size >= 1, --quality 1..100")
     classes, items = list_images(src)
     splits = split(items, val_fraction, seed)
+    storage.check_bucket(dest)  # fail now, not after encoding the first shard
     manifest: dict = {
         "version": 1,
         "classes": classes,
@@ -152,46 +154,58 @@ def prepare(
 def _write_split(
     name: str, items: list[Item], encoded, dest: str, storage: Storage, tmp: str, shard_size: int
 ) -> tuple[list[dict], list[str]]:
-    from mxnet import recordio
-
-    shards: list[dict] = []
+    """Pack one split's encoded images into shards; returns (shards, skipped files)."""
+    writer = _ShardWriter(name, dest, storage, tmp)
     skipped: list[str] = []
-    writer = None
-    rec_path = idx_path = ""
-
-    def finish() -> None:
-        writer.close()
-        shard = f"{name}/part-{len(shards):05d}"
-        shards.append(
-            {
-                "rec": shard + ".rec",
-                "idx": shard + ".idx",
-                "count": count,
-                "bytes": os.path.getsize(rec_path),
-                "sha256": sha256_file(rec_path),
-            }
-        )
-        storage.upload(rec_path, st.join(dest, shard + ".rec"))
-        storage.upload(idx_path, st.join(dest, shard + ".idx"))
-
-    count = 0
     for item, jpeg in zip(items, encoded, strict=True):
         if jpeg is None:
             skipped.append(item.path)
             continue
-        if writer is None:
-            rec_path, idx_path = os.path.join(tmp, "part.rec"), os.path.join(tmp, "part.idx")
-            writer = recordio.MXIndexedRecordIO(idx_path, rec_path, "w")
-            count = 0
-        header = recordio.IRHeader(0, float(item.label), count, 0)
-        writer.write_idx(count, recordio.pack(header, jpeg))
-        count += 1
-        if count == shard_size:
-            finish()
-            writer = None
-    if writer is not None:
-        finish()
-    return shards, skipped
+        writer.add(item.label, jpeg)
+        if writer.count == shard_size:
+            writer.finish()
+    writer.finish()
+    return writer.shards, skipped
+
+
+class _ShardWriter:
+    """Writes records into a local ``.rec``/``.idx`` pair; ``finish`` uploads it as the next
+    shard of the split and starts a new one."""
+
+    def __init__(self, split: str, dest: str, storage: Storage, tmp: str) -> None:
+        self.split, self.dest, self.storage = split, dest, storage
+        self.rec, self.idx = os.path.join(tmp, "part.rec"), os.path.join(tmp, "part.idx")
+        self.shards: list[dict] = []
+        self.count = 0
+        self._writer: Any = None
+
+    def add(self, label: int, jpeg: bytes) -> None:
+        from mxnet import recordio
+
+        if self._writer is None:
+            self._writer = recordio.MXIndexedRecordIO(self.idx, self.rec, "w")
+            self.count = 0
+        header = recordio.IRHeader(0, float(label), self.count, 0)
+        self._writer.write_idx(self.count, recordio.pack(header, jpeg))
+        self.count += 1
+
+    def finish(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._writer = None
+        shard = f"{self.split}/part-{len(self.shards):05d}"
+        self.shards.append(
+            {
+                "rec": shard + ".rec",
+                "idx": shard + ".idx",
+                "count": self.count,
+                "bytes": os.path.getsize(self.rec),
+                "sha256": sha256_file(self.rec),
+            }
+        )
+        self.storage.upload(self.rec, st.join(self.dest, shard + ".rec"))
+        self.storage.upload(self.idx, st.join(self.dest, shard + ".idx"))
 
 
 def sha256_file(path: str) -> str:
@@ -212,7 +226,7 @@ def verify_dataset(root: str, manifest: dict, storage: Storage) -> None:
             digest, count = hashlib.sha256(), 0
             with storage.open_read(uri) as fh:
                 stream = _Hashing(fh, digest)
-                count = sum(1 for _ in RecordStream(uri, stream))  # type: ignore[arg-type]
+                count = sum(1 for _ in RecordStream(uri, stream))  # type: ignore[arg-type,misc]
             if digest.hexdigest() != shard["sha256"] or count != shard["count"]:
                 raise InputError(
                     f"prepare --verify: {uri}: sha256 or record count does not match "
