@@ -105,8 +105,51 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_s3_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--s3-endpoint-url", default="", help="S3 endpoint (MinIO, Ceph, ...)")
+    """The S3 keys of `train`'s Config, for the commands that take no config file."""
+    defaults = config_mod.FIELDS
+    parser.add_argument(
+        "--s3-endpoint-url", default="", help="S3 endpoint (MinIO, Ceph, ...); or AWS_ENDPOINT_URL"
+    )
     parser.add_argument("--s3-region", default="", help="S3 region")
+    parser.add_argument(
+        "--s3-max-attempts",
+        type=int,
+        default=defaults["s3_max_attempts"].default,
+        help="attempts per S3 request",
+    )
+    parser.add_argument(
+        "--s3-retry-mode",
+        default=defaults["s3_retry_mode"].default,
+        choices=("standard", "adaptive", "legacy"),
+        help="botocore retry mode",
+    )
+    parser.add_argument(
+        "--s3-connect-timeout",
+        type=float,
+        default=defaults["s3_connect_timeout"].default,
+        help="seconds to connect to S3",
+    )
+    parser.add_argument(
+        "--s3-read-timeout",
+        type=float,
+        default=defaults["s3_read_timeout"].default,
+        help="seconds without bytes before an S3 read fails",
+    )
+
+
+def _s3_storage(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from job.storage import S3Settings, Storage
+
+    return Storage(
+        S3Settings(
+            endpoint_url=args.s3_endpoint_url,
+            region=args.s3_region,
+            max_attempts=args.s3_max_attempts,
+            retry_mode=args.s3_retry_mode,
+            connect_timeout=args.s3_connect_timeout,
+            read_timeout=args.s3_read_timeout,
+        )
+    )
 
 
 def _register_deploy(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -128,9 +171,8 @@ def _train(args: argparse.Namespace) -> int:
 
 def _prepare(args: argparse.Namespace) -> int:
     from job import prepare
-    from job.storage import S3Settings, Storage
 
-    storage = Storage(S3Settings(endpoint_url=args.s3_endpoint_url, region=args.s3_region))
+    storage = _s3_storage(args)
     prepare.prepare(
         args.src,
         args.dest,
@@ -149,9 +191,8 @@ def _prepare(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     _set_thread_defaults(0)
     from job import evaluate
-    from job.storage import S3Settings, Storage
 
-    storage = Storage(S3Settings(endpoint_url=args.s3_endpoint_url, region=args.s3_region))
+    storage = _s3_storage(args)
     result = evaluate.evaluate_export(
         args.data, args.model, storage, split=args.split, tta=args.tta, batch_size=args.batch_size
     )
@@ -179,6 +220,7 @@ def _set_thread_defaults(threads: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    logging.getLogger("botocore").setLevel(logging.WARNING)  # not its credential chatter
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
     )

@@ -13,6 +13,7 @@ reports it once per shard, and resynchronises on the next magic it finds.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,9 +42,11 @@ class Record:
 class RecordStream:
     """Yields the records of ``stream`` from byte ``start`` on.
 
-    ``on_corrupt`` is called for every skipped region; ``reopen(offset)`` (optional) gives a
-    fresh stream positioned at ``offset`` after a read error, so a dropped connection costs
-    one ranged request, never a record.
+    ``on_corrupt`` is called for every skipped region; ``reopen(offset, error)`` (optional)
+    gives a fresh stream positioned at ``offset`` after a read raised one of ``retry_on``, so
+    a dropped connection costs one ranged request, never a record. The stream is always
+    reopened at the first byte not yet read, so the bytes read (``on_bytes``) are exactly the
+    shard's bytes in order: a checksum over them needs no second read.
     """
 
     def __init__(
@@ -54,6 +57,8 @@ class RecordStream:
         end: int | None = None,
         on_corrupt: Callable[[Corruption], None] | None = None,
         reopen: Callable[[int, Exception], IO[bytes]] | None = None,
+        retry_on: tuple[type[BaseException], ...] = (OSError,),
+        on_bytes: Callable[[bytes], None] | None = None,
     ) -> None:
         self.name = name
         self._stream = stream
@@ -63,6 +68,8 @@ class RecordStream:
         self._eof = False
         self._on_corrupt = on_corrupt or (lambda c: None)
         self._reopen = reopen
+        self._retry_on = retry_on
+        self._on_bytes = on_bytes
 
     def __iter__(self) -> Iterator[Record]:
         while True:
@@ -88,24 +95,24 @@ class RecordStream:
                 chunk = self._stream.read(
                     max(limit, need - len(self._buf)) if self._end is None else limit
                 )
-            except Exception as e:  # a dropped connection: resume from the last whole frame
+            except self._retry_on as e:  # a dropped connection: resume after the last byte read
                 if self._reopen is None:
                     raise
                 self._resume(e)
                 continue
             if not chunk:
                 self._eof = True
+            elif self._on_bytes is not None:
+                self._on_bytes(chunk)
             self._buf += chunk
         return len(self._buf) >= need
 
-    def _resume(self, error: Exception) -> None:
+    def _resume(self, error: BaseException) -> None:
         assert self._reopen is not None
-        try:
+        with contextlib.suppress(*self._retry_on):  # the old stream is broken anyway
             self._stream.close()
-        except Exception:  # noqa: BLE001 - the old stream is broken anyway
-            pass
         offset = self._buf_offset + len(self._buf)
-        self._stream = self._reopen(offset, error)
+        self._stream = self._reopen(offset, error)  # type: ignore[arg-type]
 
     def _consume(self, n: int) -> None:
         del self._buf[:n]

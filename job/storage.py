@@ -23,14 +23,54 @@ class StorageError(JobError):
     """A storage operation failed; the message names the URI."""
 
 
+class StreamError(StorageError):
+    """A streamed read broke off (dropped connection, read timeout, short body).
+
+    The bytes read before it are good; the reader may resume with a ranged request.
+    """
+
+
 @dataclass(frozen=True)
 class S3Settings:
+    """How to reach S3. Empty ``endpoint_url``/``region``: boto3 decides (AWS_ENDPOINT_URL,
+    AWS_REGION / AWS_DEFAULT_REGION, ~/.aws/config), as every AWS tool does."""
+
     endpoint_url: str = ""
     region: str = ""
-    max_attempts: int = 5
-    retry_mode: str = "standard"
+    max_attempts: int = 5  # botocore attempts per request, the first one included
+    retry_mode: str = "standard"  # standard | adaptive | legacy
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
+    # Uploads at least this large go in parts of multipart_chunksize, max_concurrency at once.
+    multipart_threshold: int = 64 << 20
+    multipart_chunksize: int = 16 << 20
+    max_concurrency: int = 8
+
+
+def stream_errors() -> tuple[type[BaseException], ...]:
+    """What a streamed S3 body raises when the connection drops mid-read."""
+    from http.client import IncompleteRead, RemoteDisconnected
+
+    from botocore.exceptions import (
+        ConnectionClosedError,
+        IncompleteReadError,
+        ReadTimeoutError,
+        ResponseStreamingError,
+    )
+    from urllib3.exceptions import ProtocolError
+    from urllib3.exceptions import ReadTimeoutError as Urllib3ReadTimeoutError
+
+    return (
+        ReadTimeoutError,
+        ResponseStreamingError,
+        IncompleteReadError,
+        ConnectionClosedError,
+        ProtocolError,
+        Urllib3ReadTimeoutError,
+        IncompleteRead,
+        RemoteDisconnected,
+        OSError,  # ConnectionResetError, TimeoutError, BrokenPipeError, ...
+    )
 
 
 def is_s3(uri: str) -> bool:
@@ -64,7 +104,7 @@ class Storage:
 
             s = self.s3_settings
             config = BotoConfig(
-                retries={"max_attempts": s.max_attempts, "mode": s.retry_mode},
+                retries={"total_max_attempts": s.max_attempts, "mode": s.retry_mode},
                 connect_timeout=s.connect_timeout,
                 read_timeout=s.read_timeout,
                 max_pool_connections=32,
@@ -79,14 +119,25 @@ class Storage:
 
     @contextlib.contextmanager
     def _errors(self, uri: str, action: str) -> Iterator[None]:
-        from botocore.exceptions import BotoCoreError, ClientError
+        """botocore failures → one StorageError line naming the URI and what went wrong."""
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            EndpointConnectionError,
+            NoCredentialsError,
+        )
 
         try:
             yield
         except ClientError as e:
-            err = e.response.get("Error", {})
-            detail = f"{err.get('Code', '?')} {err.get('Message', '')}".strip()
-            raise StorageError(f"{uri}: {action} failed: {detail}") from e
+            raise StorageError(f"{uri}: {action} failed: {_client_error(e, uri)}") from e
+        except NoCredentialsError as e:
+            raise StorageError(
+                f"{uri}: {action} failed: no AWS credentials found (set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or a web identity token)"
+            ) from e
+        except EndpointConnectionError as e:
+            raise StorageError(f"{uri}: {action} failed: S3 endpoint unreachable: {e}") from e
         except BotoCoreError as e:
             raise StorageError(f"{uri}: {action} failed: {e}") from e
 
@@ -104,6 +155,15 @@ class Storage:
                     return False
                 raise
         return True
+
+    def check_bucket(self, uri: str) -> None:
+        """Raise a StorageError naming ``uri`` unless its bucket exists and can be reached
+        (a HEAD of a missing key cannot tell a missing bucket from a missing object)."""
+        if not is_s3(uri):
+            return
+        bucket, _ = split_s3(uri)
+        with self._errors(uri, "HEAD bucket"):
+            self.client.head_bucket(Bucket=bucket)
 
     def size(self, uri: str) -> int:
         if not is_s3(uri):
@@ -126,14 +186,28 @@ class Storage:
         if start or end is not None:
             extra["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
         with self._errors(uri, "GET"):
-            return self.client.get_object(Bucket=bucket, Key=key, **extra)["Body"]  # type: ignore[no-any-return]
+            body = self.client.get_object(Bucket=bucket, Key=key, **extra)["Body"]
+        return _S3Stream(uri, body, start)  # type: ignore[return-value]
+
+    def read_range(self, uri: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of ``uri`` (one ranged GET on S3)."""
+        with self.open_read(uri, start, end) as fh:
+            return fh.read()
 
     def read_bytes(self, uri: str) -> bytes:
-        with self.open_read(uri) as fh:
-            if is_s3(uri):
-                with self._errors(uri, "GET"):
-                    return fh.read()
-            return fh.read()
+        """The whole object; a stream that breaks off is resumed where it stopped."""
+        data = bytearray()
+        failures = 0
+        while True:
+            try:
+                with self.open_read(uri, len(data)) as fh:
+                    for chunk in iter(lambda: fh.read(1 << 20), b""):  # noqa: B023
+                        data += chunk
+                return bytes(data)
+            except StreamError:
+                failures += 1
+                if failures >= self.s3_settings.max_attempts:
+                    raise
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         if is_s3(uri):
@@ -151,15 +225,16 @@ class Storage:
             from boto3.s3.transfer import TransferConfig
 
             bucket, key = split_s3(uri)
+            s = self.s3_settings
             with self._errors(uri, "upload"):
                 self.client.upload_file(
                     local_path,
                     bucket,
                     key,
                     Config=TransferConfig(
-                        multipart_threshold=64 << 20,
-                        multipart_chunksize=16 << 20,
-                        max_concurrency=8,
+                        multipart_threshold=s.multipart_threshold,
+                        multipart_chunksize=s.multipart_chunksize,
+                        max_concurrency=s.max_concurrency,
                     ),
                 )
             return
@@ -239,6 +314,44 @@ class Storage:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
+
+
+def _client_error(e: Any, uri: str) -> str:
+    err = e.response.get("Error", {})
+    code = str(err.get("Code", "?"))
+    if code in ("NoSuchBucket",) or (code == "404" and e.operation_name == "HeadBucket"):
+        return f"bucket '{split_s3(uri)[0]}' does not exist"
+    if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+        return f"access denied ({code}): check the credentials and the bucket policy"
+    return f"{code} {err.get('Message', '')}".strip()
+
+
+class _S3Stream:
+    """An S3 GET body whose read errors become :class:`StreamError` naming URI and offset."""
+
+    def __init__(self, uri: str, body: Any, start: int) -> None:
+        self._uri, self._body, self._pos = uri, body, start
+        self._errors = stream_errors()
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            data: bytes = self._body.read(None if n < 0 else n)
+        except self._errors as e:
+            raise StreamError(
+                f"{self._uri}: read broke off at byte {self._pos}: {type(e).__name__}: {e}"
+            ) from e
+        self._pos += len(data)
+        return data
+
+    def close(self) -> None:
+        with contextlib.suppress(*self._errors):  # closing a broken connection may fail too
+            self._body.close()
+
+    def __enter__(self) -> _S3Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class _Limited:

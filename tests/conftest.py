@@ -54,3 +54,79 @@ def tiny_dataset(shape_images: str, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(autouse=True)
 def _quiet_werkzeug() -> None:
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
+
+
+S3_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",  # no credential lookups on a link-local address
+}
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 endpoint over HTTP: moto's server on 127.0.0.1 (a free port), with test
+    credentials in this process's environment (the standard AWS chain reads them)."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    with pytest.MonkeyPatch.context() as mp:
+        for var, value in S3_TEST_ENV.items():
+            mp.setenv(var, value)
+        mp.delenv("AWS_ENDPOINT_URL", raising=False)
+        mp.delenv("AWS_PROFILE", raising=False)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        try:
+            yield f"http://{host}:{port}"
+        finally:
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_client(s3_server):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+
+
+@pytest.fixture
+def s3_bucket(s3_client, request) -> str:
+    """A new, empty bucket for one test, as ``s3://name``."""
+    import re
+
+    name = (
+        re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-")
+        + "-"
+        + str(len(s3_client.list_buckets()["Buckets"]))
+    )
+    s3_client.create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def s3_env(s3_server) -> dict[str, str]:
+    """What a subprocess needs to reach the test S3 server through the standard variables."""
+    return dict(S3_TEST_ENV, AWS_ENDPOINT_URL=s3_server)
+
+
+def upload_tree(local_root: str, uri: str, storage) -> None:
+    """Copy a prepared dataset folder to ``uri``, manifest last."""
+    files = sorted(
+        os.path.relpath(os.path.join(d, f), local_root)
+        for d, _, fs in os.walk(local_root)
+        for f in fs
+    )
+    for rel in sorted(files, key=lambda r: r == "manifest.json"):
+        storage.upload(os.path.join(local_root, rel), f"{uri}/{rel}")
+
+
+@pytest.fixture
+def s3_upload(s3_server):
+    """``s3_upload(local_dataset, s3_uri)`` copies a prepared dataset into S3."""
+    from job.storage import S3Settings, Storage
+
+    storage = Storage(S3Settings(endpoint_url=s3_server))
+    return lambda local_root, uri: upload_tree(local_root, uri, storage)
