@@ -1,16 +1,19 @@
 """Prometheus metrics of one worker, in an explicit registry.
 
 Every worker serves ``/metrics`` on ``metrics_port + local_rank``; at the end each pushes
-its registry to the Pushgateway (when configured) with a last-success timestamp or a
-failure marker, for jobs that finish between scrapes. Names follow Prometheus practice:
-prefix ``finetune_``, base units, ``_total`` counters, ratios 0–1; labels are only
-``rank``, ``split`` and ``phase``. Throughput is ``rate(finetune_images_total[1m])``.
+its registry to the Pushgateway (when configured) under the grouping key
+``job="finetune-job", rank="<rank>"``, with a last-success timestamp or a failure marker,
+for jobs that finish between scrapes.
+
+Names follow Prometheus practice: prefix ``finetune_``, base units (``_seconds``,
+``_bytes``), ``_total`` counters, ratios 0–1. Every series carries ``rank``; the only other
+labels are ``split`` (accuracy) and ``phase`` (step phases). Throughput is
+``rate(finetune_images_total[1m])``, not a gauge.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,108 +21,147 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from job.errors import InputError
+
 log = logging.getLogger(__name__)
 
-# A training step takes from ~10 ms (small model, GPU) to tens of seconds (big model, CPU).
-STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120)
+# A training step takes from ~1 ms (data wait, small model on GPU) to a minute (big model,
+# CPU); web-latency buckets (5 ms–10 s) would lump every CPU step into the top bucket.
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 CHECKPOINT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 PHASES = ("data", "compute", "allreduce")
+SPLITS = ("train", "val", "val_tta")
+PUSH_JOB = "finetune-job"
 
 
 class DataStatsCollector(Collector):
     """Exposes the input pipeline's counts (kept as plain ints by the data threads)."""
 
+    COUNTERS = (
+        ("finetune_read_bytes", "bytes_read", "Bytes of records read from storage (S3 or local)."),
+        ("finetune_read_retries", "read_retries", "Reads resumed after a dropped stream."),
+        ("finetune_read_errors", "read_errors", "Reads that failed after all retries."),
+        ("finetune_corrupt_records", "corrupt_records", "Corrupt records skipped, not trained."),
+        (
+            "finetune_checksum_mismatches",
+            "checksum_mismatches",
+            "Shards whose sha256 differs from the manifest.",
+        ),
+    )
+
     def __init__(self, stats: Any, rank: str) -> None:
         self.stats, self.rank = stats, rank
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        for name, attr, doc in (
-            (
-                "finetune_read_bytes",
-                "bytes_read",
-                "Bytes of records read from storage (S3 or local).",
-            ),
-            ("finetune_read_retries", "read_retries", "Reads resumed after a dropped stream."),
-            ("finetune_read_errors", "read_errors", "Reads that failed after all retries."),
-            ("finetune_corrupt_records", "corrupt_records", "Corrupt records skipped."),
-        ):
+        for name, attr, doc in self.COUNTERS:
             family = CounterMetricFamily(name, doc, labels=["rank"])
             family.add_metric([self.rank], getattr(self.stats, attr))
             yield family
 
 
 class Metrics:
+    """The metrics of one worker; ``rank`` labels every series."""
+
     def __init__(self, rank: int, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self.rank = str(rank)
-        r, labels = self.registry, ["rank"]
-        self.info = Info("finetune_build", "Static facts of the run.", registry=r)
-        self.images = Counter("finetune_images", "Training images processed.", labels, registry=r)
-        self.steps = Counter("finetune_steps", "Optimizer steps taken.", labels, registry=r)
-        self.epoch = Gauge("finetune_epoch", "Epoch in progress (0-based).", labels, registry=r)
+        r, rank_ = self.registry, ["rank"]
+        # A child, so `.info({...})` sets the facts of this rank.
+        self.info = Info(
+            "finetune_build",
+            "Static facts of the run: model, workers, batch_size (per worker), version.",
+            rank_,
+            registry=r,
+        ).labels(self.rank)
+        self.images = Counter("finetune_images", "Training images processed.", rank_, registry=r)
+        self.steps = Counter("finetune_steps", "Optimizer steps taken.", rank_, registry=r)
+        self.epoch = Gauge("finetune_epoch", "Epoch in progress (0-based).", rank_, registry=r)
         self.loss = Gauge(
             "finetune_train_loss",
-            "Training loss over the last log interval, averaged over ranks.",
-            labels,
+            "Training loss over the last log interval, averaged over ranks (NaN: diverged).",
+            rank_,
             registry=r,
         )
         self.accuracy = Gauge(
             "finetune_accuracy",
-            "Top-1 accuracy (0-1); split is train, val or val_tta.",
+            "Top-1 accuracy as a ratio 0-1; split: train (last log interval), val "
+            "(center crop, last epoch) or val_tta (five-crop average).",
             ["rank", "split"],
             registry=r,
         )
         self.lr = Gauge(
             "finetune_learning_rate",
-            "Current learning rate (scaled by workers).",
-            labels,
+            "Learning rate of the last step (scaled by workers, after warmup and decay).",
+            rank_,
             registry=r,
         )
         self.step_seconds = Histogram(
             "finetune_step_seconds",
-            "Wall time of one training step.",
-            labels,
+            "Wall time of one training step (the sum of its phases).",
+            rank_,
             buckets=STEP_BUCKETS,
             registry=r,
         )
         self.phase_seconds = Histogram(
             "finetune_step_phase_seconds",
-            "Time of one step spent per phase: data (waiting for "
-            "the batch), compute (forward+backward), allreduce (allreduce+update).",
+            "Time of one step spent per phase: data (waiting for the batch), compute "
+            "(forward+backward), allreduce (gradient allreduce and optimizer update).",
             ["rank", "phase"],
             buckets=STEP_BUCKETS,
             registry=r,
         )
         self.checkpoint_seconds = Histogram(
             "finetune_checkpoint_seconds",
-            "Time to write a checkpoint.",
+            "Time to write a checkpoint (rank 0 only).",
+            rank_,
             buckets=CHECKPOINT_BUCKETS,
             registry=r,
         )
         self.last_checkpoint = Gauge(
             "finetune_last_checkpoint_timestamp_seconds",
-            "Unix time of the last checkpoint written.",
+            "Unix time of the last checkpoint written (rank 0 only).",
+            rank_,
             registry=r,
         )
-        self.gpu_memory = Gauge(
-            "finetune_gpu_memory_bytes", "GPU memory in use by this worker.", labels, registry=r
+        self.gpu_memory_used = Gauge(
+            "finetune_gpu_memory_used_bytes",
+            "Memory in use on this worker's GPU (only when training on a GPU).",
+            rank_,
+            registry=r,
+        )
+        self.gpu_memory_capacity = Gauge(
+            "finetune_gpu_memory_capacity_bytes",
+            "Memory of this worker's GPU (only when training on a GPU).",
+            rank_,
+            registry=r,
         )
         self.last_success = Gauge(
             "finetune_last_success_timestamp_seconds",
-            "Unix time the job last finished successfully.",
+            "Unix time the run finished successfully (set in the final push only).",
+            rank_,
             registry=r,
         )
-        self.failed = Gauge("finetune_failed", "1 when the job ended in failure.", registry=r)
+        self.failed = Gauge(
+            "finetune_failed",
+            "1 when the run ended in failure, 0 when it succeeded (set in the final push only).",
+            rank_,
+            registry=r,
+        )
         self._server: Any = None
 
     def watch_data(self, stats: Any) -> None:
         self.registry.register(DataStatsCollector(stats, self.rank))
 
     def serve(self, address: str, port: int) -> int:
-        """Start ``/metrics``; returns the bound port (``port`` 0 is not asked for here)."""
+        """Start ``/metrics`` on a daemon thread; returns the bound port."""
         from prometheus_client import start_http_server
 
-        self._server, _ = start_http_server(port, addr=address, registry=self.registry)
+        try:
+            self._server, _ = start_http_server(port, addr=address, registry=self.registry)
+        except OSError as e:
+            raise InputError(
+                f"metrics_port: cannot serve /metrics on {address}:{port}: {e.strerror or e}"
+            ) from e
         return int(self._server.server_port)
 
     def close(self) -> None:
@@ -128,6 +170,7 @@ class Metrics:
             self._server.server_close()
             self._server = None
 
+    # Feeding, from the training loop.
     def step(self, images: int, data_s: float, compute_s: float, allreduce_s: float) -> None:
         self.images.labels(self.rank).inc(images)
         self.steps.labels(self.rank).inc()
@@ -136,23 +179,36 @@ class Metrics:
             self.phase_seconds.labels(self.rank, phase).observe(seconds)
 
     def set_accuracy(self, split: str, value: float) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"accuracy split {split!r} is not one of {SPLITS}")
         self.accuracy.labels(self.rank, split).set(value)
 
     def checkpointed(self, seconds: float) -> None:
-        self.checkpoint_seconds.observe(seconds)
-        self.last_checkpoint.set(time.time())
+        self.checkpoint_seconds.labels(self.rank).observe(seconds)
+        self.last_checkpoint.labels(self.rank).set_to_current_time()
 
-    def push(self, url: str, success: bool) -> None:
-        """Push this worker's registry to a Pushgateway; a failed push is only logged."""
+    def observe_gpu_memory(self, ctx: Any) -> None:
+        """GPU memory of ``ctx`` (an ``mx.Context``); nothing on a CPU."""
+        if ctx.device_type != "gpu":
+            return
+        import mxnet as mx
+
+        free, total = mx.context.gpu_memory_info(ctx.device_id)
+        self.gpu_memory_used.labels(self.rank).set(total - free)
+        self.gpu_memory_capacity.labels(self.rank).set(total)
+
+    def push(self, url: str, success: bool, job: str = PUSH_JOB) -> None:
+        """Replace this rank's group on a Pushgateway with the final metrics and an outcome
+        marker; a failed push is only logged (the run's outcome must not depend on it)."""
         from prometheus_client import push_to_gateway
 
         if success:
-            self.last_success.set(time.time())
-        self.failed.set(0 if success else 1)
+            self.last_success.labels(self.rank).set_to_current_time()
+        self.failed.labels(self.rank).set(0 if success else 1)
         try:
             push_to_gateway(
                 url,
-                job="finetune-job",
+                job=job,
                 grouping_key={"rank": self.rank},
                 registry=self.registry,
                 timeout=10,

@@ -1,11 +1,19 @@
-"""Rank 0's progress output: a progress bar on a terminal, otherwise one line per log
-interval (``text``: key=value pairs with units; ``json``: one object per line)."""
+"""Rank 0's progress output, one update per log interval.
+
+- ``text`` on a terminal: a progress bar redrawn in place (``\r``), a line per epoch.
+- ``text`` otherwise (a pipe, a pod's log): one line per interval with units, e.g.
+  ``12:00:01 epoch 1/5 step 20/120 loss 1.2345 train_top1 0.412 412.3 img/s lr 0.02
+  data-wait 3%``.
+- ``json``: one object per line (``event`` is ``step`` or ``epoch``), on a terminal too.
+"""
 
 from __future__ import annotations
 
 import json
 import time
 from typing import IO, Any
+
+BAR_WIDTH = 30
 
 
 class ProgressLog:
@@ -29,11 +37,12 @@ class ProgressLog:
         if not self.enabled:
             return
         if self.bar:
-            done = int(30 * batch / steps)
+            done = int(BAR_WIDTH * batch / steps)
             self.stream.write(
-                f"\repoch {epoch}/{epochs} [{'#' * done}{'.' * (30 - done)}] "
+                f"\repoch {epoch}/{epochs} [{'#' * done}{'.' * (BAR_WIDTH - done)}] "
                 f"{batch}/{steps} loss {loss:.4f} acc {acc:.3f} "
-                f"{images_per_second:.1f} img/s"
+                f"{images_per_second:.1f} img/s lr {lr:.4g} data-wait {100 * data_share:.0f}%"
+                "\x1b[K"  # clear what a longer previous line left
             )
             self.stream.flush()
             return
