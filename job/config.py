@@ -80,6 +80,7 @@ class Config:
     )
     metrics_address: str = _opt("0.0.0.0", "address the metrics server binds")
     pushgateway: str = _opt("", "Pushgateway URL that receives the final metrics")
+    pushgateway_job: str = _opt("finetune-job", "job label of the pushed group (one per run)")
     # S3 (credentials come from the standard AWS chain, never from here).
     s3_endpoint_url: str = _opt(
         "", "S3 endpoint (MinIO, Ceph, ...); empty: AWS or AWS_ENDPOINT_URL"

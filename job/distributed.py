@@ -76,4 +76,4 @@ def allgather_object(value: Any, name: str) -> list[Any]:
 def barrier() -> None:
     import horovod.mxnet as hvd
 
-    hvd.allreduce(mx.nd.zeros(1), name="barrier")  # Horovod: wait for every rank
+    hvd.allreduce(mx.nd.zeros(1), name="barrier").wait_to_read()  # Horovod: wait for all ranks

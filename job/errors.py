@@ -21,3 +21,9 @@ class DataError(JobError):
 
 class DivergedError(JobError):
     """The loss became NaN or infinite."""
+
+
+class PreemptedError(JobError):
+    """SIGTERM arrived: the exact step was checkpointed; a restart resumes from it."""
+
+    exit_code = 143  # 128 + SIGTERM, as a terminated process reports it

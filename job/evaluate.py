@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterable
+from typing import Any
 
 import mxnet as mx
 from mxnet import gluon
 
 from job import storage as st
-from job.data import DataStats, Loader, LoaderSettings, load_dataset
+from job.data import Batch, DataStats, Loader, LoaderSettings, load_dataset, to_ndarray
 from job.errors import InputError
 from job.storage import Storage, StorageError
 
@@ -33,6 +35,24 @@ def load_export(
     except StorageError as e:
         raise InputError(f"--model {model_dir}: not a finished training run ({e})") from e
     return net, summary
+
+
+def count_correct(
+    net: Any, batches: Iterable[Batch], ctx: mx.Context
+) -> tuple[float, float, float]:
+    """Top-1 hits of the center crops, of the five-crop mean softmax (when the batches carry
+    five crops), and the number of images."""
+    correct = correct_tta = count = 0.0
+    for batch in batches:
+        n, label = batch.valid, batch.label[: batch.valid]
+        out = net(to_ndarray(batch.data, ctx)).asnumpy()[:n]
+        correct += float((out.argmax(1) == label).sum())
+        if batch.five is not None:
+            five = to_ndarray(batch.five.reshape(-1, *batch.five.shape[2:]), ctx)
+            prob = mx.nd.softmax(net(five)).asnumpy().reshape(len(batch.label), 5, -1)
+            correct_tta += float((prob[:n].mean(axis=1).argmax(1) == label).sum())
+        count += n
+    return correct, correct_tta, count
 
 
 def evaluate_export(
@@ -59,20 +79,11 @@ def evaluate_export(
         workers=os.cpu_count() or 1,
     )
     loader = Loader(dataset, split, settings, 0, 1, storage, DataStats(), train=False)
-    correct = correct_tta = count = 0
     try:
-        for batch in loader.epoch(0):
-            n, label = batch.valid, batch.label[: batch.valid]
-            out = net(mx.nd.array(batch.data, ctx=ctx)).asnumpy()[:n]
-            correct += int((out.argmax(1) == label).sum())
-            if batch.five is not None:
-                five = mx.nd.array(batch.five.reshape(-1, *batch.five.shape[2:]), ctx=ctx)
-                prob = mx.nd.softmax(net(five)).asnumpy().reshape(len(batch.label), 5, -1)
-                correct_tta += int((prob[:n].mean(axis=1).argmax(1) == label).sum())
-            count += n
+        correct, correct_tta, count = count_correct(net, loader.epoch(0), ctx)
     finally:
         loader.close()
-    result: dict[str, float | int] = {"split_images": count, "top1": correct / count}
+    result: dict[str, float | int] = {"split_images": int(count), "top1": correct / count}
     if tta:
         result["top1_tta"] = correct_tta / count
     return result

@@ -10,8 +10,11 @@ import json
 import logging
 import math
 import os
+import resource
+import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -25,9 +28,10 @@ from job import storage as st
 from job.augment import Jitter
 from job.checkpoint import Checkpointer, Progress
 from job.config import Config
-from job.data import DataStats, Loader, LoaderSettings, SyntheticLoader, load_dataset
+from job.data import DataStats, Loader, LoaderSettings, SyntheticLoader, load_dataset, to_ndarray
 from job.distributed import Dist
-from job.errors import DivergedError
+from job.errors import DivergedError, PreemptedError
+from job.evaluate import count_correct
 from job.metrics import Metrics
 from job.progress import ProgressLog
 from job.storage import S3Settings, Storage
@@ -88,7 +92,7 @@ class Window:
 class Run:
     """One training run: the pieces built once in ``run()`` and the loop over them."""
 
-    def __init__(self, cfg: Config, dist: Dist) -> None:
+    def __init__(self, cfg: Config, dist: Dist, metrics: Metrics, stop: threading.Event) -> None:
         self.cfg, self.dist = cfg, dist
         self.ctx = dist.context()
         mx.random.seed(cfg.seed)  # the new head's (and a scratch model's) initial weights
@@ -103,7 +107,7 @@ class Run:
             )
         )
         self.stats = DataStats()
-        self.metrics = Metrics(dist.rank)
+        self.metrics = metrics
         self.metrics.watch_data(self.stats)
         self.checkpointer = Checkpointer(self.storage, cfg.output, cfg.keep_checkpoints)
         self._build_data()
@@ -121,6 +125,7 @@ class Run:
         # running stats in backward, which only happens when the input asks for a gradient.
         self.input_grad = cfg.model.endswith("_v2") and not cfg.freeze_features
         self.progress = Progress()
+        self.stop_requested = stop  # set by SIGTERM; acted on at a step boundary
         self.log = ProgressLog(enabled=dist.is_primary, fmt=cfg.log_format, stream=sys.stderr)
 
     def _build_data(self) -> None:
@@ -135,6 +140,7 @@ class Run:
             shuffle_buffer=cfg.shuffle_buffer,
             workers=workers,
             tta=cfg.tta,
+            strict_data=cfg.strict_data,
         )
         self.val: Loader | None = None
         if cfg.synthetic:
@@ -179,7 +185,16 @@ class Run:
         cfg, p = self.cfg, self.progress
         while p.epoch < cfg.epochs:
             self.metrics.epoch.labels(self.metrics.rank).set(p.epoch)
-            epoch_window, seconds = self.train_epoch(p.epoch, p.batch)
+            epoch_window, seconds, stopped = self.train_epoch(p.epoch, p.batch)
+            if stopped:
+                self.sync_running_stats()
+                self.checkpoint()
+                distributed.barrier()  # no rank shuts Horovod down before the checkpoint is out
+                raise PreemptedError(
+                    f"stopped by SIGTERM at epoch {p.epoch + 1}, step {p.step} ({p.batch} of "
+                    f"{self.train.steps_per_epoch} batches of the epoch done); that step is "
+                    f"checkpointed in {self.checkpointer.root} and a restart resumes from it"
+                )
             loss, acc, images = epoch_window.reduce("epoch_train")
             self.sync_running_stats()
             record: dict[str, Any] = {
@@ -197,7 +212,8 @@ class Run:
             self.log.epoch(record, cfg.epochs)
             self.checkpoint()
 
-    def train_epoch(self, epoch: int, skip: int) -> tuple[Window, float]:
+    def train_epoch(self, epoch: int, skip: int) -> tuple[Window, float, bool]:
+        """Train the rest of ``epoch``; the flag says it stopped early on SIGTERM."""
         cfg, p = self.cfg, self.progress
         self._epoch_started = time.perf_counter()
         steps = self.train.steps_per_epoch
@@ -216,13 +232,22 @@ class Run:
             if p.batch % cfg.log_interval == 0 or p.batch == steps:
                 self.report(window, epoch, steps, lr)
                 window = Window()
+            if p.batch < steps and self.stop_agreed():
+                return epoch_window, time.perf_counter() - started, True
             tick = time.perf_counter()
-        return epoch_window, time.perf_counter() - started
+        return epoch_window, time.perf_counter() - started, False
+
+    def stop_agreed(self) -> bool:
+        """True on every rank, at the same step, once any rank got SIGTERM."""
+        flag = float(self.stop_requested.is_set())
+        if self.dist.size > 1:
+            flag = distributed.allreduce_sum([flag], "stop")[0]
+        return flag > 0
 
     def step(self, batch: Any) -> tuple[Any, Any, float, float]:
         """One optimizer step; returns loss sum, correct count and the phase seconds."""
         start = time.perf_counter()
-        data = mx.nd.array(batch.data, ctx=self.ctx)
+        data = to_ndarray(batch.data, self.ctx)  # shares the batch's memory on the CPU
         label = mx.nd.array(batch.label, ctx=self.ctx)
         if self.cfg.freeze_features:  # frozen features run as a fixed extractor
             features = self.net.features(data)
@@ -245,13 +270,14 @@ class Run:
 
     def report(self, window: Window, epoch: int, steps: int, lr: float) -> None:
         loss, acc, images = window.reduce("window")
+        self.metrics.loss.labels(self.metrics.rank).set(loss)  # NaN too: the alert's signal
+        self.metrics.observe_gpu_memory(self.ctx)
         if not math.isfinite(loss):
             latest = self.checkpointer.latest() or "none"
             raise DivergedError(
                 f"training loss is {loss} at epoch {epoch + 1} step "
                 f"{self.progress.step}; stopped. Last good checkpoint: {latest}"
             )
-        self.metrics.loss.labels(self.metrics.rank).set(loss)
         self.metrics.set_accuracy("train", acc)
         self.metrics.lr.labels(self.metrics.rank).set(lr)
         self.log.step(
@@ -277,18 +303,7 @@ class Run:
         """Validation top-1 (center crop; and five-crop TTA when asked), over all ranks."""
         if self.val is None:
             return {}
-        correct = correct_tta = count = 0.0
-        for batch in self.val.epoch(0):
-            n = batch.valid
-            label = batch.label[:n]
-            out = self.net(mx.nd.array(batch.data, ctx=self.ctx)).asnumpy()[:n]
-            correct += float((out.argmax(1) == label).sum())
-            if batch.five is not None:
-                five = mx.nd.array(batch.five.reshape(-1, *batch.five.shape[2:]), ctx=self.ctx)
-                prob = mx.nd.softmax(self.net(five)).asnumpy()
-                prob = prob.reshape(len(batch.label), 5, -1)[:n].mean(axis=1)
-                correct_tta += float((prob.argmax(1) == label).sum())
-            count += n
+        correct, correct_tta, count = count_correct(self.net, self.val.epoch(0), self.ctx)
         correct, correct_tta, count = distributed.allreduce_sum(
             [correct, correct_tta, count], "eval"
         )
@@ -307,9 +322,15 @@ class Run:
         self.metrics.checkpointed(time.perf_counter() - started)
         log.info("checkpoint %s (%.1f s)", folder, time.perf_counter() - started)
 
+    def close(self) -> None:
+        self.train.close()
+        if self.val is not None:
+            self.val.close()
+
     def finish(self, wall_seconds: float) -> dict[str, Any] | None:
         """Summary on every rank's behalf; rank 0 exports the model and writes it."""
         digests = distributed.allgather_object(params_digest(self.net), "params_digest")
+        peak_rss = distributed.allgather_object(peak_rss_bytes(), "peak_rss")
         corrupt = distributed.allreduce_sum([self.stats.corrupt_records], "corrupt")[0]
         if not self.dist.is_primary:
             return None
@@ -330,6 +351,7 @@ class Run:
             "wall_seconds": round(wall_seconds, 2),
             "corrupt_records": int(corrupt),
             "params_sha256_per_rank": digests,
+            "peak_rss_bytes_per_rank": peak_rss,
             "history": history,
             "config": cfg.to_dict(),
             "version": __version__,
@@ -361,6 +383,10 @@ def params_digest(net: gluon.Block) -> str:
     return digest.hexdigest()
 
 
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 def _mean(values: list[float]) -> float | None:
     return round(float(np.mean(values)), 2) if values else None
 
@@ -370,13 +396,17 @@ def run(cfg: Config) -> dict[str, Any] | None:
     dist = distributed.init()
     if not dist.is_primary:
         logging.getLogger().setLevel(logging.WARNING)
-    run_ = Run(cfg, dist)
-    success = False
+    metrics = Metrics(dist.rank)
+    # Kubernetes sends SIGTERM before it kills a pod: finish the step, checkpoint, exit.
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    run_: Run | None = None
+    outcome = "failed"
     try:
         if cfg.metrics_port:
-            port = run_.metrics.serve(cfg.metrics_address, cfg.metrics_port + dist.local_rank)
+            port = metrics.serve(cfg.metrics_address, cfg.metrics_port + dist.local_rank)
             log.info("metrics on http://%s:%d/metrics", cfg.metrics_address, port)
-        run_.metrics.info.info(
+        metrics.info.info(
             {
                 "model": cfg.model,
                 "workers": str(dist.size),
@@ -384,6 +414,7 @@ def run(cfg: Config) -> dict[str, Any] | None:
                 "version": __version__,
             }
         )
+        run_ = Run(cfg, dist, metrics, stop)
         if dist.is_primary:
             log.info("config %s", json.dumps(cfg.to_dict(), sort_keys=True))
             log.info(
@@ -401,12 +432,15 @@ def run(cfg: Config) -> dict[str, Any] | None:
         run_.resume()
         run_.fit()
         summary = run_.finish(time.perf_counter() - started)
-        success = True
+        outcome = "succeeded"
         return summary
+    except PreemptedError:
+        outcome = "preempted"  # not an end: the restarted job pushes when it ends
+        raise
     finally:
-        if cfg.pushgateway:
-            run_.metrics.push(cfg.pushgateway, success)
-        run_.metrics.close()
-        run_.train.close()
-        if run_.val is not None:
-            run_.val.close()
+        signal.signal(signal.SIGTERM, previous)
+        if cfg.pushgateway and outcome != "preempted":
+            metrics.push(cfg.pushgateway, outcome == "succeeded", job=cfg.pushgateway_job)
+        metrics.close()
+        if run_ is not None:
+            run_.close()

@@ -1,0 +1,174 @@
+"""Pre-emption under a real `mpirun -np 2`: SIGTERM checkpoints the exact step, SIGKILL loses
+at most the current epoch, and a restart of the same command finishes the job."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import mxnet as mx
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+EPOCHS, STEPS = 4, 6  # tiny_dataset: 96 training images, 2 workers × batch 8
+MPIRUN = [
+    "mpirun",
+    "-np",
+    "2",
+    "-H",
+    "localhost:2",
+    "-bind-to",
+    "none",
+    "-map-by",
+    "slot",
+    "-x",
+    "LD_LIBRARY_PATH",
+    "-x",
+    "PATH",
+    "-mca",
+    "pml",
+    "ob1",
+    "-mca",
+    "btl",
+    "^openib",
+]
+
+
+def command(data, out):
+    return [
+        *MPIRUN,
+        "finetune-job",
+        "train",
+        "--data",
+        data,
+        "--output",
+        out,
+        "--pretrained",
+        "none",
+        "--head-lr-mult",
+        "1",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--epochs",
+        str(EPOCHS),
+        "--lr",
+        "0.002",
+        "--metrics-port",
+        "0",
+        "--log-interval",
+        "1",
+        "--brightness",
+        "0",
+        "--contrast",
+        "0",
+        "--saturation",
+        "0",
+        "--hue",
+        "0",
+    ]
+
+
+def run(cmd, env):
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def interrupt(cmd, env, log_path, when, action):
+    """Start ``cmd``; once its log shows ``when``, call ``action(mpirun)``; wait for the end."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while when not in open(log_path).read():
+        assert proc.poll() is None, open(log_path).read()[-3000:]
+        assert time.monotonic() < deadline, "the run never reached " + when
+        time.sleep(0.05)
+    action(proc)
+    proc.wait(timeout=120)
+    return proc.returncode, open(log_path).read()
+
+
+def latest_progress(out):
+    pointer = json.load(open(os.path.join(out, "checkpoints", "latest")))
+    folder = os.path.join(out, "checkpoints", pointer["checkpoint"])
+    return folder, json.load(open(os.path.join(folder, "state.json")))["progress"]
+
+
+def weights(out):
+    return {k: v.asnumpy() for k, v in mx.nd.load(os.path.join(out, "model.params")).items()}
+
+
+def assert_same_training(a, b):
+    for key in a:
+        if "running_" in key:  # per-rank BatchNorm statistics are averaged at other moments
+            np.testing.assert_allclose(a[key], b[key], rtol=0.05, atol=0.05, err_msg=key)
+        else:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_dataset, launch_env, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("uninterrupted"))
+    run(command(tiny_dataset, out), launch_env)
+    return out
+
+
+def test_sigterm_checkpoints_the_exact_step_and_a_restart_resumes_there(
+    tiny_dataset, launch_env, uninterrupted, tmp_path
+):
+    out = str(tmp_path / "out")
+    cmd = command(tiny_dataset, out)
+    # Kubernetes' SIGTERM reaches mpirun (the launcher's process); it forwards it to the ranks.
+    code, log = interrupt(
+        cmd,
+        launch_env,
+        tmp_path / "log",
+        f"epoch 2/{EPOCHS} step 2/",
+        lambda proc: proc.send_signal(signal.SIGTERM),
+    )
+    assert code != 0
+    folder, progress = latest_progress(out)
+    epoch, batch, step = progress["epoch"], progress["batch"], progress["step"]
+    assert f"stopped by SIGTERM at epoch {epoch + 1}, step {step}" in log
+    assert 1 <= batch < STEPS and step == epoch * STEPS + batch  # mid-epoch, exact step
+    assert [h["epoch"] for h in progress["history"]] == list(range(1, epoch + 1))
+
+    resumed = run(cmd, launch_env)
+    assert f"resumed from {folder}: epoch {epoch + 1}, step {step}" in resumed.stderr
+    after = resumed.stderr.split("resumed from")[1]
+    assert after.split(f"epoch {epoch + 1}/{EPOCHS} step ")[1].startswith(f"{batch + 1}/")
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert [h["epoch"] for h in summary["history"]] == list(range(1, EPOCHS + 1))
+    assert_same_training(weights(uninterrupted), weights(out))
+
+
+def test_sigkill_of_one_worker_fails_the_run_and_a_restart_finishes_it(
+    tiny_dataset, launch_env, uninterrupted, tmp_path
+):
+    out = str(tmp_path / "out")
+    cmd = command(tiny_dataset, out)
+
+    def kill_one_rank(proc):
+        ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+        os.kill(int(ranks.stdout.split()[-1]), signal.SIGKILL)
+
+    code, _ = interrupt(
+        cmd, launch_env, tmp_path / "log", f"epoch 2/{EPOCHS} step 3/", kill_one_rank
+    )
+    assert code != 0
+    folder, progress = latest_progress(out)
+    assert progress["batch"] == 0 and 1 <= progress["epoch"] < EPOCHS  # the last whole epoch
+
+    resumed = run(cmd, launch_env)
+    epoch = progress["epoch"]
+    assert f"resumed from {folder}: epoch {epoch + 1}, step {epoch * STEPS}" in resumed.stderr
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert [h["epoch"] for h in summary["history"]] == list(range(1, EPOCHS + 1))
+    reference = json.load(open(os.path.join(uninterrupted, "summary.json")))
+    assert abs(summary["val_top1"] - reference["val_top1"]) <= 0.15
+    assert_same_training(weights(uninterrupted), weights(out))
