@@ -50,13 +50,15 @@ def decode(buf: bytes, reduce: int = 1) -> np.ndarray | None:
     return img if img is not None and img.ndim == 3 else None
 
 
-def resize_shorter(img: np.ndarray, size: int) -> np.ndarray:
+def resize_shorter(img: np.ndarray, size: int, enlarge: int = cv2.INTER_LINEAR) -> np.ndarray:
+    """Scale so the shorter side is ``size`` (aspect kept): area averaging to shrink,
+    ``enlarge`` interpolation to grow (prepare uses cubic; on-the-fly, linear is cheaper)."""
     h, w = img.shape[:2]
     if min(h, w) == size:
         return img
     scale = size / min(h, w)
     shape = (max(size, round(w * scale)), max(size, round(h * scale)))
-    return cv2.resize(img, shape, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    return cv2.resize(img, shape, interpolation=cv2.INTER_AREA if scale < 1 else enlarge)
 
 
 def random_crop_box(h: int, w: int, size: int, rng: np.random.Generator) -> tuple[int, int]:

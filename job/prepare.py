@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import cv2
-import numpy as np
 
 from job import storage as st
+from job.augment import resize_shorter
 from job.errors import InputError
 from job.storage import Storage
 
@@ -77,22 +77,16 @@ def split(items: list[Item], val_fraction: float, seed: int) -> dict[str, list[I
     return out
 
 
-def resize_shorter(img: np.ndarray, size: int) -> np.ndarray:
-    h, w = img.shape[:2]
-    if min(h, w) == size:
-        return img
-    scale = size / min(h, w)
-    new = (max(size, round(w * scale)), max(size, round(h * scale)))
-    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
-    return cv2.resize(img, new, interpolation=interp)
-
-
 def encode(job: tuple[str, int, int]) -> bytes | None:
     path, resize, quality = job
     img = cv2.imread(path, cv2.IMREAD_COLOR)
     if img is None:
         return None
-    ok, buf = cv2.imencode(".jpg", resize_shorter(img, resize), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    ok, buf = cv2.imencode(
+        ".jpg",
+        resize_shorter(img, resize, enlarge=cv2.INTER_CUBIC),
+        [cv2.IMWRITE_JPEG_QUALITY, quality],
+    )
     return buf.tobytes() if ok else None
 
 

@@ -12,6 +12,19 @@ VENV_BIN = os.path.dirname(sys.executable)
 
 
 @pytest.fixture(scope="session")
+def launchers() -> dict[str, list[str]]:
+    """2-process launch lines: the MPI Operator's mpirun line (RECIPES.md) with this machine as
+    both hosts, and horovodrun."""
+    return {
+        "mpirun": (
+            "mpirun -np 2 -H localhost:2 -bind-to none -map-by slot -x LD_LIBRARY_PATH -x PATH "
+            "-mca pml ob1 -mca btl ^openib"
+        ).split(),
+        "horovodrun": "horovodrun -np 2 -H localhost:2".split(),
+    }
+
+
+@pytest.fixture(scope="session")
 def launch_env() -> dict[str, str]:
     """Environment for `finetune-job`, `horovodrun` and `mpirun` subprocesses."""
     env = dict(os.environ)

@@ -26,29 +26,6 @@ COMMON = [
     "4",
     "--tta",
 ]
-# The MPI Operator's launcher line (RECIPES.md), with this machine as both hosts.
-MPIRUN = [
-    "mpirun",
-    "-np",
-    "2",
-    "-H",
-    "localhost:2",
-    "-bind-to",
-    "none",
-    "-map-by",
-    "slot",
-    "-x",
-    "LD_LIBRARY_PATH",
-    "-x",
-    "PATH",
-    "-mca",
-    "pml",
-    "ob1",
-    "-mca",
-    "btl",
-    "^openib",
-]
-HOROVODRUN = ["horovodrun", "-np", "2", "-H", "localhost:2"]
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +48,13 @@ def source_model(tiny_dataset, tmp_path_factory):
     return os.path.join(out, "model.params")
 
 
-@pytest.mark.parametrize("launcher", [HOROVODRUN, MPIRUN], ids=["horovodrun", "mpirun"])
+@pytest.mark.parametrize("launcher", ["horovodrun", "mpirun"])
 def test_two_workers_fine_tune_to_far_above_chance(
-    launcher, tiny_dataset, source_model, launch_env, tmp_path
+    launcher, launchers, tiny_dataset, source_model, launch_env, tmp_path
 ):
     out = str(tmp_path / "out")
     cmd = [
-        *launcher,
+        *launchers[launcher],
         "finetune-job",
         "train",
         "--data",

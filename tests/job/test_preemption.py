@@ -14,62 +14,25 @@ import pytest
 pytestmark = pytest.mark.slow
 
 EPOCHS, STEPS = 4, 6  # tiny_dataset: 96 training images, 2 workers × batch 8
-MPIRUN = [
-    "mpirun",
-    "-np",
-    "2",
-    "-H",
-    "localhost:2",
-    "-bind-to",
-    "none",
-    "-map-by",
-    "slot",
-    "-x",
-    "LD_LIBRARY_PATH",
-    "-x",
-    "PATH",
-    "-mca",
-    "pml",
-    "ob1",
-    "-mca",
-    "btl",
-    "^openib",
-]
 
 
-def command(data, out):
-    return [
-        *MPIRUN,
+@pytest.fixture(scope="module")
+def command(tiny_dataset, launchers):
+    """The job under `mpirun -np 2`, writing to ``out``; log lines at every step."""
+    flags = (
+        f"--pretrained none --head-lr-mult 1 --image-size 32 --batch-size 8 --epochs {EPOCHS} "
+        "--lr 0.002 --metrics-port 0 --log-interval 1 --brightness 0 --contrast 0 "
+        "--saturation 0 --hue 0"
+    ).split()
+    return lambda out: [
+        *launchers["mpirun"],
         "finetune-job",
         "train",
         "--data",
-        data,
+        tiny_dataset,
         "--output",
         out,
-        "--pretrained",
-        "none",
-        "--head-lr-mult",
-        "1",
-        "--image-size",
-        "32",
-        "--batch-size",
-        "8",
-        "--epochs",
-        str(EPOCHS),
-        "--lr",
-        "0.002",
-        "--metrics-port",
-        "0",
-        "--log-interval",
-        "1",
-        "--brightness",
-        "0",
-        "--contrast",
-        "0",
-        "--saturation",
-        "0",
-        "--hue",
-        "0",
+        *flags,
     ]
 
 
@@ -112,17 +75,17 @@ def assert_same_training(a, b):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_dataset, launch_env, tmp_path_factory):
+def uninterrupted(command, launch_env, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("uninterrupted"))
-    run(command(tiny_dataset, out), launch_env)
+    run(command(out), launch_env)
     return out
 
 
 def test_sigterm_checkpoints_the_exact_step_and_a_restart_resumes_there(
-    tiny_dataset, launch_env, uninterrupted, tmp_path
+    command, launch_env, uninterrupted, tmp_path
 ):
     out = str(tmp_path / "out")
-    cmd = command(tiny_dataset, out)
+    cmd = command(out)
     # Kubernetes' SIGTERM reaches mpirun (the launcher's process); it forwards it to the ranks.
     code, log = interrupt(
         cmd,
@@ -148,10 +111,10 @@ def test_sigterm_checkpoints_the_exact_step_and_a_restart_resumes_there(
 
 
 def test_sigkill_of_one_worker_fails_the_run_and_a_restart_finishes_it(
-    tiny_dataset, launch_env, uninterrupted, tmp_path
+    command, launch_env, uninterrupted, tmp_path
 ):
     out = str(tmp_path / "out")
-    cmd = command(tiny_dataset, out)
+    cmd = command(out)
 
     def kill_one_rank(proc):
         ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
