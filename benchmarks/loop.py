@@ -154,7 +154,7 @@ def s3_dataset(work: str, images: int) -> tuple[object, str, dict[str, str]]:
 def p2() -> None:
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="bench-p2-") as work:
-        server, data, s3_env = s3_dataset(work, 800)
+        server, data, s3_env = s3_dataset(work, 1600)
         try:
             summary = train(["--data", data, "--epochs", "2", "--metrics-port", "19095"], **s3_env)
         finally:

@@ -305,38 +305,56 @@ class _Attempts:
                 error = e
 
 
-def background(items: Iterable[T], depth: int) -> Iterator[T]:
-    """Iterate ``items`` in a daemon thread, ``depth`` ahead; errors reach the consumer."""
-    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
-    done, stop = object(), threading.Event()
+class background(Iterator[T]):  # noqa: N801 - used like the generator function it replaces
+    """Iterate ``items`` in a daemon thread, ``depth`` ahead; errors reach the consumer.
 
-    def produce() -> None:
+    The thread starts at once, not at the first ``next()``, so an epoch can be prepared while
+    the previous one is still being evaluated and checkpointed."""
+
+    _DONE = object()
+
+    def __init__(self, items: Iterable[T], depth: int) -> None:
+        self._q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._finished = False
+        thread = threading.Thread(
+            target=self._produce, args=(items,), daemon=True, name="finetune-data"
+        )
+        thread.start()
+
+    def _produce(self, items: Iterable[T]) -> None:
         try:
             for item in items:
-                while not stop.is_set():
+                while not self._stop.is_set():
                     try:
-                        q.put(item, timeout=0.1)
+                        self._q.put(item, timeout=0.1)
                         break
                     except queue.Full:
                         continue
-                if stop.is_set():
+                if self._stop.is_set():
                     return
-            q.put(done)
+            self._q.put(self._DONE)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, re-raised there
-            q.put(e)
+            self._q.put(e)
 
-    thread = threading.Thread(target=produce, daemon=True, name="finetune-data")
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
+    def __next__(self) -> T:
+        if self._finished:
+            raise StopIteration
+        item = self._q.get()
+        if item is self._DONE:
+            self.close()
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        return item  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self._finished = True
+        self._stop.set()
+
+    def __del__(self) -> None:
+        self._stop.set()
 
 
 def shuffled(items: Iterable[T], buffer: int, rng: random.Random) -> Iterator[T]:

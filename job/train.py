@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,6 +127,7 @@ class Run:
         self.input_grad = cfg.model.endswith("_v2") and not cfg.freeze_features
         self.progress = Progress()
         self.stop_requested = stop  # set by SIGTERM; acted on at a step boundary
+        self._next_epoch: tuple[int, Iterator[Any]] | None = None
         self.log = ProgressLog(enabled=dist.is_primary, fmt=cfg.log_format, stream=sys.stderr)
 
     def _build_data(self) -> None:
@@ -195,6 +197,8 @@ class Run:
                     f"{self.train.steps_per_epoch} batches of the epoch done); that step is "
                     f"checkpointed in {self.checkpointer.root} and a restart resumes from it"
                 )
+            if p.epoch + 1 < cfg.epochs:  # read and decode ahead while evaluating
+                self._next_epoch = (p.epoch + 1, self.train.epoch(p.epoch + 1))
             loss, acc, images = epoch_window.reduce("epoch_train")
             self.sync_running_stats()
             record: dict[str, Any] = {
@@ -219,7 +223,9 @@ class Run:
         steps = self.train.steps_per_epoch
         epoch_window, window = Window(), Window()
         started = tick = time.perf_counter()
-        for batch in self.train.epoch(epoch, skip_batches=skip):
+        prepared, self._next_epoch = self._next_epoch, None
+        batches = prepared[1] if prepared and prepared[0] == epoch and not skip else None
+        for batch in batches or self.train.epoch(epoch, skip_batches=skip):
             data_s = time.perf_counter() - tick
             lr = lr_at(p.step, cfg, steps, self.dist.size)
             self.trainer.set_learning_rate(lr)
