@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -31,7 +32,9 @@ def load_export(
             for name in ("model-symbol.json", "model-0000.params"):
                 paths.append(os.path.join(tmp, name))
                 storage.download(st.join(model_dir, name), paths[-1])
-            net = gluon.SymbolBlock.imports(paths[0], ["data"], paths[1], ctx=ctx)
+            with warnings.catch_warnings():  # "Cannot decide type for ... data": it is float32
+                warnings.simplefilter("ignore", UserWarning)
+                net = gluon.SymbolBlock.imports(paths[0], ["data"], paths[1], ctx=ctx)
     except StorageError as e:
         raise InputError(f"--model {model_dir}: not a finished training run ({e})") from e
     return net, summary
