@@ -41,26 +41,16 @@ def env(threads: int | None = None, **extra: str) -> dict[str, str]:
     return e
 
 
+def train_command(out: str, args: list[str], launcher: list[str] | None = None) -> list[str]:
+    base = (
+        f"--output {out} --model {MODEL} --batch-size {BATCH} --image-size {SIZE} --pretrained none"
+    )
+    return [*(launcher or []), FINETUNE, "train", *base.split(), *args]
+
+
 def train(args: list[str], launcher: list[str] | None = None, **env_kw: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-") as out:
-        cmd = [
-            *(launcher or []),
-            FINETUNE,
-            "train",
-            "--output",
-            out,
-            "--model",
-            MODEL,
-            "--batch-size",
-            str(BATCH),
-            "--image-size",
-            str(SIZE),
-            "--pretrained",
-            "none",
-            "--log-interval",
-            "1000",
-            *args,
-        ]
+        cmd = train_command(out, ["--log-interval", "1000", *args], launcher)
         subprocess.run(
             cmd, check=True, env=env(**env_kw), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
@@ -207,34 +197,8 @@ def p3() -> None:
 
 def p5() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-p5-") as out:
-        cmd = [
-            "horovodrun",
-            "-np",
-            "2",
-            "-H",
-            "localhost:2",
-            FINETUNE,
-            "train",
-            "--synthetic",
-            "--output",
-            out,
-            "--model",
-            "resnet18_v2",
-            "--batch-size",
-            str(BATCH),
-            "--image-size",
-            str(SIZE),
-            "--pretrained",
-            "none",
-            "--epochs",
-            "1",
-            "--synthetic-images",
-            "128",
-            "--log-interval",
-            "1",
-            "--metrics-port",
-            "0",
-        ]
+        flags = "--synthetic --epochs 1 --synthetic-images 128 --log-interval 1 --metrics-port 0"
+        cmd = train_command(out, flags.split(), ["horovodrun", "-np", "2", "-H", "localhost:2"])
         started = time.perf_counter()
         proc = subprocess.Popen(
             cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
