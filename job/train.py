@@ -187,6 +187,7 @@ class Run:
         cfg, p = self.cfg, self.progress
         while p.epoch < cfg.epochs:
             self.metrics.epoch.labels(self.metrics.rank).set(p.epoch)
+            epoch_started = time.perf_counter()
             epoch_window, seconds, stopped = self.train_epoch(p.epoch, p.batch)
             if stopped:
                 self.sync_running_stats()
@@ -209,7 +210,7 @@ class Run:
                 "train_seconds": round(seconds, 2),
             }
             record.update(self.evaluate())
-            record["seconds"] = round(time.perf_counter() - self._epoch_started, 2)
+            record["seconds"] = round(time.perf_counter() - epoch_started, 2)
             p.history.append(record)
             p.best_val_top1 = max(p.best_val_top1, record.get("val_top1", -1.0))
             p.epoch, p.batch = p.epoch + 1, 0
@@ -219,7 +220,6 @@ class Run:
     def train_epoch(self, epoch: int, skip: int) -> tuple[Window, float, bool]:
         """Train the rest of ``epoch``; the flag says it stopped early on SIGTERM."""
         cfg, p = self.cfg, self.progress
-        self._epoch_started = time.perf_counter()
         steps = self.train.steps_per_epoch
         epoch_window, window = Window(), Window()
         started = tick = time.perf_counter()
