@@ -14,7 +14,8 @@ Runbook (the same lines the Helm chart renders for the MPI Operator's launcher):
         -mca pml ob1 -mca btl ^openib finetune-job train --config /etc/finetune-job/config.yaml
 
 Exit codes: 0 done, 1 training failed (diverged, data or storage error), 2 bad config or
-arguments, 130 interrupted.
+arguments, 130 interrupted, 143 stopped by SIGTERM after checkpointing the current step
+(run the same command again to continue).
 """
 
 from __future__ import annotations
