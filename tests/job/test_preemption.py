@@ -135,3 +135,40 @@ def test_sigkill_of_one_worker_fails_the_run_and_a_restart_finishes_it(
     reference = json.load(open(os.path.join(uninterrupted, "summary.json")))
     assert abs(summary["val_top1"] - reference["val_top1"]) <= 0.15
     assert_same_training(weights(uninterrupted), weights(out))
+
+
+def test_one_process_exits_143_with_one_line_after_checkpointing(launch_env, tmp_path):
+    out = tmp_path / "out"
+    cmd = [
+        "finetune-job",
+        "train",
+        "--synthetic",
+        "--synthetic-images",
+        "160",
+        "--epochs",
+        "50",
+        "--batch-size",
+        "8",
+        "--image-size",
+        "32",
+        "--pretrained",
+        "none",
+        "--metrics-port",
+        "0",
+        "--output",
+        str(out),
+    ]
+    proc = subprocess.Popen(cmd, env=launch_env, stderr=subprocess.PIPE, text=True)
+    pointer = out / "checkpoints" / "latest"
+    deadline = time.monotonic() + 120
+    while not pointer.exists():  # past the first epoch
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143
+    errors = [line for line in stderr.splitlines() if line.startswith("finetune-job: error:")]
+    assert len(errors) == 1 and "stopped by SIGTERM at epoch" in errors[0]
+    assert "Traceback" not in stderr
+    _, progress = latest_progress(str(out))
+    assert progress["batch"] >= 1
