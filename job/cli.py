@@ -107,50 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_s3_arguments(parser: argparse.ArgumentParser) -> None:
     """The S3 keys of `train`'s Config, for the commands that take no config file."""
-    defaults = config_mod.FIELDS
-    parser.add_argument(
-        "--s3-endpoint-url", default="", help="S3 endpoint (MinIO, Ceph, ...); or AWS_ENDPOINT_URL"
-    )
-    parser.add_argument("--s3-region", default="", help="S3 region")
-    parser.add_argument(
-        "--s3-max-attempts",
-        type=int,
-        default=defaults["s3_max_attempts"].default,
-        help="attempts per S3 request",
-    )
-    parser.add_argument(
-        "--s3-retry-mode",
-        default=defaults["s3_retry_mode"].default,
-        choices=("standard", "adaptive", "legacy"),
-        help="botocore retry mode",
-    )
-    parser.add_argument(
-        "--s3-connect-timeout",
-        type=float,
-        default=defaults["s3_connect_timeout"].default,
-        help="seconds to connect to S3",
-    )
-    parser.add_argument(
-        "--s3-read-timeout",
-        type=float,
-        default=defaults["s3_read_timeout"].default,
-        help="seconds without bytes before an S3 read fails",
-    )
+    config_mod.add_arguments(parser, config_mod.S3_KEYS)
 
 
 def _s3_storage(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from job.storage import S3Settings, Storage
 
-    return Storage(
-        S3Settings(
-            endpoint_url=args.s3_endpoint_url,
-            region=args.s3_region,
-            max_attempts=args.s3_max_attempts,
-            retry_mode=args.s3_retry_mode,
-            connect_timeout=args.s3_connect_timeout,
-            read_timeout=args.s3_read_timeout,
-        )
-    )
+    return Storage(S3Settings.from_config(config_mod.flag_values(vars(args), config_mod.S3_KEYS)))
 
 
 def _register_deploy(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

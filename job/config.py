@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 import os
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,10 +181,24 @@ def _type_name(hint: Any) -> str:
     return hint.__name__ if isinstance(hint, type) else str(hint)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per Config field; defaults are suppressed so only given flags count."""
-    parser.add_argument("--config", metavar="FILE", help="YAML file of config keys")
+S3_KEYS = (
+    "s3_endpoint_url",
+    "s3_region",
+    "s3_max_attempts",
+    "s3_retry_mode",
+    "s3_connect_timeout",
+    "s3_read_timeout",
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser, keys: Sequence[str] | None = None) -> None:
+    """One flag per Config field (or per one of ``keys``, for commands that take only a few
+    and no config file); defaults are suppressed so only given flags count."""
+    if keys is None:
+        parser.add_argument("--config", metavar="FILE", help="YAML file of config keys")
     for name, f in FIELDS.items():
+        if keys is not None and name not in keys:
+            continue
         flag = "--" + name.replace("_", "-")
         help_text = f"{f.metadata['help']} (default: {_default(f)!r})"
         if _HINTS[name] is bool:
@@ -213,6 +227,15 @@ def _default(f: dataclasses.Field[Any]) -> Any:
 def _metavar(name: str) -> str:
     hint = _HINTS[name]
     return "A,B,.." if typing.get_origin(hint) is tuple else _type_name(hint).upper()
+
+
+def flag_values(flags: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """``keys`` from parsed flags (added with ``add_arguments(parser, keys)``), typed, with
+    Config's defaults for the flags not given."""
+    return {
+        k: coerce(k, flags[k], "--" + k.replace("_", "-")) if k in flags else FIELDS[k].default
+        for k in keys
+    }
 
 
 def load(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:

@@ -12,7 +12,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -45,6 +45,11 @@ class S3Settings:
     multipart_threshold: int = 64 << 20
     multipart_chunksize: int = 16 << 20
     max_concurrency: int = 8
+
+    @classmethod
+    def from_config(cls, values: Mapping[str, Any]) -> S3Settings:
+        """From the config keys ``s3_*`` (a Config's ``to_dict()``, or parsed flags)."""
+        return cls(**{k[len("s3_") :]: v for k, v in values.items() if k.startswith("s3_")})
 
 
 def stream_errors() -> tuple[type[BaseException], ...]:

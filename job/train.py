@@ -97,16 +97,7 @@ class Run:
         self.cfg, self.dist = cfg, dist
         self.ctx = dist.context()
         mx.random.seed(cfg.seed)  # the new head's (and a scratch model's) initial weights
-        self.storage = Storage(
-            S3Settings(
-                cfg.s3_endpoint_url,
-                cfg.s3_region,
-                cfg.s3_max_attempts,
-                cfg.s3_retry_mode,
-                cfg.s3_connect_timeout,
-                cfg.s3_read_timeout,
-            )
-        )
+        self.storage = Storage(S3Settings.from_config(cfg.to_dict()))
         self.stats = DataStats()
         self.metrics = metrics
         self.metrics.watch_data(self.stats)

@@ -88,3 +88,18 @@ def test_prepare_then_evaluate_through_the_cli(launch_env, shape_images, tmp_pat
     assert "verified every shard" in result.stderr
     result = finetune("evaluate", "--data", ds, "--model", str(tmp_path / "none"), env=launch_env)
     assert result.returncode == 2 and "not a finished training run" in result.stderr
+
+
+def test_prepare_takes_the_s3_keys_of_the_config_typed(launch_env, shape_images, tmp_path):
+    result = finetune(
+        "prepare", shape_images, str(tmp_path / "ds"), "--s3-max-attempts", "many", env=launch_env
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "finetune-job: error: config key 's3_max_attempts' from --s3-max-attempts: "
+        "expected int, got 'many'"
+    )
+    from job.config import S3_KEYS, flag_values
+
+    assert flag_values({"s3_read_timeout": "2.5"}, S3_KEYS)["s3_read_timeout"] == 2.5
+    assert flag_values({}, S3_KEYS)["s3_max_attempts"] == 5
