@@ -28,7 +28,7 @@ CPU_BUILDER ?= debian:bookworm
 CPU_ARGS    := --build-arg BASE_IMAGE=$(CPU_BASE) --build-arg BUILDER_IMAGE=$(CPU_BUILDER) \
                --build-arg MXNET_PACKAGE=mxnet==1.9.1 --build-arg HOROVOD_GPU_OPERATIONS=
 
-.PHONY: help install apt demo test test-fast lint bench image image-test clean
+.PHONY: help install apt demo test test-fast lint schema bench image image-test clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -78,6 +78,9 @@ lint: install  ## ruff and mypy
 	$(BIN)/ruff check job deploy tests benchmarks
 	$(BIN)/ruff format --check job deploy tests benchmarks
 	$(BIN)/mypy job deploy
+
+schema: install  ## regenerate the chart's values.schema.json training block from job/config.py
+	$(BIN)/python -m job.schema
 
 bench: install  ## the benchmarks behind BENCHMARKS.md (P1 input pipeline; P2, P3, P5, P6 training loop)
 	$(BIN)/python benchmarks/input_pipeline.py

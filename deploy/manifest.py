@@ -527,14 +527,7 @@ def check_training(training: Mapping[str, Any]) -> None:
     from job import config as config_mod
 
     try:
-        parsed = {k: config_mod.coerce(k, v, "values training") for k, v in training.items()}
-        for key, value in parsed.items():
-            choices = config_mod.FIELDS[key].metadata["choices"]
-            if choices and value not in choices:
-                raise config_mod.ConfigError(
-                    f"config key '{key}' must be one of {', '.join(choices)}; got {value!r}"
-                )
-        config_mod.Config(**parsed)
+        config_mod.from_mapping(training, "values training")
     except config_mod.ConfigError as e:
         raise BadInputError(f"values training: {e}") from e
 

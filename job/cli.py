@@ -1,4 +1,4 @@
-"""The ``finetune-job`` command.
+"""finetune-job: fine-tune a pretrained ResNet with Horovod, on data streamed from S3.
 
 Runbook (the same lines the Helm chart renders for the MPI Operator's launcher)::
 
@@ -25,7 +25,9 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
+import job
 from job import config as config_mod
 
 log = logging.getLogger("finetune_job")
@@ -36,6 +38,16 @@ TRAIN_EXAMPLE = """example:
   finetune-job train --data ./ds --output ./out --pretrained zoo --epochs 5
   horovodrun -np 2 -H localhost:2 finetune-job train --config train.yaml
   FINETUNE_LR=0.02 finetune-job train --data s3://bucket/ds --output s3://bucket/run1
+
+where values come from, highest first:
+  1. the options above
+  2. environment variables FINETUNE_<KEY>, one per option, named in [brackets] above
+     (FINETUNE_LR=0.02, FINETUNE_LR_STEPS=30,60, FINETUNE_TTA=true)
+  3. the YAML file of --config or FINETUNE_CONFIG (keys as the options, with _:
+     lr_steps: [30, 60])
+  4. the defaults shown
+--data and --output have no default: give them in one of the three ways.
+A bad value stops the job at start with one line and exit code 2.
 """
 PREPARE_EXAMPLE = """example:
   finetune-job prepare ./images ./ds --resize 256 --val-fraction 0.1
@@ -48,14 +60,55 @@ EVALUATE_EXAMPLE = """example:
 """
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage errors as one line naming the command, with the hint to ask for --help
+    (argparse's default prints the whole usage block first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def,override]
+        """Unknown options are reported by the command they were given to, so the hint
+        names that command's --help."""
+        ns, extras = super().parse_known_args(args, namespace)
+        if extras and self._commands is not None:
+            command = self._commands.get(getattr(ns, "command", None) or "", self)
+            command.error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns, extras
+
+    _commands: dict[str, argparse.ArgumentParser] | None = None
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Epilogs as written, and each option's default (train's come from Config's help)."""
+
+
+def bounded(kind: type, low: float, high: float, high_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: ``kind`` within [low, high] (or [low, high)), else one line."""
+
+    def parse(raw: str) -> float:
+        try:
+            value = kind(raw)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {raw!r}") from e
+        if not (low <= value < high if high_open else low <= value <= high):
+            bracket = ")" if high_open else "]"
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}{bracket}, got {raw}")
+        return value  # type: ignore[no-any-return]
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="finetune-job",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {job.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    fmt = argparse.RawDescriptionHelpFormatter
+    fmt = HelpFormatter
 
     train = sub.add_parser(
         "train", help="fine-tune a pretrained ResNet", epilog=TRAIN_EXAMPLE, formatter_class=fmt
@@ -72,15 +125,50 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("src", help="image folder, one subfolder per class")
     prepare.add_argument("dest", help="dataset root (local path or s3://)")
     prepare.add_argument(
-        "--resize", type=int, default=256, help="shorter side in pixels (default 256)"
+        "--resize",
+        metavar="N",
+        type=bounded(int, 16, 8192),
+        default=256,
+        help="shorter side in pixels",
     )
     prepare.add_argument(
-        "--val-fraction", type=float, default=0.1, help="share held out for validation"
+        "--val-fraction",
+        metavar="X",
+        type=bounded(float, 0, 1, high_open=True),
+        default=0.1,
+        help="share held out for validation, per class",
     )
-    prepare.add_argument("--shard-size", type=int, default=1000, help="records per shard")
-    prepare.add_argument("--quality", type=int, default=95, help="JPEG quality")
-    prepare.add_argument("--workers", type=int, default=0, help="processes (0: all cores)")
-    prepare.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    prepare.add_argument(
+        "--shard-size",
+        metavar="N",
+        type=bounded(int, 1, 10**7),
+        default=1000,
+        help="records per shard",
+    )
+    prepare.add_argument(
+        "--quality", metavar="N", type=bounded(int, 1, 100), default=95, help="JPEG quality"
+    )
+    prepare.add_argument(
+        "--workers",
+        metavar="N",
+        type=bounded(int, 0, 1024),
+        default=0,
+        help="processes (0: all cores)",
+    )
+    prepare.add_argument(
+        "--seed",
+        metavar="N",
+        type=bounded(int, 0, config_mod.SEED_MAX),
+        default=0,
+        help="seed of the split",
+    )
+    prepare.add_argument(
+        "--max-pixels",
+        metavar="N",
+        type=bounded(int, 1, 10**10),
+        default=50_000_000,
+        help="images with more pixels (read from the file header) are skipped, not decoded",
+    )
     prepare.add_argument(
         "--verify", action="store_true", help="re-read every shard and check sha256"
     )
@@ -95,13 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--data", required=True, help="dataset root written by prepare")
     evaluate.add_argument("--model", required=True, help="a training run's OUTPUT")
-    evaluate.add_argument("--split", default="val", choices=("train", "val"))
+    evaluate.add_argument("--split", default="val", choices=("train", "val"), help="split")
     evaluate.add_argument("--tta", action="store_true", help="also report five-crop accuracy")
-    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument(
+        "--batch-size", metavar="N", type=bounded(int, 1, 4096), default=64, help="images per batch"
+    )
     _add_s3_arguments(evaluate)
     evaluate.set_defaults(func=_evaluate)
 
     _register_deploy(sub)
+    parser._commands = sub.choices  # for usage errors naming the command
     return parser
 
 
@@ -136,11 +227,13 @@ def _train(args: argparse.Namespace) -> int:
 def _prepare(args: argparse.Namespace) -> int:
     from job import prepare
 
+    config_mod.check_uri("prepare DEST", args.dest)
     storage = _s3_storage(args)
     prepare.prepare(
         args.src,
         args.dest,
         storage,
+        max_pixels=args.max_pixels,
         resize=args.resize,
         val_fraction=args.val_fraction,
         shard_size=args.shard_size,
@@ -156,6 +249,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     _set_thread_defaults(0)
     from job import evaluate
 
+    config_mod.check_uri("evaluate --data", args.data)
+    config_mod.check_uri("evaluate --model", args.model)
     storage = _s3_storage(args)
     result = evaluate.evaluate_export(
         args.data, args.model, storage, split=args.split, tta=args.tta, batch_size=args.batch_size
@@ -188,7 +283,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
     )
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error already printed in one line
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
     func: Callable[[argparse.Namespace], int] = args.func
     return run_guarded(func, args)
 

@@ -1,15 +1,22 @@
 """One frozen Config for a training run, parsed once in ``main()``.
 
 Precedence, highest first: command-line flags > ``FINETUNE_*`` environment variables >
-the YAML file named by ``--config`` > the defaults below. Unknown keys and values of the
-wrong type fail at start with one line naming the key and where it came from.
+the YAML file named by ``--config`` (or ``FINETUNE_CONFIG``) > the defaults below.
+
+Every rule a value must follow lives here, in each field's :class:`Rule`: its type, bounds,
+choices and pattern. The same check serves flags, environment variables, YAML files and the
+chart's values (:func:`from_mapping`), and ``job.schema`` turns the rules into the chart's
+values.schema.json. A value that breaks a rule fails at start with one line naming the key,
+where it came from, the value and the rule.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
+import re
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,114 +26,316 @@ import yaml
 
 ENV_PREFIX = "FINETUNE_"
 MODELS = tuple(f"resnet{d}_v{v}" for v in (1, 2) for d in (18, 34, 50, 101, 152))
+GROUPS = ("data", "model", "optimisation", "augmentation", "run control", "metrics", "S3")
+
+# Strings that name files or prefixes: no control characters (a newline in a path is always
+# a pasting mistake), and an s3:// URI needs a bucket name S3 accepts. The patterns are
+# JSON Schema patterns too (searched, hence anchored), so the chart checks the same.
+NO_CONTROL = r"^[^\x00-\x1f\x7f]*$"
+S3_URI = r"^s3://[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?(/[^\x00-\x1f\x7f]*)?$"
+S3_PREFIX = r"^s3://"
+URL = r"^(https?://[^\s/]+(/\S*)?)?$"  # empty, or http(s)://host[:port][/path]
+REGION = r"^([a-z0-9](-?[a-z0-9])*)?$"  # empty, or like us-east-1 (botocore rejects others)
+HOST = r"^[A-Za-z0-9.:_-]+$"  # an IPv4/IPv6 address or a host name
+SEED_MAX = 2**32 - 1  # numpy's seed range
+EPOCHS_MAX = 100_000
 
 
 class ConfigError(ValueError):
     """A bad configuration value; the message is one line naming the key."""
 
 
-def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
-    meta = {"help": help, "choices": choices}
-    return field(default=default, metadata=meta, **kw)
+@dataclass(frozen=True)
+class Rule:
+    """What a value of one key must be. Floats must always be finite."""
+
+    group: str
+    help: str
+    choices: tuple[str, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False  # minimum itself is out
+    exclusive_maximum: bool = False
+    required: bool = False  # must be given: a run has no sensible default
+    nonempty: bool = False  # strings: "" is not a value
+    pattern: str | None = None  # strings: re.search must match (JSON Schema semantics)
+    pattern_help: str = ""  # the pattern in words, for the error line
+    s3_uri: bool = False  # strings starting with s3:// must match S3_URI
+    unique: bool = False  # lists: no item twice
+
+    def bounds_text(self) -> str:
+        """The numeric bounds in words, e.g. '>= 1', '> 0 and <= 1'."""
+        parts = []
+        if self.minimum is not None:
+            parts.append(f"{'>' if self.exclusive_minimum else '>='} {_num(self.minimum)}")
+        if self.maximum is not None:
+            parts.append(f"{'<' if self.exclusive_maximum else '<='} {_num(self.maximum)}")
+        return " and ".join(parts)
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _opt(
+    default: Any,
+    help: str,
+    choices: tuple[str, ...] | None = None,
+    *,
+    group: str,
+    **rule: Any,
+) -> Any:
+    """A Config field: its default and its Rule (``group``, bounds, pattern, ...)."""
+    assert group in GROUPS, group
+    spec = Rule(group=group, help=help, choices=choices, **rule)
+    return field(default=default, metadata={"help": help, "choices": choices, "rule": spec})
+
+
+def _uri(help: str, default: str = "", **rule: Any) -> Any:
+    return _opt(
+        default,
+        help,
+        pattern=NO_CONTROL,
+        pattern_help="free of control characters",
+        s3_uri=True,
+        **rule,
+    )
 
 
 @dataclass(frozen=True)
 class Config:
     # Data and outputs.
-    data: str = _opt("", "dataset root written by `prepare` (local path or s3://)")
-    output: str = _opt("", "where checkpoints, the exported model and summary.json go")
-    synthetic: bool = _opt(False, "train on random in-memory batches; needs no data")
-    synthetic_classes: int = _opt(10, "classes of the synthetic dataset")
-    synthetic_images: int = _opt(512, "training images per epoch of the synthetic dataset")
-    # Model.
-    model: str = _opt("resnet18_v2", "Gluon model-zoo ResNet", choices=MODELS)
-    pretrained: str = _opt("zoo", "zoo | none | a save_parameters file (path or s3://)")
-    head_lr_mult: float = _opt(10.0, "learning-rate multiplier of the new output layer")
-    freeze_features: bool = _opt(False, "train only the output layer")
-    image_size: int = _opt(224, "network input size (square crops)")
-    # Optimisation.
-    epochs: int = _opt(10, "training epochs")
-    batch_size: int = _opt(32, "images per worker per step")
-    lr: float = _opt(0.01, "per-worker base learning rate; scaled by the number of workers")
-    momentum: float = _opt(0.9, "SGD momentum")
-    wd: float = _opt(1e-4, "weight decay")
-    lr_schedule: str = _opt("cosine", "decay after warmup", choices=("cosine", "step"))
-    lr_steps: tuple[int, ...] = _opt((30, 60, 90), "epochs at which `step` multiplies the lr")
-    lr_decay: float = _opt(0.1, "factor `step` applies at each of lr_steps")
-    warmup_epochs: float = _opt(1.0, "epochs of linear warmup from 0 to the scaled lr")
-    fp16_allreduce: bool = _opt(False, "compress gradients to float16 for the allreduce")
-    # Augmentation (0 disables a jitter).
-    flip_prob: float = _opt(0.5, "probability of a horizontal flip")
-    brightness: float = _opt(0.4, "brightness jitter")
-    contrast: float = _opt(0.4, "contrast jitter")
-    saturation: float = _opt(0.4, "saturation jitter")
-    hue: float = _opt(0.1, "hue jitter")
-    tta: bool = _opt(False, "also evaluate with the mean softmax of five crops")
-    # Run control.
-    seed: int = _opt(0, "seed of shard order, shuffles and augmentation")
-    resume: str = _opt("auto", "resume from the latest checkpoint", choices=("auto", "never"))
-    log_interval: int = _opt(20, "steps between progress lines")
-    threads: int = _opt(0, "compute threads per worker (0: cores / workers on the node)")
-    data_workers: int = _opt(0, "decode and augment threads per worker (0: cores / workers)")
-    shuffle_buffer: int = _opt(1024, "records shuffled together while streaming")
-    strict_data: bool = _opt(
-        False, "fail (not warn) when a shard's sha256 differs from the manifest"
+    data: str = _uri(
+        "dataset root written by finetune-job prepare (local path or s3://)",
+        group="data",
+        required=True,
     )
-    keep_checkpoints: int = _opt(3, "checkpoints kept in OUTPUT/checkpoints (older ones pruned)")
-    log_format: str = _opt("text", "progress lines", choices=("text", "json"))
+    output: str = _uri(
+        "where checkpoints, the exported model and summary.json go (local path or s3://)",
+        group="data",
+        required=True,
+        nonempty=True,
+    )
+    synthetic: bool = _opt(False, "train on random in-memory batches; needs no data", group="data")
+    synthetic_classes: int = _opt(
+        10, "classes of the synthetic dataset", group="data", minimum=2, maximum=100_000
+    )
+    synthetic_images: int = _opt(
+        512,
+        "training images per epoch of the synthetic dataset",
+        group="data",
+        minimum=1,
+        maximum=10**9,
+    )
+    # Model.
+    model: str = _opt("resnet18_v2", "Gluon model-zoo ResNet", choices=MODELS, group="model")
+    pretrained: str = _uri(
+        "zoo, none, or a save_parameters file (path or s3://)", "zoo", group="model", nonempty=True
+    )
+    head_lr_mult: float = _opt(
+        10.0, "learning-rate multiplier of the new output layer", group="model", minimum=0
+    )
+    freeze_features: bool = _opt(False, "train only the output layer", group="model")
+    image_size: int = _opt(
+        224, "network input size in pixels (square crops)", group="model", minimum=16, maximum=2048
+    )
+    # Optimisation.
+    epochs: int = _opt(10, "training epochs", group="optimisation", minimum=1, maximum=EPOCHS_MAX)
+    batch_size: int = _opt(
+        32, "images per worker per step", group="optimisation", minimum=1, maximum=4096
+    )
+    lr: float = _opt(
+        0.01,
+        "per-worker base learning rate; scaled by the number of workers",
+        group="optimisation",
+        minimum=0,
+        exclusive_minimum=True,
+    )
+    momentum: float = _opt(
+        0.9, "SGD momentum", group="optimisation", minimum=0, maximum=1, exclusive_maximum=True
+    )
+    wd: float = _opt(1e-4, "weight decay", group="optimisation", minimum=0, maximum=1)
+    lr_schedule: str = _opt(
+        "cosine", "decay after warmup", choices=("cosine", "step"), group="optimisation"
+    )
+    lr_steps: tuple[int, ...] = _opt(
+        (30, 60, 90),
+        "epochs at which the step schedule multiplies the lr by lr_decay (any order, each once)",
+        group="optimisation",
+        minimum=1,
+        maximum=EPOCHS_MAX,
+        unique=True,
+    )
+    lr_decay: float = _opt(
+        0.1,
+        "factor the step schedule applies at each of lr_steps",
+        group="optimisation",
+        minimum=0,
+        exclusive_minimum=True,
+        maximum=1,
+    )
+    warmup_epochs: float = _opt(
+        1.0,
+        "epochs of linear warmup from 0 to the scaled lr",
+        group="optimisation",
+        minimum=0,
+        maximum=EPOCHS_MAX,
+    )
+    fp16_allreduce: bool = _opt(
+        False, "compress gradients to float16 for the allreduce", group="optimisation"
+    )
+    # Augmentation (0 disables a jitter).
+    flip_prob: float = _opt(
+        0.5, "probability of a horizontal flip", group="augmentation", minimum=0, maximum=1
+    )
+    brightness: float = _opt(
+        0.4, "brightness jitter (factor in 1 +- x)", group="augmentation", minimum=0, maximum=1
+    )
+    contrast: float = _opt(
+        0.4, "contrast jitter (factor in 1 +- x)", group="augmentation", minimum=0, maximum=1
+    )
+    saturation: float = _opt(
+        0.4, "saturation jitter (factor in 1 +- x)", group="augmentation", minimum=0, maximum=1
+    )
+    hue: float = _opt(
+        0.1, "hue jitter (turns of the hue circle)", group="augmentation", minimum=0, maximum=0.5
+    )
+    tta: bool = _opt(
+        False, "also evaluate with the mean softmax of five crops", group="augmentation"
+    )
+    # Run control.
+    seed: int = _opt(
+        0,
+        "seed of shard order, shuffles and augmentation",
+        group="run control",
+        minimum=0,
+        maximum=SEED_MAX,
+    )
+    resume: str = _opt(
+        "auto",
+        "resume from the latest checkpoint in OUTPUT",
+        choices=("auto", "never"),
+        group="run control",
+    )
+    log_interval: int = _opt(
+        20, "steps between progress lines", group="run control", minimum=1, maximum=10**6
+    )
+    threads: int = _opt(
+        0,
+        "compute threads per worker (0: cores / workers on the node)",
+        group="run control",
+        minimum=0,
+        maximum=1024,
+    )
+    data_workers: int = _opt(
+        0,
+        "decode and augment threads per worker (0: cores / workers)",
+        group="run control",
+        minimum=0,
+        maximum=1024,
+    )
+    shuffle_buffer: int = _opt(
+        1024,
+        "records shuffled together while streaming",
+        group="run control",
+        minimum=1,
+        maximum=10**7,
+    )
+    strict_data: bool = _opt(
+        False,
+        "fail (not warn) when a shard's sha256 differs from the manifest",
+        group="run control",
+    )
+    keep_checkpoints: int = _opt(
+        3,
+        "checkpoints kept in OUTPUT/checkpoints (older ones pruned)",
+        group="run control",
+        minimum=1,
+        maximum=1000,
+    )
+    log_format: str = _opt("text", "progress lines", choices=("text", "json"), group="run control")
     # Metrics.
     metrics_port: int = _opt(
-        9095, "Prometheus /metrics port of local rank 0 (+ local rank); 0: off"
+        9095,
+        "Prometheus /metrics port of local rank 0 (+ local rank); 0: off",
+        group="metrics",
+        minimum=0,
+        maximum=65535,
     )
-    metrics_address: str = _opt("0.0.0.0", "address the metrics server binds")
-    pushgateway: str = _opt("", "Pushgateway URL that receives the final metrics")
-    pushgateway_job: str = _opt("finetune-job", "job label of the pushed group (one per run)")
+    metrics_address: str = _opt(
+        "0.0.0.0",
+        "address the metrics server binds",
+        group="metrics",
+        pattern=HOST,
+        pattern_help="an IP address or host name",
+    )
+    pushgateway: str = _opt(
+        "",
+        "Pushgateway URL that receives the final metrics; empty: no push",
+        group="metrics",
+        pattern=URL,
+        pattern_help="empty or an http(s):// URL",
+    )
+    pushgateway_job: str = _opt(
+        "finetune-job",
+        "job label of the pushed group (one per run)",
+        group="metrics",
+        nonempty=True,
+        pattern=NO_CONTROL,
+        pattern_help="free of control characters",
+    )
     # S3 (credentials come from the standard AWS chain, never from here).
     s3_endpoint_url: str = _opt(
-        "", "S3 endpoint (MinIO, Ceph, ...); empty: AWS or AWS_ENDPOINT_URL"
+        "",
+        "S3 endpoint (MinIO, Ceph, ...); empty: AWS or AWS_ENDPOINT_URL",
+        group="S3",
+        pattern=URL,
+        pattern_help="empty or an http(s):// URL",
     )
-    s3_region: str = _opt("", "S3 region; empty: from the AWS configuration")
-    s3_max_attempts: int = _opt(5, "attempts per S3 request (botocore retries)")
+    s3_region: str = _opt(
+        "",
+        "S3 region; empty: from the AWS configuration",
+        group="S3",
+        pattern=REGION,
+        pattern_help="empty or a region name like us-east-1",
+    )
+    s3_max_attempts: int = _opt(
+        5, "attempts per S3 request (botocore retries)", group="S3", minimum=1, maximum=100
+    )
     s3_retry_mode: str = _opt(
-        "standard", "botocore retry mode", choices=("standard", "adaptive", "legacy")
+        "standard",
+        "botocore retry mode",
+        choices=("standard", "adaptive", "legacy"),
+        group="S3",
     )
-    s3_connect_timeout: float = _opt(10.0, "seconds to connect to S3")
-    s3_read_timeout: float = _opt(60.0, "seconds without bytes before an S3 read fails")
+    s3_connect_timeout: float = _opt(
+        10.0,
+        "seconds to connect to S3",
+        group="S3",
+        minimum=0,
+        exclusive_minimum=True,
+        maximum=86400,
+    )
+    s3_read_timeout: float = _opt(
+        60.0,
+        "seconds without bytes before an S3 read fails",
+        group="S3",
+        minimum=0,
+        exclusive_minimum=True,
+        maximum=86400,
+    )
 
     def __post_init__(self) -> None:
-        problems = {
-            "output": not self.output,
-            "data": not self.data and not self.synthetic,
-            "image_size": self.image_size < 16,
-            "epochs": self.epochs < 1,
-            "batch_size": self.batch_size < 1,
-            "lr": self.lr <= 0,
-            "head_lr_mult": self.head_lr_mult < 0,
-            "warmup_epochs": self.warmup_epochs < 0,
-            "flip_prob": not 0 <= self.flip_prob <= 1,
-            "log_interval": self.log_interval < 1,
-            "synthetic_classes": self.synthetic_classes < 2,
-            "synthetic_images": self.synthetic_images < 1,
-        }
-        problems["metrics_port"] = not 0 <= self.metrics_port <= 65535
-        problems["keep_checkpoints"] = self.keep_checkpoints < 1
-        problems["s3_max_attempts"] = self.s3_max_attempts < 1
-        for key in (
-            "brightness",
-            "contrast",
-            "saturation",
-            "hue",
-            "threads",
-            "data_workers",
-            "s3_connect_timeout",
-            "s3_read_timeout",
-        ):
-            problems[key] = getattr(self, key) < 0
-        for key, bad in problems.items():
-            if bad:
-                value = getattr(self, key)
-                need = "is required" if value in ("", None) else f"has a bad value {value!r}"
-                raise ConfigError(f"config key '{key}' {need}")
+        if not self.output:
+            raise ConfigError(f"config key 'output' is required ({_given_as('output')})")
+        # The same checks as for flags and files, so a Config built in code obeys them too.
+        for name in FIELDS:
+            value = _native(name, getattr(self, name), "the config")
+            object.__setattr__(self, name, value)  # ints for floats, tuples for lists
+        if not self.data and not self.synthetic:
+            raise ConfigError(
+                f"config key 'data' is required ({_given_as('data')}) unless synthetic is true"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML types (tuples as lists), loadable again as a config file."""
@@ -135,107 +344,274 @@ class Config:
         }
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Config)}
 _HINTS = typing.get_type_hints(Config)
 
 
-def coerce(key: str, value: Any, source: str) -> Any:
-    """Convert ``value`` to the type of ``key``; strings (flags, env) are parsed."""
+def rule(key: str) -> Rule:
+    return typing.cast(Rule, FIELDS[key].metadata["rule"])
+
+
+def hint(key: str) -> Any:
+    """The Python type of ``key``: bool, int, float, str or tuple[int, ...]."""
+    return _HINTS[key]
+
+
+def _given_as(key: str) -> str:
+    return f"{flag(key)}, {env_var(key)} or the config file"
+
+
+def flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def env_var(key: str) -> str:
+    return ENV_PREFIX + key.upper()
+
+
+# --- one value: parse (text sources), type-check, rule-check ----------------------------------
+
+
+def coerce(key: str, value: Any, source: str, text: bool | None = None) -> Any:
+    """``value`` as the type of ``key``, checked against its Rule.
+
+    ``text``: the value came from a command line or an environment variable, so strings are
+    parsed (``"3"``, ``"true"``, ``"30,60"``). Values from YAML files and mappings must have
+    their type already, as the chart's schema requires. By default a str is parsed only when
+    the key is not a string key.
+    """
     if key not in FIELDS:
         raise ConfigError(f"unknown config key '{key}' in {source}")
-    hint = _HINTS[key]
-    bad = ConfigError(
-        f"config key '{key}' from {source}: expected {_type_name(hint)}, got {value!r}"
+    if text is None:
+        text = isinstance(value, str)
+    parsed = _parse(key, value, source) if text and isinstance(value, str) else value
+    return _native(key, parsed, source)
+
+
+def _bad_type(key: str, value: Any, source: str) -> ConfigError:
+    return ConfigError(
+        f"config key '{key}' from {source}: expected {_type_name(hint(key))}, got {value!r}"
     )
+
+
+def _parse(key: str, raw: str, source: str) -> Any:
+    kind = hint(key)
     try:
-        if hint is bool:
-            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+        if kind is bool:
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
                 return True
-            if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            if lowered in ("0", "false", "no", "off"):
                 return False
-            if isinstance(value, bool):
-                return value
-            raise bad
-        if typing.get_origin(hint) is tuple:
-            inner = typing.get_args(hint)[0]
-            items = value.split(",") if isinstance(value, str) else value
-            if not isinstance(items, list | tuple):
-                raise bad
-            return tuple(_scalar(inner, item, bad) for item in items if item != "")
-        return _scalar(hint, value, bad)
-    except (TypeError, ValueError) as e:
-        raise bad from e
+            raise ValueError(raw)
+        if typing.get_origin(kind) is tuple:
+            return [int(item) for item in raw.split(",") if item.strip() != ""]
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        return raw
+    except ValueError as e:
+        raise _bad_type(key, raw, source) from e
 
 
-def _scalar(kind: type, value: Any, bad: ConfigError) -> Any:
-    if isinstance(value, bool) or (kind is str and not isinstance(value, str)):
-        raise bad
-    if kind is int and isinstance(value, float) and not value.is_integer():
-        raise bad
-    return kind(value)
+def _native(key: str, value: Any, source: str) -> Any:
+    """Type-check a value that has its type already; then its Rule."""
+    kind = hint(key)
+    if typing.get_origin(kind) is tuple:
+        if not isinstance(value, list | tuple):
+            raise _bad_type(key, value, source)
+        items = tuple(_scalar(key, int, item, source) for item in value)
+        for item in items:
+            _check_bounds(key, item, source, what="every item ")
+        if rule(key).unique and len(set(items)) != len(items):
+            raise ConfigError(
+                f"config key '{key}' from {source}: must not name an item twice, got {list(items)}"
+            )
+        return tuple(sorted(items))  # the schedule's order; as given, any order means the same
+    checked = _scalar(key, kind, value, source)
+    _check_rule(key, checked, source)
+    return checked
 
 
-def _type_name(hint: Any) -> str:
-    if typing.get_origin(hint) is tuple:
-        return f"a list of {typing.get_args(hint)[0].__name__}"
-    return hint.__name__ if isinstance(hint, type) else str(hint)
+def _scalar(key: str, kind: type, value: Any, source: str) -> Any:
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise _bad_type(key, value, source)
+        return value
+    if kind is str:
+        if not isinstance(value, str):
+            raise _bad_type(key, value, source)
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _bad_type(key, value, source)
+    if kind is int:
+        if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+            raise _bad_type(key, value, source)
+        return int(value)
+    return float(value)
 
 
-S3_KEYS = (
-    "s3_endpoint_url",
-    "s3_region",
-    "s3_max_attempts",
-    "s3_retry_mode",
-    "s3_connect_timeout",
-    "s3_read_timeout",
-)
+def _check_rule(key: str, value: Any, source: str) -> None:
+    r = rule(key)
+    where = f"config key '{key}' from {source}"
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: must be a finite number, got {value!r}")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        _check_bounds(key, value, source)
+    if not isinstance(value, str):
+        return
+    if r.choices and value not in r.choices:
+        raise ConfigError(f"{where}: must be one of {', '.join(r.choices)}, got {value!r}")
+    if r.nonempty and not value:
+        raise ConfigError(f"{where}: must not be empty, got ''")
+    if r.pattern and not re.search(r.pattern, value):
+        raise ConfigError(f"{where}: must be {r.pattern_help}, got {value!r}")
+    if r.s3_uri and re.search(S3_PREFIX, value) and not re.search(S3_URI, value):
+        raise ConfigError(
+            f"{where}: must be an s3://BUCKET/KEY URI with a valid bucket name "
+            f"(up to 63 of a-z 0-9 . -), got {value!r}"
+        )
+
+
+def _check_bounds(key: str, value: float, source: str, what: str = "") -> None:
+    r = rule(key)
+    low_ok = r.minimum is None or (value > r.minimum if r.exclusive_minimum else value >= r.minimum)
+    high_ok = r.maximum is None or (
+        value < r.maximum if r.exclusive_maximum else value <= r.maximum
+    )
+    if not (low_ok and high_ok):
+        raise ConfigError(
+            f"config key '{key}' from {source}: {what}must be {r.bounds_text()}, got {value!r}"
+        )
+
+
+def _type_name(kind: Any) -> str:
+    if typing.get_origin(kind) is tuple:
+        return f"a list of {typing.get_args(kind)[0].__name__}"
+    return kind.__name__ if isinstance(kind, type) else str(kind)
+
+
+def check_uri(name: str, value: str) -> str:
+    """A path or s3:// URI given outside Config (prepare's DEST, evaluate's --data): the
+    data key's rule, reported under ``name``."""
+    try:
+        _check_rule("data", value, name)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("config key 'data' from ", "")) from e
+    return value
+
+
+# --- the command line -------------------------------------------------------------------------
+
+S3_KEYS = tuple(name for name in FIELDS if rule(name).group == "S3")
 
 
 def add_arguments(parser: argparse.ArgumentParser, keys: Sequence[str] | None = None) -> None:
-    """One flag per Config field (or per one of ``keys``, for commands that take only a few
-    and no config file); defaults are suppressed so only given flags count."""
+    """One flag per Config field, in an argument group per Rule.group (or, for commands that
+    take only a few keys and no config file, one per key of ``keys``). Defaults are
+    suppressed so only given flags count; the help shows the real default instead."""
     if keys is None:
-        parser.add_argument("--config", metavar="FILE", help="YAML file of config keys")
-    for name, f in FIELDS.items():
+        parser.add_argument(
+            "--config",
+            metavar="FILE",
+            default=argparse.SUPPRESS,
+            help=f"YAML file of config keys [{ENV_PREFIX}CONFIG]",
+        )
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name in FIELDS:
         if keys is not None and name not in keys:
             continue
-        flag = "--" + name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {_default(f)!r})"
-        if _HINTS[name] is bool:
-            parser.add_argument(
-                flag,
-                dest=name,
-                action=argparse.BooleanOptionalAction,
-                default=argparse.SUPPRESS,
-                help=help_text,
-            )
-        else:
-            parser.add_argument(
-                flag,
-                dest=name,
-                default=argparse.SUPPRESS,
-                metavar=_metavar(name),
-                choices=f.metadata["choices"],
-                help=help_text,
-            )
+        r = rule(name)
+        if r.group not in groups:
+            groups[r.group] = parser.add_argument_group(f"{r.group} options")
+        _add_flag(groups[r.group], name)
 
 
-def _default(f: dataclasses.Field[Any]) -> Any:
-    return f.default
+def _add_flag(group: argparse._ArgumentGroup, name: str) -> None:
+    common: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text(name)}
+    if hint(name) is bool:
+        group.add_argument(flag(name), action=argparse.BooleanOptionalAction, **common)
+    else:
+        # No argparse choices/type: Config checks every source alike and says so in one line.
+        group.add_argument(flag(name), metavar=_metavar(name), **common)
+
+
+def help_text(name: str) -> str:
+    """The field's help, its choices, and its default (or 'required') and variable."""
+    r = rule(name)
+    parts = [r.help]
+    if r.choices:
+        parts.append(f"one of: {', '.join(r.choices)}")
+    if r.bounds_text():
+        parts.append(r.bounds_text())
+    if r.required:
+        parts.append("required unless --synthetic" if name == "data" else "required")
+    else:
+        parts.append(f"default: {show_default(name)}")
+    # argparse formats help with %: a literal percent sign would need doubling.
+    return "; ".join(parts).replace("%", "%%") + f" [{env_var(name)}]"
+
+
+def show_default(name: str) -> str:
+    """The default as one would type it: on/off, comma lists, '' for empty strings."""
+    value = FIELDS[name].default
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if value == "":
+        return "''"
+    return str(value)
 
 
 def _metavar(name: str) -> str:
-    hint = _HINTS[name]
-    return "A,B,.." if typing.get_origin(hint) is tuple else _type_name(hint).upper()
+    kind = hint(name)
+    if rule(name).choices and len(rule(name).choices or ()) <= 4:
+        return "{" + ",".join(rule(name).choices or ()) + "}"
+    if typing.get_origin(kind) is tuple:
+        return "N,N,..."
+    if rule(name).s3_uri:
+        return "PATH|S3URI"
+    if rule(name).pattern in (URL, HOST):
+        return "URL" if rule(name).pattern == URL else "HOST"
+    return {int: "N", float: "X", str: "NAME"}.get(kind, "VALUE")
 
 
-def flag_values(flags: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
-    """``keys`` from parsed flags (added with ``add_arguments(parser, keys)``), typed, with
-    Config's defaults for the flags not given."""
-    return {
-        k: coerce(k, flags[k], "--" + k.replace("_", "-")) if k in flags else FIELDS[k].default
-        for k in keys
-    }
+def flag_values(
+    flags: Mapping[str, Any], keys: Sequence[str], environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """``keys`` from parsed flags (added with ``add_arguments(parser, keys)``), else from
+    their FINETUNE_* variables, else Config's defaults; typed and checked."""
+    environ = os.environ if environ is None else environ
+    out = {}
+    for k in keys:
+        if k in flags:
+            out[k] = coerce(k, flags[k], flag(k), text=True)
+        elif env_var(k) in environ:
+            out[k] = coerce(k, environ[env_var(k)], f"environment variable {env_var(k)}", True)
+        else:
+            out[k] = FIELDS[k].default
+    return out
+
+
+# --- whole configs ----------------------------------------------------------------------------
+
+
+def from_mapping(values: Mapping[str, Any], source: str) -> Config:
+    """A Config from a mapping of typed values (a YAML file, the chart's ``training``
+    values), every key checked and named with ``source`` when it is bad."""
+    return Config(**_typed(values, source))
+
+
+def _typed(values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    out = {}
+    for key, value in values.items():
+        name = key.replace("-", "_") if isinstance(key, str) else key
+        if not isinstance(name, str):
+            raise ConfigError(f"config key {key!r} in {source} is not a name")
+        out[name] = coerce(name, value, source, text=False)
+    return out
 
 
 def load(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
@@ -244,20 +620,14 @@ def load(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> 
     values: dict[str, Any] = {}
     path = flags.get("config") or environ.get(ENV_PREFIX + "CONFIG")
     if path:
-        values.update(_from_yaml(path))
+        values.update(_typed(_from_yaml(path), f"config file {path}"))
     for var, raw in environ.items():
         if var.startswith(ENV_PREFIX) and var != ENV_PREFIX + "CONFIG":
             key = var[len(ENV_PREFIX) :].lower()
-            values[key] = coerce(key, raw, f"environment variable {var}")
+            values[key] = coerce(key, raw, f"environment variable {var}", text=True)
     for key, raw in flags.items():
         if key in FIELDS:
-            values[key] = coerce(key, raw, "--" + key.replace("_", "-"))
-    for key, value in values.items():
-        choices = FIELDS[key].metadata["choices"]
-        if choices and value not in choices:
-            raise ConfigError(
-                f"config key '{key}' must be one of {', '.join(choices)}; got {value!r}"
-            )
+            values[key] = coerce(key, raw, flag(key), text=True)
     return Config(**values)
 
 
@@ -267,13 +637,12 @@ def _from_yaml(path: str) -> dict[str, Any]:
             doc = yaml.safe_load(fh)
     except OSError as e:
         raise ConfigError(f"config file {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from e
     if doc is None:
         return {}
     if not isinstance(doc, dict):
         raise ConfigError(f"config file {path} must hold a mapping of config keys")
-    return {
-        key.replace("-", "_"): coerce(key.replace("-", "_"), value, f"config file {path}")
-        for key, value in doc.items()
-    }
+    return doc

@@ -8,7 +8,9 @@ Layout written under DEST (local or ``s3://``)::
 
 Images are resized so the shorter side is ``resize`` (small images are enlarged; nothing is
 cropped) and re-encoded as JPEG, in parallel over the cores. The train/val split is
-deterministic for a seed. An unreadable image file is skipped and named in the log.
+deterministic for a seed. An unreadable image file is skipped and named in the log. So is
+an image whose header claims more than ``max_pixels`` pixels (50 MP by default): it is never
+decoded, so a decompression bomb cannot take the machine's memory.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import cv2
+import imagesize
 
 from job import storage as st
 from job.augment import resize_shorter
@@ -34,6 +37,7 @@ from job.storage import Storage
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+MAX_PIXELS = 50_000_000
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 
@@ -77,17 +81,32 @@ def split(items: list[Item], val_fraction: float, seed: int) -> dict[str, list[I
     return out
 
 
-def encode(job: tuple[str, int, int]) -> bytes | None:
-    path, resize, quality = job
+@dataclass(frozen=True)
+class Skip:
+    """Why an image file is left out."""
+
+    reason: str
+    too_large: bool = False
+
+
+def encode(job: tuple[str, int, int, int]) -> bytes | Skip:
+    """The image as a resized JPEG, or why it is skipped. The size comes from the file's
+    header first: an image over ``max_pixels`` is never decoded."""
+    path, resize, quality, max_pixels = job
+    width, height = imagesize.get(path)
+    if width <= 0 or height <= 0:
+        return Skip("not a readable image (no image size in its header)")
+    if width * height > max_pixels:
+        return Skip(f"{width}x{height} pixels is over --max-pixels {max_pixels}", too_large=True)
     img = cv2.imread(path, cv2.IMREAD_COLOR)
     if img is None:
-        return None
+        return Skip("not a readable image")
     ok, buf = cv2.imencode(
         ".jpg",
         resize_shorter(img, resize, enlarge=cv2.INTER_CUBIC),
         [cv2.IMWRITE_JPEG_QUALITY, quality],
     )
-    return buf.tobytes() if ok else None
+    return buf.tobytes() if ok else Skip("cannot be encoded as JPEG")
 
 
 def prepare(
@@ -102,9 +121,13 @@ def prepare(
     workers: int = 0,
     seed: int = 0,
     verify: bool = False,
+    max_pixels: int = MAX_PIXELS,
 ) -> dict:
-    if resize < 16 or shard_size < 1 or not 1 <= quality <= 100:
-        raise InputError("prepare: --resize must be >= 16, --shard-size >= 1, --quality 1..100")
+    if resize < 16 or shard_size < 1 or not 1 <= quality <= 100 or max_pixels < 1:
+        raise InputError(
+            "prepare: --resize must be >= 16, --shard-size >= 1, --quality 1..100, "
+            "--max-pixels >= 1"
+        )
     classes, items = list_images(src)
     splits = split(items, val_fraction, seed)
     storage.check_bucket(dest)  # fail now, not after encoding the first shard
@@ -115,45 +138,52 @@ def prepare(
         "quality": quality,
         "splits": {},
         "skipped_files": [],
+        "skipped_over_max_pixels": 0,
+        "max_pixels": max_pixels,
     }
     workers = workers or os.cpu_count() or 1
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(workers) as pool, tempfile.TemporaryDirectory(prefix="finetune-prep-") as tmp:
         for name in SPLITS:
-            jobs = [(i.path, resize, quality) for i in splits[name]]
+            jobs = [(i.path, resize, quality, max_pixels) for i in splits[name]]
             encoded = pool.imap(encode, jobs, chunksize=8)
             shards, skipped = _write_split(
                 name, splits[name], encoded, dest, storage, tmp, shard_size
             )
             manifest["splits"][name] = {"count": sum(s["count"] for s in shards), "shards": shards}
-            manifest["skipped_files"] += skipped
-    for path in manifest["skipped_files"]:
-        log.warning("prepare: skipped %s: not a readable image", path)
+            for path, skip in skipped:
+                log.warning("prepare: skipped %s: %s", path, skip.reason)
+                manifest["skipped_files"].append(path)
+                manifest["skipped_over_max_pixels"] += skip.too_large
     if verify:
         verify_dataset(dest, manifest, storage)
     # The manifest goes last: a reader never sees a half-written dataset.
     storage.write_bytes(st.join(dest, MANIFEST), json.dumps(manifest, indent=1).encode())
     log.info(
-        "prepare: %s → %s: %d classes, %d train / %d val images in %d shards",
+        "prepare: %s → %s: %d classes, %d train / %d val images in %d shards; "
+        "%d files skipped, %d of them over --max-pixels %d",
         src,
         dest,
         len(classes),
         manifest["splits"]["train"]["count"],
         manifest["splits"]["val"]["count"],
         sum(len(s["shards"]) for s in manifest["splits"].values()),
+        len(manifest["skipped_files"]),
+        manifest["skipped_over_max_pixels"],
+        max_pixels,
     )
     return manifest
 
 
 def _write_split(
     name: str, items: list[Item], encoded, dest: str, storage: Storage, tmp: str, shard_size: int
-) -> tuple[list[dict], list[str]]:
+) -> tuple[list[dict], list[tuple[str, Skip]]]:
     """Pack one split's encoded images into shards; returns (shards, skipped files)."""
     writer = _ShardWriter(name, dest, storage, tmp)
-    skipped: list[str] = []
+    skipped: list[tuple[str, Skip]] = []
     for item, jpeg in zip(items, encoded, strict=True):
-        if jpeg is None:
-            skipped.append(item.path)
+        if isinstance(jpeg, Skip):
+            skipped.append((item.path, jpeg))
             continue
         writer.add(item.label, jpeg)
         if writer.count == shard_size:

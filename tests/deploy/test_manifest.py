@@ -168,7 +168,7 @@ def test_run_gets_its_own_name_output_config_and_labels():
     [
         ({"output": ""}, "training.output .* is required"),
         ({"epochs": "many"}, "values training: config key 'epochs'"),
-        ({"model": "vgg16"}, "config key 'model' must be one of"),
+        ({"model": "vgg16"}, "config key 'model' from values training: must be one of"),
         ({"no_such_key": 1}, "unknown config key 'no_such_key'"),
         ({"data": ""}, "config key 'data' is required"),
     ],

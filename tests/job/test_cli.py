@@ -44,7 +44,11 @@ def test_train_help_lists_every_config_key(capsys):
             {},
             "config key 'epochs' from --epochs: expected int, got 'x'",
         ),
-        (["train", "--synthetic"], {}, "config key 'output' is required"),
+        (
+            ["train", "--synthetic"],
+            {},
+            "config key 'output' is required (--output, FINETUNE_OUTPUT or the config file)",
+        ),
         (
             ["train", "--output", "o", "--synthetic"],
             {"FINETUNE_EPOHCS": "3"},
