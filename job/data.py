@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import posixpath
 import queue
 import random
 import struct
@@ -75,26 +76,82 @@ def load_dataset(root: str, storage: Storage) -> Dataset:
             storage.check_bucket(uri)  # a missing bucket is named as such
             raise InputError(f"{uri}: no dataset manifest (run `finetune-job prepare` first)")
         doc = json.loads(storage.read_bytes(uri))
-        splits = {
-            name: [
-                Shard(
-                    st.join(root, s["rec"]),
-                    st.join(root, s["idx"]),
-                    int(s["count"]),
-                    s.get("sha256", ""),
-                )
-                for s in split["shards"]
-            ]
-            for name, split in doc["splits"].items()
-        }
-        dataset = Dataset(root, list(doc["classes"]), int(doc["resize"]), splits)
     except StorageError as e:
         raise InputError(str(e)) from e
-    except (KeyError, TypeError, ValueError) as e:
-        raise InputError(f"{uri}: not a dataset manifest ({type(e).__name__}: {e})") from e
+    except (UnicodeDecodeError, ValueError) as e:
+        raise InputError(f"{uri}: not a dataset manifest (not JSON: {e})") from e
+    dataset = parse_manifest(doc, root, uri)
     if not dataset.count("train"):
         raise InputError(f"{uri}: the dataset has no training images")
     return dataset
+
+
+def parse_manifest(doc: Any, root: str, uri: str) -> Dataset:
+    """The Dataset a manifest describes; anything that would misbehave later (a shard path
+    outside the dataset root, a count that is not a whole number, ...) is an InputError
+    naming the manifest and the entry."""
+
+    def bad(what: str) -> InputError:
+        return InputError(f"{uri}: not a valid dataset manifest: {what}")
+
+    if not isinstance(doc, dict):
+        raise bad("not a JSON object")
+    classes = doc.get("classes")
+    if (
+        not isinstance(classes, list)
+        or len(classes) < 2
+        or not all(isinstance(c, str) and c for c in classes)
+        or len(set(classes)) != len(classes)
+    ):
+        raise bad(f"'classes' must list 2 or more distinct names, got {classes!r:.200}")
+    resize = doc.get("resize")
+    if not _whole(resize) or resize < 1:
+        raise bad(f"'resize' must be a positive integer, got {resize!r}")
+    splits_doc = doc.get("splits")
+    if not isinstance(splits_doc, dict) or "train" not in splits_doc:
+        raise bad("'splits' must hold at least 'train'")
+    splits = {name: _shards(split, name, root, bad) for name, split in splits_doc.items()}
+    splits.setdefault("val", [])
+    return Dataset(root, list(classes), int(resize), splits)
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _shards(split: Any, name: str, root: str, bad: Any) -> list[Shard]:
+    if not isinstance(split, dict) or not isinstance(split.get("shards"), list):
+        raise bad(f"split '{name}' has no list of shards")
+    shards = []
+    for i, s in enumerate(split["shards"]):
+        where = f"split '{name}' shard {i}"
+        if not isinstance(s, dict):
+            raise bad(f"{where} is not an object")
+        count = s.get("count")
+        if not _whole(count) or count < 0:
+            raise bad(f"{where}: 'count' must be a whole number >= 0, got {count!r}")
+        sha = s.get("sha256", "")
+        if not isinstance(sha, str):
+            raise bad(f"{where}: 'sha256' must be a string, got {sha!r}")
+        paths = [_inside(root, s.get(key), f"{where} '{key}'", bad) for key in ("rec", "idx")]
+        shards.append(Shard(paths[0], paths[1], count, sha))
+    return shards
+
+
+def _inside(root: str, rel: Any, where: str, bad: Any) -> str:
+    """``root``/``rel``, where rel must stay inside the dataset root: a relative path with
+    no '..' part, no scheme and no control characters."""
+    ok = (
+        isinstance(rel, str)
+        and rel
+        and not rel.startswith(("/", "\\"))
+        and "://" not in rel
+        and ".." not in posixpath.normpath(rel).split("/")
+        and not any(ord(ch) < 32 or ord(ch) == 127 for ch in rel)
+    )
+    if not ok:
+        raise bad(f"{where} must be a path inside the dataset root, got {rel!r:.200}")
+    return st.join(root, rel)
 
 
 def assign_shards(
@@ -456,6 +513,7 @@ class Loader:
                     )
                     continue
                 label = float(np.ravel(header.label)[0])  # a scalar, or the first of a vector
+                self._check_label(label, piece, record)
                 yielded += 1
                 yield Sample(int(label), jpeg, piece.shard.uri, record.offset)
             if not self.train:
@@ -466,6 +524,17 @@ class Loader:
                     f"share of rank {self.rank}"
                 )
             # Training: fill the epoch's last batches with the share's first records again.
+
+    def _check_label(self, label: float, piece: Piece, record: Record) -> None:
+        """A label must name one of the manifest's classes; one that does not means the
+        class list and the shards disagree, and training on it would be silently wrong."""
+        classes = len(self.dataset.classes)
+        if not (label.is_integer() and 0 <= label < classes):
+            raise InputError(
+                f"{piece.shard.uri}: the record at byte {record.offset} has label {label:g}, "
+                f"but the manifest lists {classes} classes (labels 0..{classes - 1}); the "
+                "class list disagrees with the shards: run finetune-job prepare again"
+            )
 
     def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[Batch]:
         """Training batches of ``epoch`` (``steps_per_epoch`` of them) or all eval batches."""

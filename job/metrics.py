@@ -158,9 +158,10 @@ class Metrics:
 
         try:
             self._server, _ = start_http_server(port, addr=address, registry=self.registry)
-        except OSError as e:
+        except (OSError, OverflowError) as e:  # OverflowError: port + local rank > 65535
+            reason = getattr(e, "strerror", None) or e
             raise InputError(
-                f"metrics_port: cannot serve /metrics on {address}:{port}: {e.strerror or e}"
+                f"metrics_port: cannot serve /metrics on {address}:{port}: {reason}"
             ) from e
         return int(self._server.server_port)
 

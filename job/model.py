@@ -10,6 +10,7 @@ Xavier-initialised and learns at ``head_lr_mult`` times the base rate.
 from __future__ import annotations
 
 import logging
+import os
 
 import mxnet as mx
 from mxnet import gluon
@@ -66,23 +67,72 @@ def _from_zoo(name: str, ctx: mx.Context) -> gluon.HybridBlock:
 
 
 def load_params_file(name: str, uri: str, ctx: mx.Context, storage: Storage) -> gluon.HybridBlock:
-    """A ``save_parameters`` file of ``name`` (zoo files and this job's model.params are)."""
+    """A ``save_parameters`` file of ``name`` (zoo files and this job's model.params are).
+
+    Each way a file can be wrong is one line: not a parameters file at all (text, empty,
+    truncated), not a ResNet's, or another architecture's (parameter names differ).
+    """
     try:
         with storage.local_copy(uri) as path:
-            arrays = mx.nd.load(path)
-            if not isinstance(arrays, dict) or "output.weight" not in arrays:
-                raise InputError(
-                    f"--pretrained {uri}: not a save_parameters file of a ResNet (no output.weight)"
-                )
-            source = vision.get_model(name, classes=int(arrays["output.weight"].shape[0]))
+            arrays = _read_arrays(path, uri)
+            source = vision.get_model(name, classes=_output_classes(arrays, uri))
+            _check_names(source, arrays, name, uri)
             source.load_parameters(path, ctx=ctx)
     except StorageError as e:
         raise InputError(f"--pretrained {uri}: {e}") from e
     except (AssertionError, mx.MXNetError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise InputError(f"--pretrained {uri}: does not fit {name}: {first[:300]}") from e
+        raise InputError(f"--pretrained {uri}: does not fit {name}: {_reason(e)}") from e
     log.info("pretrained features from %s", uri)
     return source
+
+
+def _read_arrays(path: str, uri: str) -> dict[str, mx.nd.NDArray]:
+    size = os.path.getsize(path)
+    try:
+        arrays = mx.nd.load(path)
+    except mx.MXNetError as e:
+        raise InputError(
+            f"--pretrained {uri}: not an MXNet parameters file ({size} bytes; empty, "
+            "truncated or another format)"
+        ) from e
+    if not isinstance(arrays, dict):
+        raise InputError(f"--pretrained {uri}: not a save_parameters file (arrays have no names)")
+    return arrays
+
+
+def _output_classes(arrays: dict[str, mx.nd.NDArray], uri: str) -> int:
+    weight = arrays.get("output.weight")
+    if weight is None or weight.ndim != 2 or weight.shape[0] < 1:
+        raise InputError(
+            f"--pretrained {uri}: not a save_parameters file of a ResNet (no 2-D output.weight)"
+        )
+    return int(weight.shape[0])
+
+
+def _check_names(
+    source: gluon.Block, arrays: dict[str, mx.nd.NDArray], name: str, uri: str
+) -> None:
+    """Another architecture's file has other parameter names (or other shapes, which
+    load_parameters reports)."""
+    expected = set(source._collect_params_with_prefix())  # noqa: SLF001 - the names save_parameters writes
+    missing, extra = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
+    if missing or extra:
+        example = f"lacks {missing[0]!r}" if missing else f"has {extra[0]!r}"
+        raise InputError(
+            f"--pretrained {uri}: parameters of another network than {name} (the file "
+            f"{example}; {len(missing)} missing, {len(extra)} unexpected); use the --model "
+            "it was trained as"
+        )
+
+
+def _reason(e: BaseException) -> str:
+    """The message line that says what is wrong (MXNet's errors carry a C++ backtrace)."""
+    lines = [
+        line.strip()
+        for line in str(e).splitlines()
+        if line.strip() and not line.startswith((" ", "Traceback", "[bt]", "Stack trace"))
+    ]
+    return (lines[-1] if lines else type(e).__name__)[:300]
 
 
 def count_parameters(block: gluon.Block) -> int:
