@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import typing
 
+import config_cases
 import pytest
 import yaml
 from chart_tools import CHART, HelmError, lint, render
@@ -167,3 +169,69 @@ def test_the_chart_defaults_alone_fail_naming_data_and_output(helm):
 def test_synthetic_runs_need_no_data(helm):
     docs = render(helm, {"training": {"synthetic": True, "output": "s3://runs/smoke"}})
     assert any(d["kind"] == "MPIJob" for d in docs)
+
+
+# --- the training block is generated from job.config, and rejects what the job rejects -----
+
+
+def test_committed_training_schema_is_the_generated_one():
+    from job import schema
+
+    text = (CHART / "values.schema.json").read_text(encoding="utf-8")
+    assert schema.render(text) == text, "values.schema.json is stale: run `make schema`"
+
+
+def _schema_errors(stderr: str) -> set[str]:
+    """Training keys that helm lint's schema errors name ("- at '/training/KEY...': ...")."""
+    return set(re.findall(r"- at '/training/(\w+)", stderr))
+
+
+def _by_kind(cases):
+    kinds: dict[str, list] = {}
+    for case in cases:
+        kinds.setdefault(case.kind, []).append(case)
+    return kinds
+
+
+# Non-finite floats cannot be written as JSON: helm refuses the file before the schema.
+FINITE_CASES = [
+    c for c in config_cases.all_bad_cases() if c.kind not in ("nan", "inf", "minus-inf")
+]
+KIND_BATCHES = _by_kind(FINITE_CASES)
+
+
+@pytest.mark.parametrize("kind", sorted(KIND_BATCHES))
+def test_helm_lint_rejects_each_bad_training_value(helm, kind):
+    """One lint per kind of bad value, every key with that kind in it; helm reports each."""
+    cases = KIND_BATCHES[kind]
+    with pytest.raises(HelmError) as err:
+        lint(helm, _merged({"training": {case.key: case.value for case in cases}}))
+    assert _schema_errors(err.value.stderr) >= {case.key for case in cases}, err.value.stderr
+
+
+NONFINITE = [
+    (key, value)
+    for i, key in enumerate(
+        k for k in config_cases.KEYS if typing.get_type_hints(job_config.Config)[k] is float
+    )
+    for value in [(math.nan, math.inf, -math.inf)[i % 3]]
+]
+
+
+@pytest.mark.parametrize(("key", "value"), NONFINITE, ids=[f"{k}-{v}" for k, v in NONFINITE])
+def test_helm_refuses_non_finite_training_floats(helm, key, value):
+    with pytest.raises(HelmError, match=r"unsupported value: [-+]?(NaN|Inf)"):
+        lint(helm, _merged({"training": {key: value}}))
+
+
+@pytest.mark.parametrize("edge", ["at-min", "at-max"])
+def test_helm_lint_accepts_every_training_value_on_a_bound(helm, edge):
+    training = {
+        key: value
+        for key in config_cases.KEYS
+        for name, value in config_cases.edge_values(key)
+        if name == edge
+    }
+    assert training
+    lint(helm, _merged({"training": training}))
+    job_config.from_mapping({**REQUIRED["training"], **training}, "values training")
