@@ -107,3 +107,120 @@ def test_prepare_takes_the_s3_keys_of_the_config_typed(launch_env, shape_images,
 
     assert flag_values({"s3_read_timeout": "2.5"}, S3_KEYS)["s3_read_timeout"] == 2.5
     assert flag_values({}, S3_KEYS)["s3_max_attempts"] == 5
+
+
+# --- the CLI explains itself ------------------------------------------------------------------
+
+
+def _help(capsys, *command):
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args([*command, "--help"])
+    assert info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_version_comes_from_the_package_metadata(capsys):
+    from importlib.metadata import version
+
+    import job
+    from job.cli import main
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"finetune-job {version('finetune-job')}"
+    assert job.__version__ == version("finetune-job")
+
+
+@pytest.mark.parametrize("command", [(), ("train",), ("prepare",), ("evaluate",)])
+def test_help_has_no_restructuredtext_backticks(capsys, command):
+    assert "`" not in _help(capsys, *command)
+
+
+def test_train_help_groups_every_option_by_its_field_group(capsys):
+    from job import config
+
+    out = _help(capsys, "train")
+    sections = {}
+    for block in out.split("\n\n"):
+        title, _, body = block.partition(":\n")
+        sections[title.strip()] = body
+    for name in config.FIELDS:
+        group = config.rule(name).group
+        assert config.flag(name) in sections[f"{group} options"], (name, group)
+    assert [s.removesuffix(" options") for s in sections if s.endswith(" options")] == [
+        *config.GROUPS
+    ]
+
+
+def test_train_help_shows_choices_real_defaults_variables_and_required(capsys):
+    out = " ".join(_help(capsys, "train").split())  # argparse wraps lines anywhere
+    assert "one of: cosine, step; default: cosine [FINETUNE_LR_SCHEDULE]" in out
+    assert "one of: auto, never; default: auto [FINETUNE_RESUME]" in out
+    assert "one of: text, json; default: text" in out
+    assert "resnet152_v2; default: resnet18_v2 [FINETUNE_MODEL]" in out
+    assert "default: 30,60,90 [FINETUNE_LR_STEPS]" in out
+    assert "default: off [FINETUNE_TTA]" in out
+    assert "required unless --synthetic [FINETUNE_DATA]" in out
+    assert "required [FINETUNE_OUTPUT]" in out
+    assert "default: ''" not in out.split("--synthetic")[0]  # not for data/output
+
+
+def test_train_epilog_explains_variables_and_precedence(capsys):
+    out = _help(capsys, "train")
+    epilog = out.split("where values come from, highest first:")[1]
+    order = ["the options above", "FINETUNE_<KEY>", "--config or FINETUNE_CONFIG", "defaults"]
+    positions = [epilog.index(text) for text in order]
+    assert positions == sorted(positions)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--epochz", "3"], "finetune-job train: error: unrecognized arguments: --epochz"),
+        (["train", "--data"], "finetune-job train: error: argument --data: expected one argument"),
+        (["prepare", "src"], "finetune-job prepare: error: the following arguments are required"),
+        (["prepare", "a", "b", "--resize", "3"], "argument --resize: must be in [16, 8192]"),
+        (["prepare", "a", "b", "--max-pixels", "0"], "argument --max-pixels: must be in [1,"),
+        (["prepare", "a", "b", "--val-fraction", "1"], "argument --val-fraction: must be in"),
+        (["evaluate", "--data", "d", "--model", "m", "--batch-size", "x"], "expected int, got 'x'"),
+        (["nosuch"], "finetune-job: error: argument COMMAND: invalid choice: 'nosuch'"),
+        ([], "finetune-job: error: the following arguments are required: COMMAND"),
+    ],
+    ids=[
+        "unknown-option",
+        "missing-value",
+        "missing-dest",
+        "resize",
+        "max-pixels",
+        "val-fraction",
+        "batch-size",
+        "unknown-command",
+        "no-command",
+    ],
+)
+def test_usage_errors_are_one_line_with_a_help_hint(capsys, argv, message):
+    from job.cli import main
+
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    assert message in lines[0]
+    command = "finetune-job" + (f" {argv[0]}" if argv and argv[0] != "nosuch" else "")
+    assert lines[0].endswith(f"(see '{command} --help')")
+
+
+def test_a_usage_error_in_a_real_process_is_one_line(launch_env):
+    result = finetune("train", "--epochz", "3", env=launch_env)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "finetune-job train: error: unrecognized arguments: --epochz 3 "
+        "(see 'finetune-job train --help')"
+    ]
+
+
+def test_prepare_and_evaluate_read_the_s3_variables_too(monkeypatch):
+    from job.config import S3_KEYS, flag_values
+
+    values = flag_values({}, S3_KEYS, {"FINETUNE_S3_MAX_ATTEMPTS": "7"})
+    assert values["s3_max_attempts"] == 7
+    with pytest.raises(Exception, match="'s3_read_timeout' from environment variable"):
+        flag_values({}, S3_KEYS, {"FINETUNE_S3_READ_TIMEOUT": "inf"})
