@@ -24,7 +24,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NoReturn
 
 import job
@@ -76,7 +76,7 @@ class Parser(argparse.ArgumentParser):
             command.error(f"unrecognized arguments: {' '.join(extras)}")
         return ns, extras
 
-    _commands: dict[str, argparse.ArgumentParser] | None = None
+    _commands: Mapping[str, argparse.ArgumentParser] | None = None
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

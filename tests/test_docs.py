@@ -44,3 +44,9 @@ CHART_KEYS = json.loads((ROOT / "charts/finetune-job/values.schema.json").read_t
 @pytest.mark.parametrize("key", [k for k in CHART_KEYS if k != "global"])  # global: Helm's own
 def test_every_top_level_chart_value_is_in_the_values_table(key):
     assert re.search(rf"^\| `{key}[.`]", README, re.MULTILINE), key
+
+
+def test_the_configuration_table_is_generated_from_the_config():
+    from job import schema
+
+    assert schema.render_readme(README) == README, "README's key table is stale: make schema"

@@ -54,9 +54,24 @@ def test_config_file_can_come_from_env(tmp_path):
         ([], {}, "tta: maybe\n", r"'tta' from config file .*: expected bool"),
         ([], {}, "lr: [1]\n", r"'lr' from config file .*: expected float"),
         (["--lr-steps", "3,x"], {}, "", r"'lr_steps' from --lr-steps: expected a list of int"),
-        ([], {"FINETUNE_MODEL": "vgg16"}, "", r"'model' from environment variable FINETUNE_MODEL: must be one of resnet18_v1"),
-        (["--batch-size", "0"], {}, "", r"'batch_size' from --batch-size: must be >= 1 and <= 4096, got 0"),
-        (["--flip-prob", "1.5"], {}, "", r"'flip_prob' from --flip-prob: must be >= 0 and <= 1, got 1.5"),
+        (
+            [],
+            {"FINETUNE_MODEL": "vgg16"},
+            "",
+            r"'model' from environment variable FINETUNE_MODEL: must be one of resnet18_v1",
+        ),
+        (
+            ["--batch-size", "0"],
+            {},
+            "",
+            r"'batch_size' from --batch-size: must be >= 1 and <= 4096, got 0",
+        ),
+        (
+            ["--flip-prob", "1.5"],
+            {},
+            "",
+            r"'flip_prob' from --flip-prob: must be >= 0 and <= 1, got 1.5",
+        ),
     ],
     ids=[
         "unknown-env",
