@@ -119,9 +119,9 @@ def _check_names(
     if missing or extra:
         example = f"lacks {missing[0]!r}" if missing else f"has {extra[0]!r}"
         raise InputError(
-            f"--pretrained {uri}: parameters of another network than {name} (the file "
-            f"{example}; {len(missing)} missing, {len(extra)} unexpected); use the --model "
-            "it was trained as"
+            f"--pretrained {uri}: does not fit {name}: parameters of another network (the "
+            f"file {example}; {len(missing)} missing, {len(extra)} unexpected); use the "
+            "--model it was trained as"
         )
 
 

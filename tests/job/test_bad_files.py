@@ -81,7 +81,7 @@ PRETRAINED = {
     "text": "not an MXNet parameters file (30 bytes; empty, truncated or another format)",
     "empty": "not an MXNet parameters file (0 bytes; empty, truncated or another format)",
     "truncated": "not an MXNet parameters file (",
-    "other-network": "parameters of another network than resnet18_v1 (the file lacks",
+    "other-network": "does not fit resnet18_v1: parameters of another network (the file lacks",
 }
 
 

@@ -163,3 +163,52 @@ def test_bad_input_battery_in_real_processes(launch_env, tmp_path, argv, env, me
     assert len(result.stderr.splitlines()) == 1 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     assert not out.exists()  # nothing half-written
+
+
+@pytest.mark.slow
+def test_a_run_on_the_edges_of_the_rules_trains(tiny_dataset, tmp_path):
+    """Values on the bounds that once crashed the job, or could, in one short real run:
+    one-record shuffle buffer, smallest crop, batch of one, full jitter, largest seed."""
+    from job import train
+
+    cfg = c.Config(
+        data=tiny_dataset,
+        output=str(tmp_path / "out"),
+        pretrained="none",
+        model="resnet18_v1",
+        image_size=16,
+        batch_size=1,
+        epochs=1,
+        shuffle_buffer=1,
+        momentum=0.0,
+        wd=1.0,
+        lr_schedule="step",
+        lr_steps=(1,),
+        lr_decay=1.0,
+        warmup_epochs=0.0,
+        flip_prob=1.0,
+        brightness=1.0,
+        contrast=1.0,
+        saturation=1.0,
+        hue=0.5,
+        seed=c.SEED_MAX,
+        log_interval=1,
+        data_workers=1,
+        keep_checkpoints=1,
+        tta=True,
+        metrics_port=0,
+        head_lr_mult=0.0,
+    )
+    summary = train.run(cfg)
+    assert summary is not None and [h["epoch"] for h in summary["history"]] == [1]
+
+
+def test_a_metrics_port_past_65535_for_a_local_rank_is_one_line():
+    """metrics_port 65535 is valid, but local rank 1 would serve on 65536."""
+    from job.errors import InputError
+    from job.metrics import Metrics
+
+    with pytest.raises(
+        InputError, match=r"^metrics_port: cannot serve /metrics on 127.0.0.1:65536"
+    ):
+        Metrics(rank=1).serve("127.0.0.1", 65536)
