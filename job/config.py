@@ -252,6 +252,16 @@ def load(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> 
     for key, raw in flags.items():
         if key in FIELDS:
             values[key] = coerce(key, raw, "--" + key.replace("_", "-"))
+    return _build(values)
+
+
+def from_mapping(values: Mapping[str, Any], source: str) -> Config:
+    """A Config from a mapping of config keys (a chart's ``training`` values, a run's config
+    file), through the same checks as ``load``; ``source`` names it in errors."""
+    return _build({key: coerce(key, value, source) for key, value in values.items()})
+
+
+def _build(values: Mapping[str, Any]) -> Config:
     for key, value in values.items():
         choices = FIELDS[key].metadata["choices"]
         if choices and value not in choices:
