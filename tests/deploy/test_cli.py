@@ -190,11 +190,15 @@ def test_submit_wait_exit_codes(api, submit_args, tmp_path, capsys, steps, extra
         (["--set", "workers.replica=3"], "additional properties 'replica' not allowed"),
         (["--set", "training.epochs=lots"], "'/training/epochs': got string, want integer"),
         (["--values", "/nonexistent.yaml"], "/nonexistent.yaml"),
+        (["--values", "{tmp}/list.yaml"], "failed to parse {tmp}/list.yaml"),
     ],
-    ids=["unknown-key", "bad-training-value", "missing-values-file"],
+    ids=["unknown-key", "bad-training-value", "missing-values-file", "values-not-a-mapping"],
 )
-def test_bad_input_exits_2(api, submit_args, capsys, argv, message):
+def test_bad_input_exits_2(api, submit_args, tmp_path, capsys, argv, message):
+    (tmp_path / "list.yaml").write_text("[1, 2]\n")
+    argv = [a.format(tmp=tmp_path) for a in argv]
     assert run(*submit_args, *argv) == ExitCode.BAD_INPUT
+    message = message.format(tmp=tmp_path)
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not api.objects
