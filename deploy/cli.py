@@ -25,7 +25,7 @@ from deploy import constants as c
 from deploy import manifest
 from deploy.errors import BadInputError, DeployError, JobFailedError
 from job import registry
-from job.errors import GateError, InputError, JobError
+from job.errors import GateError, JobError
 from job.exitcodes import ExitCode
 
 SUBMIT_EXAMPLE = """example:
@@ -228,7 +228,7 @@ def guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
     def run(args: argparse.Namespace) -> int:
         try:
             return func(args)
-        except (DeployError, InputError, JobError) as e:
+        except JobError as e:  # DeployError and InputError among them
             return _fail(e, e.exit_code)
 
     return run
