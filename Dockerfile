@@ -78,14 +78,15 @@ RUN --mount=type=secret,id=ca \
     HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_PYTORCH=1 \
     pip wheel --no-build-isolation --no-cache-dir --no-deps -w /wheels "horovod==${HOROVOD_VERSION}"
 
-# Step 3: every other dependency as pyproject.toml pins it (MXNET_PACKAGE stands in for
+# Step 3: every other dependency of the job and of its [train] and [deploy] extras (the image
+# trains, and its CronJob submits), as pyproject.toml pins them (MXNET_PACKAGE stands in for
 # "mxnet"), installed into the venv that the runtime stage copies (Horovod's libraries without
 # their debug info: -40 MB).
 COPY pyproject.toml /src/
 RUN --mount=type=secret,id=ca \
     --mount=type=cache,target=/root/.cache/pip,sharing=locked \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
- && python -c 'import re, tomllib; deps = tomllib.load(open("/src/pyproject.toml", "rb"))["project"]["dependencies"]; print("\n".join(d for d in deps if re.split(r"[^A-Za-z0-9_.-]", d)[0].lower() not in ("mxnet", "horovod")))' \
+ && python -c 'import re, tomllib; p = tomllib.load(open("/src/pyproject.toml", "rb"))["project"]; deps = p["dependencies"] + p["optional-dependencies"]["train"] + p["optional-dependencies"]["deploy"]; print("\n".join(dict.fromkeys(d for d in deps if re.split(r"[^A-Za-z0-9_.-]", d)[0].lower() not in ("mxnet", "horovod"))))' \
       > /wheels/requirements.txt \
  && printf '%s\n' "${MXNET_PACKAGE}" "${NUMPY_PACKAGE}" "horovod==${HOROVOD_VERSION}" >> /wheels/requirements.txt \
  && pip wheel --find-links /wheels -w /wheels -r /wheels/requirements.txt \

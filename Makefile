@@ -56,13 +56,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 	    -w $(HOROVOD_DIR) "horovod==$(HOROVOD)"; \
 	fi
 	$(BIN)/pip install -q --no-deps $(HOROVOD_DIR)/horovod-*.whl
-	$(BIN)/pip install -q -e ".[test]"
+	# step 3: the job with both layers' extras (training, Kubernetes client) and the tests.
+	$(BIN)/pip install -q -e ".[train,deploy,test]"
 	$(BIN)/horovodrun --check-build | tee $(VENV)/horovod-check.txt
 	@for f in MXNet MPI Gloo; do grep -q "\[X\] $$f" $(VENV)/horovod-check.txt || \
 	  { echo "horovod was built without $$f support; remove $(HOROVOD_DIR) and retry" >&2; exit 1; }; done
 	touch $@
 
-install: $(VENV)/.installed  ## apt packages, .venv, MXNet, Horovod (cached wheel), the job
+install: $(VENV)/.installed  ## apt packages, .venv, MXNet, Horovod (cached wheel), the job with [train,deploy,test]
 
 demo: install  ## fine-tune on a generated dataset with 2 Horovod workers
 	$(BIN)/python -m job.demo

@@ -1,18 +1,12 @@
 """``finetune-job submit | status | logs | delete | list``: MPIJobs from pipelines.
 
-``job.cli`` calls :func:`register` to add these subcommands to ``finetune-job``.
+``job.cli`` calls :func:`register` to add these subcommands to ``finetune-job``. Nothing
+here imports the kubernetes package until a subcommand talks to a cluster.
 
-Exit codes (a pipeline can branch on them)::
-
-    0  succeeded: submitted (without --wait), or the run succeeded and passed the gate;
-       status: the job exists and has not failed; logs, delete, list: done
-    1  failed: the MPIJob failed, or it succeeded but failed the gate (--min-accuracy,
-       --not-worse; `latest` is left alone), or the API / storage failed unexpectedly
-    2  timed out: --timeout passed first (the MPIJob keeps running)
-    3  bad input: bad values or --set, unknown job (404), name taken (409), permission
-       denied (403), no usable kubeconfig; nothing was changed
-
-Every error is one line on stderr: ``finetune-job: error: ...``.
+``submit`` starts from the MPIJob that Helm rendered (``--from-manifest``, or ``helm
+template`` of ``--chart`` with ``--values``/``--set``) and changes only the run's fields
+(see ``deploy.manifest``). Exit codes: the one table, ``job.exitcodes`` (README, "Exit
+codes"). Every error is one line on stderr: ``finetune-job: error: ...``.
 """
 
 from __future__ import annotations
@@ -28,28 +22,30 @@ from typing import Any
 import yaml
 
 from deploy import constants as c
-from deploy import manifest, retrain
-from deploy.errors import (
-    EXIT_BAD_INPUT,
-    EXIT_FAILED,
-    EXIT_SUCCEEDED,
-    DeployError,
-    GateError,
-    JobFailedError,
-)
-from job.errors import InputError, JobError
+from deploy import manifest
+from deploy.errors import BadInputError, DeployError, JobFailedError
+from job import registry
+from job.errors import GateError, JobError
+from job.exitcodes import ExitCode
 
 SUBMIT_EXAMPLE = """example:
-  finetune-job submit --values prod.yaml --set training.epochs=5 --wait --timeout 21600 \\
-      --min-accuracy 0.9 --not-worse
-  finetune-job submit --values prod.yaml --set training.pretrained=s3://b/flowers/latest \\
-      --follow
-  finetune-job submit --values prod.yaml --dry-run      # print the MPIJob and ConfigMap
+  finetune-job submit --from-manifest flowers.yaml --wait --timeout 21600 \\
+      --min-accuracy 0.9 --not-worse      # flowers.yaml: helm template flowers CHART -f prod.yaml
+  finetune-job submit --values prod.yaml --set training.epochs=5 --follow   # runs helm template
+  finetune-job submit --from-manifest flowers.yaml --dry-run   # print the run's objects
 
-Each run writes to <training.output>/runs/<run name>/. With --wait, a run that succeeds and
-passes the gate becomes <training.output>/latest; its summary.json is printed.
-Exit codes: 0 succeeded, 1 failed (job or gate), 2 timed out, 3 bad input.
+The MPIJob is the one Helm rendered; submit changes only the run's name, labels, output and
+ConfigMap. Each run writes to <training.output>/runs/<run name>/. With --wait, a run that
+succeeds and passes the gate becomes <training.output>/latest; its summary.json is printed.
 """
+
+
+def exit_codes_epilog() -> str:
+    """The exit-code line of the help, from the one table."""
+    codes = ", ".join(f"{int(e)} {e.name.lower().replace('_', ' ')}" for e in ExitCode)
+    return f'exit codes (README, "Exit codes"): {codes}\n'
+
+
 STATUS_EXAMPLE = """example:
   finetune-job status finetune-job-20240601-030000-x7k2 -n ml
   finetune-job status finetune-job-20240601-030000-x7k2 --output json
@@ -73,8 +69,15 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "submit",
         help="submit a fine-tuning MPIJob (and wait for it)",
-        epilog=SUBMIT_EXAMPLE,
+        epilog=SUBMIT_EXAMPLE + exit_codes_epilog(),
         formatter_class=fmt,
+    )
+    p.add_argument(
+        "--from-manifest",
+        default="",
+        metavar="FILE",
+        help="the MPIJob and its config ConfigMap as Helm rendered them: `helm template` "
+        "output, multi-document YAML ('-': standard input)",
     )
     p.add_argument(
         "--values",
@@ -82,20 +85,30 @@ def register(sub: Any) -> None:
         action="append",
         default=[],
         metavar="FILE",
-        help="chart values file (repeatable; later wins)",
+        help="without --from-manifest: chart values file for `helm template` (repeatable)",
     )
     p.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="one value, e.g. training.epochs=5 (VALUE read as YAML; repeatable)",
+        help="without --from-manifest: one chart value for `helm template`, e.g. "
+        "training.epochs=5 (repeatable)",
     )
-    p.add_argument("--name-prefix", default="", help="run name prefix (default: full name)")
+    p.add_argument(
+        "--chart",
+        default=manifest.default_chart(),
+        metavar="DIR|URL",
+        help="the chart `helm template` renders (default: this checkout's charts/finetune-job)",
+    )
+    p.add_argument("--helm", default="helm", metavar="BINARY", help="the helm command")
+    p.add_argument(
+        "--name-prefix", default="", help="run name prefix (default: the rendered MPIJob's name)"
+    )
     p.add_argument(
         "--release",
         default=manifest.CHART,
-        help="release name for names and labels (values 'release' wins)",
+        help="with --values/--set: the release name `helm template` renders",
     )
     p.add_argument(
         "--schedule",
@@ -215,12 +228,8 @@ def guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
     def run(args: argparse.Namespace) -> int:
         try:
             return func(args)
-        except DeployError as e:
+        except JobError as e:  # DeployError and InputError among them
             return _fail(e, e.exit_code)
-        except InputError as e:
-            return _fail(e, EXIT_BAD_INPUT)
-        except JobError as e:
-            return _fail(e, EXIT_FAILED)
 
     return run
 
@@ -236,11 +245,26 @@ def _client(args: argparse.Namespace) -> Any:
     return MPIJobClient(args.namespace, kubeconfig=args.kubeconfig, context=args.context)
 
 
-def _storage(values: dict[str, Any]) -> Any:
+def _storage(rendered: manifest.Rendered) -> Any:
+    """Storage reaching S3 as the run's pods do (credentials: the standard AWS chain)."""
     from job.storage import S3Settings, Storage
 
-    s3 = values.get("s3") or {}
-    return Storage(S3Settings(endpoint_url=s3.get("endpoint") or "", region=s3.get("region") or ""))
+    endpoint, region = manifest.s3_endpoint_and_region(rendered)
+    return Storage(S3Settings(endpoint_url=endpoint, region=region))
+
+
+def _rendered(args: argparse.Namespace) -> manifest.Rendered:
+    """What Helm rendered: the given manifest, or `helm template` of the chart now."""
+    if args.from_manifest:
+        if args.values or args.set:
+            raise BadInputError(
+                "--values/--set go to `helm template`; with --from-manifest the manifest is "
+                "used as rendered (render it again with those values)"
+            )
+        return manifest.read(args.from_manifest)
+    return manifest.render(
+        args.chart, args.release, args.values, args.set, namespace=args.namespace, helm=args.helm
+    )
 
 
 def _note(msg: str) -> None:
@@ -249,31 +273,33 @@ def _note(msg: str) -> None:
 
 @guarded
 def submit(args: argparse.Namespace) -> int:
-    values = manifest.load_values(args.values, args.set)
-    release = manifest.Release.of(values, name=args.release)
-    storage = _storage(values)
-    pretrained = str(values["training"].get("pretrained") or "")
+    rendered = _rendered(args)
+    storage = _storage(rendered)
+    pretrained = str(rendered.training.get("pretrained") or "")
     resolved = None
-    if pretrained and retrain.is_latest_uri(pretrained):
-        resolved = retrain.resolve_pretrained(pretrained, storage, if_missing=args.first_pretrained)
+    if pretrained and registry.is_latest_uri(pretrained):
+        resolved = registry.resolve_pretrained(
+            pretrained, storage, if_missing=args.first_pretrained
+        )
         _note(f"pretrained {pretrained} -> {resolved}")
     run = manifest.build_run(
-        values, release, schedule=args.schedule, prefix=args.name_prefix, pretrained=resolved
+        rendered, schedule=args.schedule, prefix=args.name_prefix, pretrained=resolved
     )
     if args.dry_run:
         print(yaml.safe_dump_all([run.mpijob, run.config_map], sort_keys=False), end="")
-        return EXIT_SUCCEEDED
+        return ExitCode.OK
     client = _client(args)
     client.submit(run.mpijob, run.config_map)
     _note(f"submitted MPIJob {client.namespace}/{run.name}; output {run.output}")
     if not (args.wait or args.follow):
         print(run.name)  # stdout: the name alone; with --wait, stdout is the summary JSON
-        return EXIT_SUCCEEDED
-    return _wait_and_gate(args, client, storage, values, run)
+        return ExitCode.OK
+    root = str(rendered.training["output"])
+    return _wait_and_gate(args, client, storage, root, run)
 
 
 def _wait_and_gate(
-    args: argparse.Namespace, client: Any, storage: Any, values: dict[str, Any], run: manifest.Run
+    args: argparse.Namespace, client: Any, storage: Any, root: str, run: manifest.Run
 ) -> int:
     deadline = time.monotonic() + args.timeout
     if args.follow:
@@ -290,17 +316,17 @@ def _wait_and_gate(
         raise
     _save_logs(client, storage, run)
     _cleanup(args, client, run.name)
-    gate = retrain.Gate(min_accuracy=args.min_accuracy, not_worse=args.not_worse)
-    root = str(values["training"]["output"])
+    gate = registry.Gate(min_accuracy=args.min_accuracy, not_worse=args.not_worse)
     try:
-        summary, pointer = retrain.finish_run(storage, root, run.name, gate)
+        summary, pointer = registry.finish_run(storage, root, run.name, gate)
     except GateError as e:
         if e.summary is not None:
             print(json.dumps(e.summary, indent=2, sort_keys=True))
         raise
     print(json.dumps(summary, indent=2, sort_keys=True))
-    _note(f"{retrain.LATEST} -> {pointer['run']} ({retrain.METRIC} {pointer[retrain.METRIC]:.4f})")
-    return EXIT_SUCCEEDED
+    metric = registry.METRIC
+    _note(f"{registry.LATEST} -> {pointer['run']} ({metric} {pointer[metric]:.4f})")
+    return ExitCode.OK
 
 
 def _save_logs(client: Any, storage: Any, run: manifest.Run) -> None:
@@ -334,7 +360,7 @@ def status(args: argparse.Namespace) -> int:
             )
         if state.output:
             print(f"  output: {state.output}")
-    return EXIT_FAILED if state.failed else EXIT_SUCCEEDED
+    return ExitCode.FAILED if state.failed else ExitCode.OK
 
 
 @guarded
@@ -342,7 +368,7 @@ def logs(args: argparse.Namespace) -> int:
     client = _client(args)
     if args.follow:
         client.follow_logs(args.name, sys.stdout, time.monotonic() + args.timeout)
-        return EXIT_SUCCEEDED
+        return ExitCode.OK
     text = client.logs(args.name, tail_lines=args.tail)
     sys.stdout.write(text)
     if args.save:
@@ -350,7 +376,7 @@ def logs(args: argparse.Namespace) -> int:
 
         Storage().write_bytes(args.save, text.encode())
         _note(f"saved to {args.save}")
-    return EXIT_SUCCEEDED
+    return ExitCode.OK
 
 
 @guarded
@@ -358,11 +384,11 @@ def delete(args: argparse.Namespace) -> int:
     client = _client(args)
     client.delete(args.name)
     _note(f"deleted MPIJob {client.namespace}/{args.name}")
-    return EXIT_SUCCEEDED
+    return ExitCode.OK
 
 
 @guarded
 def list_jobs(args: argparse.Namespace) -> int:
     for state in _client(args).list_jobs(args.selector):
         print(f"{state.name:<52} {state.phase:<10} {state.schedule or '-':<20} {state.created}")
-    return EXIT_SUCCEEDED
+    return ExitCode.OK

@@ -13,7 +13,7 @@ Example::
     from deploy import manifest
 
     client = MPIJobClient(namespace="ml")           # in-cluster, else ~/.kube/config
-    run = manifest.build_run(values, schedule="nightly")
+    run = manifest.build_run(manifest.read("flowers.yaml"), schedule="nightly")  # helm template
     client.submit(run.mpijob, run.config_map)
     state = client.wait(run.name, timeout=6 * 3600)  # JobFailedError / JobTimeoutError
     print(client.logs(run.name))

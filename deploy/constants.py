@@ -51,8 +51,6 @@ CONFIG_KEY = "config.yaml"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
 CONFIG_VOLUME = "training-config"
 
-# Run names: the MPI Operator derives `<name>-launcher`, `<name>-worker-<i>` (pod hostnames,
-# DNS-1123 labels of at most 63 characters) and the `<name>-worker` Service (DNS-1035: starts
-# with a letter). Capping run names at 50 leaves room for `-worker-9999`.
+# Kubernetes object names (DNS-1123 labels). Run names are shorter, to leave room for the
+# names the MPI Operator derives from them: see job.registry.MAX_RUN_NAME.
 MAX_NAME = 63
-MAX_RUN_NAME = 50

@@ -1,7 +1,8 @@
 """Named failures of the Kubernetes side, each message naming ``namespace/name``.
 
-Every error carries the exit code the ``finetune-job`` subcommands return for it (see
-``deploy.cli``), and API failures are re-raised ``from`` the ``ApiException``.
+Every error carries its exit code from the one table, ``job.exitcodes``, and API failures
+are re-raised ``from`` the ``ApiException``. ``GateError`` is the registry's
+(``job.errors``), re-exported here for callers of the client.
 """
 
 from __future__ import annotations
@@ -9,24 +10,22 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from job.errors import JobError
+from job.errors import GateError, InputError, JobError
+from job.exitcodes import ExitCode
 
-EXIT_SUCCEEDED = 0
-EXIT_FAILED = 1
-EXIT_TIMEOUT = 2
-EXIT_BAD_INPUT = 3
+__all__ = ["GateError"]
 
 
 class DeployError(JobError):
     """A failure reported in one line; the base of every error below."""
 
-    exit_code = EXIT_FAILED
+    exit_code = ExitCode.FAILED
 
 
-class BadInputError(DeployError):
-    """Bad values, a bad ``--set``, a missing kubeconfig: nothing was submitted."""
+class BadInputError(DeployError, InputError):
+    """A bad manifest or values, a bad ``--set``, no kubeconfig: nothing was submitted."""
 
-    exit_code = EXIT_BAD_INPUT
+    exit_code = ExitCode.BAD_INPUT
 
 
 class JobFailedError(DeployError):
@@ -40,33 +39,25 @@ class JobFailedError(DeployError):
 class JobTimeoutError(DeployError):
     """The deadline passed before the MPIJob succeeded or failed; it keeps running."""
 
-    exit_code = EXIT_TIMEOUT
-
-
-class GateError(DeployError):
-    """The run succeeded but its summary did not pass the gate; ``latest`` was not moved."""
-
-    def __init__(self, message: str, summary: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.summary = summary
+    exit_code = ExitCode.TIMED_OUT
 
 
 class NotFoundError(DeployError):
     """The object does not exist (HTTP 404)."""
 
-    exit_code = EXIT_BAD_INPUT
+    exit_code = ExitCode.BAD_INPUT
 
 
 class AlreadyExistsError(DeployError):
     """An object of that name exists already (HTTP 409)."""
 
-    exit_code = EXIT_BAD_INPUT
+    exit_code = ExitCode.BAD_INPUT
 
 
 class PermissionDeniedError(DeployError):
     """The API server refused the request for this identity (HTTP 401/403, RBAC)."""
 
-    exit_code = EXIT_BAD_INPUT
+    exit_code = ExitCode.BAD_INPUT
 
 
 class ApiError(DeployError):

@@ -1,21 +1,24 @@
-"""Chart values -> MPIJob (and its training-config ConfigMap), as pure functions.
+"""A Helm-rendered MPIJob -> one run of it: the small patcher behind ``finetune-job submit``.
 
-``build_mpijob`` builds exactly what ``charts/finetune-job/templates/mpijob.yaml`` renders from
-the same values (``tests/deploy/test_manifest_matches_chart.py`` renders the chart with the
-real ``helm`` and compares), so a pipeline can submit a run without Helm. ``build_run`` adds
-what a scheduled run needs on top:
+The chart is the only description of the MPIJob; nothing here knows its values. ``submit``
+starts from what Helm rendered (the MPIJob and the ConfigMap holding its ``config.yaml``):
 
-- a unique name, ``<prefix>-<UTC yyyymmdd-hhmmss>-<4 random>`` (``run_name``);
-- labels ``finetune-job/run`` and ``finetune-job/schedule`` on the MPIJob and its pods;
-- its own output, ``<training.output>/runs/<name>`` (annotation ``finetune-job/output``);
-- its own ConfigMap ``<name>-training`` with ``config.yaml`` (the run's ``training`` keys,
-  output replaced). ``MPIJobClient.submit`` creates it owned by the MPIJob, so it is
-  garbage-collected with it, and a run keeps the config it started with even when the
-  release's values change later.
+- the chart's CronJob mounts them as ``manifest.yaml`` (``templates/_run.tpl``, the same
+  templates a ``helm install`` renders);
+- ``--from-manifest FILE`` reads ``helm template`` (or ``helm get manifest``) output;
+- ``--values``/``--set`` run ``helm template`` on the chart first (``render``).
 
-Values are the chart's ``values.yaml`` keys (``DEFAULTS`` mirrors the ones used here), or
-what the chart's CronJob mounts for ``finetune-job submit`` (the same keys plus ``release``:
-name, fullname, serviceAccountName and labels resolved by Helm).
+``build_run`` then changes only what belongs to one run:
+
+- the name, ``<prefix>-<UTC yyyymmdd-hhmmss>-<4 random>`` (``job.registry.run_name``);
+- labels ``finetune-job/run`` and ``finetune-job/schedule`` on the MPIJob and its pods, and
+  ``app.kubernetes.io/managed-by: finetune-job-deploy`` (Helm does not manage the run);
+- its output, ``<training.output>/runs/<name>`` (annotation ``finetune-job/output``);
+- its own ConfigMap ``<name>-training``: the rendered ``config.yaml`` with that output (and
+  ``pretrained`` resolved from ``latest``), validated by ``job.config``; the pods mount it,
+  and their ``checksum/config`` is its hash. ``MPIJobClient.submit`` creates it owned by the
+  MPIJob (ownerReferences), so it is garbage-collected with it, and a run keeps the config it
+  started with even when the release's values change later.
 """
 
 from __future__ import annotations
@@ -25,258 +28,187 @@ import datetime as dt
 import hashlib
 import random
 import re
-import secrets
-import string
-from collections.abc import Mapping
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from deploy import constants as c
 from deploy.errors import BadInputError
-from deploy.retrain import run_output
+from job import config as config_mod
+from job import registry
 
 CHART = "finetune-job"
 CONFIG_MAP_SUFFIX = "-training"
-# The chart's values.yaml defaults of every key used here (a test keeps them equal).
-DEFAULTS: dict[str, Any] = {
-    "nameOverride": "",
-    "fullnameOverride": "",
-    "image": {
-        "repository": "finetune-job",
-        "tag": "",
-        "pullPolicy": "IfNotPresent",
-        "pullSecrets": [],
-    },
-    "slotsPerWorker": 1,
-    "launcherCreationPolicy": "WaitForWorkersReady",
-    "sshAuthMountPath": "/home/mpiuser/.ssh",
-    "runPolicy": {
-        "cleanPodPolicy": "Running",
-        "ttlSecondsAfterFinished": 604800,
-        "backoffLimit": 3,
-        "activeDeadlineSeconds": None,
-    },
-    "mpirun": {"extraArgs": []},
-    "launcher": {
-        "resources": {
-            "requests": {"cpu": "100m", "memory": "256Mi"},
-            "limits": {"memory": "512Mi"},
-        },
-        "restartPolicy": "OnFailure",
-        "nodeSelector": {},
-        "tolerations": [],
-    },
-    "workers": {
-        "replicas": 2,
-        "resources": {},
-        "ompNumThreads": 0,
-        "shmSize": "1Gi",
-        "command": ["/usr/bin/tini", "--", "/usr/local/bin/finetune-job-entrypoint", "worker"],
-        "readinessProbe": {
-            "tcpSocket": {"port": 2222},
-            "initialDelaySeconds": 2,
-            "periodSeconds": 5,
-        },
-        "restartPolicy": "Never",
-        "nodeSelector": {},
-        "tolerations": [],
-        "affinity": {},
-        "priorityClassName": "",
-    },
-    "terminationGracePeriodSeconds": 120,
-    "training": {
-        "data": "",
-        "output": "",
-        "model": "resnet18_v2",
-        "epochs": 10,
-        "batch_size": 32,
-        "lr": 0.01,
-        "metrics_port": 9095,
-    },
-    "s3": {"endpoint": "", "region": "", "existingSecret": "", "webIdentity": False},
-    "serviceAccount": {"create": True, "name": "", "annotations": {}},
-    "env": [],
-    "extraVolumes": [],
-    "extraVolumeMounts": [],
-    "cudaCache": {
-        "enabled": False,
-        "path": "/home/mpiuser/.nv/ComputeCache",
-        "maxSize": 4294967296,
-        "volume": {},
-    },
-    "podAnnotations": {},
-    "podLabels": {},
-    "podSecurityContext": {
-        "runAsNonRoot": True,
-        "runAsUser": 1000,
-        "runAsGroup": 1000,
-        "fsGroup": 1000,
-        "seccompProfile": {"type": "RuntimeDefault"},
-    },
-    "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
-}
-# Chart keys that do not shape the MPIJob; accepted in values files and ignored here.
-IGNORED_KEYS = {"global", "runOnInstall", "metrics", "schedule", "cronJob", "release"}
+# The key of the submit ConfigMap (templates/submit-configmap.yaml) that holds the manifest.
+MANIFEST_KEY = "manifest.yaml"
+HELM_TIMEOUT_SECONDS = 120
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
-# ---- values --------------------------------------------------------------------------------
-def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """Helm's coalescing: mappings merge key by key, anything else is replaced."""
-    out = copy.deepcopy(dict(base))
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def parse_set(item: str) -> dict[str, Any]:
-    """``a.b.c=v`` -> ``{"a": {"b": {"c": v}}}``; ``v`` is read as a YAML scalar."""
-    key, sep, raw = item.partition("=")
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise BadInputError(f"--set {item!r}: expected KEY.PATH=VALUE")
-    try:
-        value = yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError as e:
-        raise BadInputError(f"--set {item!r}: value is not a YAML scalar") from e
-    for part in reversed(key.split(".")):
-        value = {part: value}
-    return value  # type: ignore[return-value]
-
-
-def load_values(
-    files: list[str] | tuple[str, ...] = (),
-    sets: list[str] | tuple[str, ...] = (),
-    base: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """``DEFAULTS``, then each ``--values`` file, then each ``--set`` (later wins)."""
-    values = copy.deepcopy(dict(DEFAULTS if base is None else base))
-    for path in files:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                doc = yaml.safe_load(fh) or {}
-        except OSError as e:
-            raise BadInputError(f"values file {path}: {e.strerror}") from e
-        except yaml.YAMLError as e:
-            raise BadInputError(
-                f"values file {path} is not valid YAML: {str(e).splitlines()[0]}"
-            ) from e
-        if not isinstance(doc, dict):
-            raise BadInputError(f"values file {path} must hold a mapping")
-        values = merge(values, doc)
-    for item in sets:
-        values = merge(values, parse_set(item))
-    check_keys(values)
-    return values
-
-
-def check_keys(values: Mapping[str, Any]) -> None:
-    """Unknown keys fail, as the chart's strict values.schema.json makes them fail."""
-    for key, value in values.items():
-        if key in IGNORED_KEYS:
-            continue
-        if key not in DEFAULTS:
-            raise BadInputError(f"unknown values key '{key}'")
-        default = DEFAULTS[key]
-        free_form = key in (
-            "training",
-            "podAnnotations",
-            "podLabels",
-            "podSecurityContext",
-            "securityContext",
-        )
-        if isinstance(default, dict) and not free_form:
-            if not isinstance(value, Mapping):
-                raise BadInputError(f"values key '{key}' must be a mapping, got {value!r}")
-            for sub in value:
-                if sub not in default:
-                    raise BadInputError(f"unknown values key '{key}.{sub}'")
-
-
-# ---- names, as _helpers.tpl resolves them ---------------------------------------------------
-def _trunc(name: str, n: int = c.MAX_NAME) -> str:
-    return name[:n].removesuffix("-")
-
-
-def chart_name(values: Mapping[str, Any]) -> str:
-    return _trunc(values.get("nameOverride") or CHART)
-
-
-def fullname(values: Mapping[str, Any], release: str) -> str:
-    if values.get("fullnameOverride"):
-        return _trunc(values["fullnameOverride"])
-    name = values.get("nameOverride") or CHART
-    return _trunc(release if name in release else f"{release}-{name}")
-
-
 @dataclass(frozen=True)
-class Release:
-    """What Helm resolves for a release; the CronJob passes it as ``values["release"]``."""
+class Rendered:
+    """The MPIJob Helm rendered and the ConfigMap its pods mount ``config.yaml`` from."""
 
-    name: str
-    fullname: str
-    service_account: str
-    labels: dict[str, str]
+    mpijob: dict[str, Any]
+    config_map: dict[str, Any]
+    source: str
 
-    @classmethod
-    def of(
-        cls,
-        values: Mapping[str, Any],
-        name: str = CHART,
-        chart_version: str = "0.1.0",
-        app_version: str = "0.1.0",
-        service: str = "Helm",
-    ) -> Release:
-        """Resolve from values (``values["release"]`` wins, as mounted by the CronJob)."""
-        given = values.get("release") or {}
-        if given:
-            try:
-                return cls(
-                    name=str(given["name"]),
-                    fullname=str(given["fullname"]),
-                    service_account=str(given["serviceAccountName"]),
-                    labels={str(k): str(v) for k, v in given["labels"].items()},
-                )
-            except (KeyError, AttributeError) as e:
-                raise BadInputError(f"values key 'release' lacks {e}") from e
-        full = fullname(values, name)
-        sa = values["serviceAccount"]
-        account = (sa.get("name") or full) if sa.get("create") else (sa.get("name") or "default")
-        tag = values["image"].get("tag") or app_version
-        labels = {
-            "helm.sh/chart": _trunc(f"{CHART}-{chart_version}".replace("+", "_")),
-            c.NAME_LABEL: chart_name(values),
-            c.INSTANCE_LABEL: name,
-            "app.kubernetes.io/version": str(tag),
-            c.MANAGED_BY_LABEL: service,
-            "app.kubernetes.io/part-of": CHART,
-        }
-        return cls(name=name, fullname=full, service_account=account, labels=labels)
+    @property
+    def training(self) -> dict[str, Any]:
+        """The rendered ``config.yaml`` (the chart's ``training`` values)."""
+        where = f"{self.source}: ConfigMap {self.config_map['metadata']['name']}"
+        text = (self.config_map.get("data") or {}).get(c.CONFIG_KEY)
+        if not isinstance(text, str):
+            raise BadInputError(f"{where} has no {c.CONFIG_KEY}")
+        try:
+            doc = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise BadInputError(f"{where}: {c.CONFIG_KEY} is not valid YAML") from e
+        if not isinstance(doc, dict):
+            raise BadInputError(f"{where}: {c.CONFIG_KEY} must hold a mapping of config keys")
+        return doc
 
 
+# ---- reading what Helm rendered -------------------------------------------------------------
+def parse(text: str, source: str) -> Rendered:
+    """The MPIJob and its config ConfigMap in multi-document YAML (``helm template`` output).
+
+    Other objects (Service, ServiceAccount, ...) are ignored. Without an MPIJob (a release
+    rendered with ``runOnInstall=false``), the submit ConfigMap's manifest is used.
+    """
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d]
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise BadInputError(f"{source} is not valid YAML: {first}") from e
+    if not all(isinstance(d, dict) for d in docs):
+        raise BadInputError(f"{source}: every YAML document must be a Kubernetes object")
+    jobs = [d for d in docs if d.get("kind") == c.KIND and d.get("apiVersion") == c.API_VERSION]
+    if not jobs:
+        inner = [
+            d["data"][MANIFEST_KEY]
+            for d in docs
+            if d.get("kind") == "ConfigMap" and MANIFEST_KEY in (d.get("data") or {})
+        ]
+        if len(inner) == 1:
+            return parse(inner[0], f"{source} ({MANIFEST_KEY})")
+        raise BadInputError(f"{source} holds no {c.API_VERSION} {c.KIND} (rendered by the chart?)")
+    if len(jobs) > 1:
+        names = ", ".join(str(j.get("metadata", {}).get("name")) for j in jobs)
+        raise BadInputError(f"{source} holds {len(jobs)} MPIJobs ({names}); submit takes one")
+    mpijob = jobs[0]
+    name = config_map_name(mpijob, source)
+    maps = [
+        d
+        for d in docs
+        if d.get("kind") == "ConfigMap" and (d.get("metadata") or {}).get("name") == name
+    ]
+    if not maps:
+        raise BadInputError(f"{source} lacks the ConfigMap {name} that the MPIJob mounts")
+    return Rendered(mpijob=mpijob, config_map=maps[0], source=source)
+
+
+def config_map_name(mpijob: Mapping[str, Any], source: str) -> str:
+    """The ConfigMap the launcher mounts at ``CONFIG_DIR`` (where ``--config`` points)."""
+    try:
+        pod = mpijob["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]
+        (container,) = pod["containers"][:1]
+        mount = next(m for m in container["volumeMounts"] if m["mountPath"] == c.CONFIG_DIR)
+        volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        return str(volume["configMap"]["name"])
+    except (KeyError, TypeError, ValueError, StopIteration) as e:
+        raise BadInputError(
+            f"{source}: the MPIJob's launcher mounts no ConfigMap at {c.CONFIG_DIR}"
+        ) from e
+
+
+def read(path: str) -> Rendered:
+    """``parse`` of a file (``-``: standard input)."""
+    try:
+        if path == "-":
+            return parse(sys.stdin.read(), "standard input")
+        return parse(Path(path).read_text(encoding="utf-8"), path)
+    except OSError as e:
+        raise BadInputError(f"manifest {path}: {e.strerror}") from e
+
+
+def default_chart() -> str:
+    """The chart next to the package in a source checkout; empty when installed elsewhere."""
+    chart = Path(__file__).resolve().parents[1] / "charts" / CHART
+    return str(chart) if (chart / "Chart.yaml").is_file() else ""
+
+
+def render(
+    chart: str,
+    release: str,
+    values: Sequence[str] = (),
+    sets: Sequence[str] = (),
+    namespace: str | None = None,
+    helm: str = "helm",
+) -> Rendered:
+    """``helm template`` of ``chart`` with values files and ``--set`` items, parsed."""
+    if not chart:
+        raise BadInputError(
+            "no chart to render: give --chart DIR|oci://..., or --from-manifest FILE "
+            "(the output of `helm template`)"
+        )
+    binary = shutil.which(helm)
+    if binary is None:
+        raise BadInputError(
+            f"{helm}: Helm not found; install it, or pass --from-manifest FILE "
+            "(the output of `helm template`)"
+        )
+    args = [binary, "template", release, chart]
+    if namespace:
+        args += ["--namespace", namespace]
+    args += [a for f in values for a in ("--values", f)] + [a for s in sets for a in ("--set", s)]
+    try:
+        proc = subprocess.run(
+            args, capture_output=True, text=True, timeout=HELM_TIMEOUT_SECONDS, check=False
+        )
+    except subprocess.TimeoutExpired as e:
+        raise BadInputError(f"helm template {chart}: no answer in {HELM_TIMEOUT_SECONDS} s") from e
+    if proc.returncode != 0:
+        raise BadInputError(f"helm template {chart}: {helm_error(proc.stderr)}")
+    return parse(proc.stdout, f"helm template {chart}")
+
+
+def helm_error(stderr: str) -> str:
+    """Helm's error as one line (a schema error spans several)."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    lines = [ln.removeprefix("Error: ") for ln in lines if not ln.startswith("WARNING")]
+    return " ".join(lines) or "failed"
+
+
+def s3_endpoint_and_region(rendered: Rendered) -> tuple[str, str]:
+    """The S3 endpoint and region the pods use: config keys first, then the launcher's env."""
+    training = rendered.training
+    env = {
+        e.get("name"): e.get("value")
+        for e in _launcher(rendered.mpijob).get("env") or []
+        if isinstance(e, dict) and isinstance(e.get("value"), str)
+    }
+    endpoint = str(training.get("s3_endpoint_url") or env.get("AWS_ENDPOINT_URL") or "")
+    region = str(training.get("s3_region") or env.get("AWS_REGION") or "")
+    return endpoint, region
+
+
+def _launcher(mpijob: Mapping[str, Any]) -> dict[str, Any]:
+    container: dict[str, Any] = mpijob["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"][
+        "containers"
+    ][0]
+    return container
+
+
+# ---- one run of it --------------------------------------------------------------------------
 def is_dns_label(name: str) -> bool:
     return len(name) <= c.MAX_NAME and bool(_DNS1123.match(name))
-
-
-def run_name(prefix: str, now: dt.datetime | None = None, rng: random.Random | None = None) -> str:
-    """``<prefix>-<yyyymmdd-hhmmss UTC>-<4 of [a-z0-9]>``, at most ``MAX_RUN_NAME`` long.
-
-    The prefix is lowercased, other characters become ``-``, it is cut to fit, and it gets
-    an ``r`` in front when it would not start with a letter (Service names need one).
-    """
-    now = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
-    alphabet = string.ascii_lowercase + string.digits
-    pick = rng.choice if rng is not None else secrets.choice
-    suffix = f"-{now:%Y%m%d-%H%M%S}-" + "".join(pick(alphabet) for _ in range(4))
-    clean = re.sub(r"[^a-z0-9]+", "-", prefix.lower()).strip("-")
-    if not clean or not clean[0].isalpha():
-        clean = ("r-" + clean).rstrip("-")
-    clean = clean[: c.MAX_RUN_NAME - len(suffix)].rstrip("-")
-    return clean + suffix
 
 
 def label_value(text: str) -> str:
@@ -285,249 +217,14 @@ def label_value(text: str) -> str:
     return re.sub(r"^[^A-Za-z0-9]+|[^A-Za-z0-9]+$", "", value)
 
 
-# ---- pieces of the pod templates (one function per _helpers.tpl / _pod.tpl define) ---------
 def config_yaml(training: Mapping[str, Any]) -> str:
     return yaml.safe_dump(dict(training), sort_keys=True, default_flow_style=False)
 
 
-def omp_num_threads(values: Mapping[str, Any]) -> int:
-    workers = values["workers"]
-    n = int(workers.get("ompNumThreads") or 0)
-    if n == 0:
-        res = workers.get("resources") or {}
-        cpu = (res.get("limits") or {}).get("cpu", (res.get("requests") or {}).get("cpu", ""))
-        if re.fullmatch(r"[0-9]+(\.0+)?", str(cpu)):
-            n = int(float(cpu)) // int(values["slotsPerWorker"])
-    return max(n, 1)
-
-
-def env(values: Mapping[str, Any]) -> list[dict[str, Any]]:
-    s3, cuda = values["s3"], values["cudaCache"]
-    out: list[dict[str, Any]] = [{"name": "OMP_NUM_THREADS", "value": str(omp_num_threads(values))}]
-    if s3.get("endpoint"):
-        out.append({"name": "AWS_ENDPOINT_URL", "value": str(s3["endpoint"])})
-    if s3.get("region"):
-        out.append({"name": "AWS_REGION", "value": str(s3["region"])})
-    if s3.get("existingSecret"):
-        out += [
-            {"name": key, "valueFrom": {"secretKeyRef": {"name": s3["existingSecret"], "key": key}}}
-            for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-        ]
-    if cuda.get("enabled"):
-        out += [
-            {"name": "CUDA_CACHE_PATH", "value": str(cuda["path"])},
-            {"name": "CUDA_CACHE_MAXSIZE", "value": str(int(cuda["maxSize"]))},
-        ]
-    return out + copy.deepcopy(list(values.get("env") or []))
-
-
-def forwarded_env(values: Mapping[str, Any]) -> list[str]:
-    names = ["LD_LIBRARY_PATH", "PATH", "OMP_NUM_THREADS"]
-    for item in env(values):
-        if item["name"] not in names:
-            names.append(item["name"])
-    if values["s3"].get("webIdentity"):
-        names += ["AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE"]
-    return names
-
-
-def launcher_command(values: Mapping[str, Any]) -> list[str]:
-    """The MPI Operator's Open MPI launcher line around ``finetune-job train --config``."""
-    np = int(values["workers"]["replicas"]) * int(values["slotsPerWorker"])
-    cmd = ["mpirun", "-np", str(np), "-bind-to", "none", "-map-by", "slot"]
-    for name in forwarded_env(values):
-        cmd += ["-x", name]
-    cmd += ["-mca", "pml", "ob1", "-mca", "btl", "^openib"]
-    cmd += [str(a) for a in values["mpirun"].get("extraArgs") or []]
-    return cmd + ["finetune-job", "train", "--config", c.CONFIG_PATH]
-
-
-def volumes(values: Mapping[str, Any], config_map: str, worker: bool) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": config_map}}]
-    shm, cuda = values["workers"].get("shmSize"), values["cudaCache"]
-    if worker and shm:
-        out.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}})
-    if worker and cuda.get("enabled"):
-        if not cuda.get("volume"):
-            raise BadInputError(
-                "cudaCache.enabled needs cudaCache.volume, a volume source "
-                "such as persistentVolumeClaim"
-            )
-        out.append({"name": "cuda-cache", **copy.deepcopy(cuda["volume"])})
-    return out + copy.deepcopy(list(values.get("extraVolumes") or []))
-
-
-def volume_mounts(values: Mapping[str, Any], worker: bool) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = [{"name": "config", "mountPath": c.CONFIG_DIR, "readOnly": True}]
-    if worker and values["workers"].get("shmSize"):
-        out.append({"name": "dshm", "mountPath": "/dev/shm"})
-    if worker and values["cudaCache"].get("enabled"):
-        out.append({"name": "cuda-cache", "mountPath": values["cudaCache"]["path"]})
-    return out + copy.deepcopy(list(values.get("extraVolumeMounts") or []))
-
-
-def metrics_ports(values: Mapping[str, Any]) -> list[dict[str, Any]]:
-    base = int(values["training"].get("metrics_port") or 0)
-    if base <= 0:
-        return []
-    return [
-        {
-            "name": "metrics" if r == 0 else f"metrics-{r}",
-            "containerPort": base + r,
-            "protocol": "TCP",
-        }
-        for r in range(int(values["slotsPerWorker"]))
-    ]
-
-
-def run_policy(values: Mapping[str, Any]) -> dict[str, Any]:
-    rp = values["runPolicy"]
-    out = {"cleanPodPolicy": rp["cleanPodPolicy"], "backoffLimit": rp["backoffLimit"]}
-    for key in ("ttlSecondsAfterFinished", "activeDeadlineSeconds"):
-        if rp.get(key) is not None:
-            out[key] = int(rp[key])
-    return out
-
-
-def pod_template(
-    values: Mapping[str, Any],
-    release: Release,
-    config_map: str,
-    checksum: str,
-    worker: bool,
-    extra_labels: Mapping[str, str],
-) -> dict[str, Any]:
-    v = values
-    role = c.WORKER_ROLE if worker else c.LAUNCHER_ROLE
-    side = v["workers"] if worker else v["launcher"]
-    labels = {
-        **release.labels,
-        c.COMPONENT_LABEL: role,
-        **(v.get("podLabels") or {}),
-        **extra_labels,
-    }
-    spec: dict[str, Any] = {
-        "serviceAccountName": release.service_account,
-        "automountServiceAccountToken": False,
-        "terminationGracePeriodSeconds": int(v["terminationGracePeriodSeconds"]),
-    }
-    if v["image"].get("pullSecrets"):
-        spec["imagePullSecrets"] = copy.deepcopy(v["image"]["pullSecrets"])
-    if v.get("podSecurityContext"):
-        spec["securityContext"] = copy.deepcopy(v["podSecurityContext"])
-    keys = (
-        ("priorityClassName", "nodeSelector", "tolerations", "affinity")
-        if worker
-        else ("nodeSelector", "tolerations")
-    )
-    spec.update({k: copy.deepcopy(side[k]) for k in keys if side.get(k)})
-    tag = v["image"].get("tag") or release.labels.get("app.kubernetes.io/version", "")
-    container: dict[str, Any] = {
-        "name": role,
-        "image": f"{v['image']['repository']}:{tag}",
-        "imagePullPolicy": v["image"]["pullPolicy"],
-        "command": [str(a) for a in v["workers"]["command"]] if worker else launcher_command(v),
-        "env": env(v),
-    }
-    if worker and metrics_ports(v):
-        container["ports"] = metrics_ports(v)
-    if worker and v["workers"].get("readinessProbe"):
-        container["readinessProbe"] = copy.deepcopy(v["workers"]["readinessProbe"])
-    if side.get("resources"):
-        container["resources"] = copy.deepcopy(side["resources"])
-    if v.get("securityContext"):
-        container["securityContext"] = copy.deepcopy(v["securityContext"])
-    container["volumeMounts"] = volume_mounts(v, worker)
-    spec["containers"] = [container]
-    spec["volumes"] = volumes(v, config_map, worker)
-    return {
-        "metadata": {
-            "labels": labels,
-            "annotations": {"checksum/config": checksum, **(v.get("podAnnotations") or {})},
-        },
-        "spec": spec,
-    }
-
-
-def check_gpus(values: Mapping[str, Any]) -> None:
-    gpus = ((values["workers"].get("resources") or {}).get("limits") or {}).get("nvidia.com/gpu")
-    if gpus not in (None, "") and str(gpus) != str(values["slotsPerWorker"]):
-        raise BadInputError(
-            f"slotsPerWorker ({values['slotsPerWorker']}) must equal "
-            f"workers.resources.limits.nvidia.com/gpu ({gpus}): one process "
-            f"per GPU"
-        )
-
-
-# ---- the objects ---------------------------------------------------------------------------
-def build_mpijob(
-    values: Mapping[str, Any],
-    release: Release,
-    *,
-    name: str | None = None,
-    config_map: str | None = None,
-    extra_labels: Mapping[str, str] | None = None,
-    annotations: Mapping[str, str] | None = None,
-    namespace: str | None = None,
-) -> dict[str, Any]:
-    """The MPIJob ``templates/mpijob.yaml`` renders (name and ConfigMap: the release's)."""
-    check_gpus(values)
-    name = name or release.fullname
-    config_map = config_map or _trunc(release.fullname + CONFIG_MAP_SUFFIX)
-    extra = dict(extra_labels or {})
-    # Helm's toYaml drops the final newline; hash the same text the chart hashes.
-    checksum = hashlib.sha256(config_yaml(values["training"]).rstrip("\n").encode()).hexdigest()
-    metadata: dict[str, Any] = {"name": name, "labels": {**release.labels, **extra}}
-    if namespace:
-        metadata["namespace"] = namespace
-    if annotations:
-        metadata["annotations"] = dict(annotations)
-    replica = {
-        "Launcher": (1, values["launcher"]["restartPolicy"], False),
-        "Worker": (values["workers"]["replicas"], values["workers"]["restartPolicy"], True),
-    }
-    return {
-        "apiVersion": c.API_VERSION,
-        "kind": c.KIND,
-        "metadata": metadata,
-        "spec": {
-            "slotsPerWorker": values["slotsPerWorker"],
-            "launcherCreationPolicy": values["launcherCreationPolicy"],
-            "sshAuthMountPath": values["sshAuthMountPath"],
-            "mpiImplementation": "OpenMPI",
-            "runPolicy": run_policy(values),
-            "mpiReplicaSpecs": {
-                kind: {
-                    "replicas": replicas,
-                    "restartPolicy": restart,
-                    "template": pod_template(values, release, config_map, checksum, worker, extra),
-                }
-                for kind, (replicas, restart, worker) in replica.items()
-            },
-        },
-    }
-
-
-def build_config_map(
-    name: str, training: Mapping[str, Any], labels: Mapping[str, str], namespace: str | None = None
-) -> dict[str, Any]:
-    metadata: dict[str, Any] = {"name": name, "labels": dict(labels)}
-    if namespace:
-        metadata["namespace"] = namespace
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": metadata,
-        "data": {c.CONFIG_KEY: config_yaml(training)},
-    }
-
-
 def check_training(training: Mapping[str, Any]) -> None:
-    """The training keys must make a valid ``job.config.Config`` (else: bad input, exit 3)."""
-    from job import config as config_mod
-
+    """The run's config must make a valid ``job.config.Config`` (its rules, not a copy)."""
     try:
-        config_mod.from_mapping(training, "values training")
+        config_mod.from_mapping(training, "the run's config (values training)")
     except config_mod.ConfigError as e:
         raise BadInputError(f"values training: {e}") from e
 
@@ -541,8 +238,7 @@ class Run:
 
 
 def build_run(
-    values: Mapping[str, Any],
-    release: Release,
+    rendered: Rendered,
     *,
     schedule: str = "",
     prefix: str = "",
@@ -551,34 +247,83 @@ def build_run(
     now: dt.datetime | None = None,
     rng: random.Random | None = None,
 ) -> Run:
-    """A uniquely named run of ``values``: its MPIJob and its ConfigMap.
+    """A uniquely named run of the rendered MPIJob, and its ConfigMap.
 
     ``training.output`` is the output root; the run writes to ``<root>/runs/<name>``.
     ``pretrained`` (already resolved, e.g. from ``<root>/latest``) replaces
-    ``training.pretrained`` when given.
+    ``training.pretrained`` when given. Everything else stays as Helm rendered it.
     """
-    root = str(values["training"].get("output") or "")
+    training = rendered.training
+    root = str(training.get("output") or "")
     if not root:
         raise BadInputError("values training.output (the output root) is required")
-    name = run_name(prefix or release.fullname, now, rng)
-    output = run_output(root, name)
-    training = {**values["training"], "output": output}
+    name = registry.run_name(prefix or rendered.mpijob["metadata"]["name"], now, rng)
+    output = registry.run_output(root, name)
+    training = {**training, "output": output}
     if pretrained is not None:
         training["pretrained"] = pretrained
     check_training(training)
-    extra = {c.RUN_LABEL: name, c.SCHEDULE_LABEL: label_value(schedule) or c.MANUAL_SCHEDULE}
-    run_values = {**values, "training": training}
-    labels = {**release.labels, c.MANAGED_BY_LABEL: c.MANAGED_BY}
-    run_release = Release(release.name, release.fullname, release.service_account, labels)
-    config_map = _trunc(name + CONFIG_MAP_SUFFIX)
-    mpijob = build_mpijob(
-        run_values,
-        run_release,
+    text = config_yaml(training)
+    labels = {
+        c.MANAGED_BY_LABEL: c.MANAGED_BY,
+        c.RUN_LABEL: name,
+        c.SCHEDULE_LABEL: label_value(schedule) or c.MANUAL_SCHEDULE,
+    }
+    config_map = _name(name + CONFIG_MAP_SUFFIX)
+    mpijob = patch_mpijob(
+        rendered.mpijob,
         name=name,
+        labels=labels,
+        output=output,
+        old_config_map=rendered.config_map["metadata"]["name"],
         config_map=config_map,
-        extra_labels=extra,
-        annotations={c.OUTPUT_ANNOTATION: output},
+        checksum=hashlib.sha256(text.rstrip("\n").encode()).hexdigest(),
         namespace=namespace,
     )
-    cm = build_config_map(config_map, training, {**labels, **extra}, namespace)
+    cm = copy.deepcopy(rendered.config_map)
+    cm["metadata"] = _metadata(cm["metadata"], config_map, labels, namespace)
+    cm["data"] = {**(cm.get("data") or {}), c.CONFIG_KEY: text}
     return Run(name=name, output=output, mpijob=mpijob, config_map=cm)
+
+
+def patch_mpijob(
+    mpijob: Mapping[str, Any],
+    *,
+    name: str,
+    labels: Mapping[str, str],
+    output: str,
+    old_config_map: str,
+    config_map: str,
+    checksum: str,
+    namespace: str | None,
+) -> dict[str, Any]:
+    """The rendered MPIJob with the run's name, labels, output annotation and ConfigMap."""
+    job = copy.deepcopy(dict(mpijob))
+    job["metadata"] = _metadata(job["metadata"], name, labels, namespace)
+    job["metadata"]["annotations"] = {
+        **(job["metadata"].get("annotations") or {}),
+        c.OUTPUT_ANNOTATION: output,
+    }
+    for replica in job["spec"]["mpiReplicaSpecs"].values():
+        template = replica["template"]
+        meta = template.setdefault("metadata", {})
+        meta["labels"] = {**(meta.get("labels") or {}), **labels}
+        if "checksum/config" in (meta.get("annotations") or {}):
+            meta["annotations"]["checksum/config"] = checksum  # the pods' config is the run's
+        for volume in template["spec"].get("volumes") or []:
+            if (volume.get("configMap") or {}).get("name") == old_config_map:
+                volume["configMap"]["name"] = config_map
+    return job
+
+
+def _metadata(
+    meta: Mapping[str, Any], name: str, labels: Mapping[str, str], namespace: str | None
+) -> dict[str, Any]:
+    out = {k: copy.deepcopy(v) for k, v in meta.items() if k not in ("name", "namespace")}
+    out = {"name": name, **({"namespace": namespace} if namespace else {}), **out}
+    out["labels"] = {**(meta.get("labels") or {}), **labels}
+    return out
+
+
+def _name(name: str) -> str:
+    return name[: c.MAX_NAME].removesuffix("-")

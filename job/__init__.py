@@ -4,13 +4,13 @@ from typing import Any
 
 
 def __getattr__(name: str) -> Any:
-    """``__version__`` from the installed package's metadata: the version is written once,
-    in pyproject.toml, and read only when asked for (no work at import time)."""
+    """``job.__version__``: the installed distribution's, written once in pyproject.toml
+    (looked up on first use, not at import)."""
     if name == "__version__":
         from importlib.metadata import PackageNotFoundError, version
 
         try:
             return version("finetune-job")
-        except PackageNotFoundError:  # a source tree that was never installed
-            return "unknown"
+        except PackageNotFoundError:
+            return "0+unknown"  # run from a source tree that was never installed
     raise AttributeError(f"module 'job' has no attribute {name!r}")

@@ -13,9 +13,11 @@ Runbook (the same lines the Helm chart renders for the MPI Operator's launcher):
     mpirun -np 8 -bind-to none -map-by slot -x LD_LIBRARY_PATH -x PATH \\
         -mca pml ob1 -mca btl ^openib finetune-job train --config /etc/finetune-job/config.yaml
 
-Exit codes: 0 done, 1 training failed (diverged, data or storage error), 2 bad config or
-arguments, 130 interrupted, 143 stopped by SIGTERM after checkpointing the current step
-(run the same command again to continue).
+Exit codes: one table for every subcommand, ``job.exitcodes`` (README, "Exit codes").
+
+The subcommands load what they need when they run: ``train``, ``prepare`` and ``evaluate``
+need the ``[train]`` extra (MXNet, numpy, OpenCV), ``submit``/``status``/``logs``/...
+the ``[deploy]`` extra (kubernetes); a missing one is named in one line.
 """
 
 from __future__ import annotations
@@ -29,10 +31,18 @@ from typing import NoReturn
 
 import job
 from job import config as config_mod
+from job.exitcodes import ExitCode
 
 log = logging.getLogger("finetune_job")
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+# The extra that brings each optional top-level module (Horovod is built by `make install`).
+EXTRAS = {
+    "mxnet": "train",
+    "numpy": "train",
+    "cv2": "train",
+    "prometheus_client": "train",
+    "kubernetes": "deploy",
+}
 
 TRAIN_EXAMPLE = """example:
   finetune-job train --data ./ds --output ./out --pretrained zoo --epochs 5
@@ -208,10 +218,10 @@ def _s3_storage(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def _register_deploy(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    try:
-        from deploy import cli as deploy_cli
-    except ImportError:  # the Kubernetes side is optional at run time
-        return
+    # The one import of deploy from job: the command line offers its subcommands. deploy.cli
+    # loads the kubernetes package only when a subcommand runs.
+    from deploy import cli as deploy_cli
+
     deploy_cli.register(sub)
 
 
@@ -221,7 +231,7 @@ def _train(args: argparse.Namespace) -> int:
     from job import train
 
     train.run(cfg)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -242,7 +252,7 @@ def _prepare(args: argparse.Namespace) -> int:
         seed=args.seed,
         verify=args.verify,
     )
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -258,7 +268,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(
         " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
     )
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _set_thread_defaults(threads: int) -> None:
@@ -298,13 +308,34 @@ def run_guarded(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
     try:
         return func(args)
     except config_mod.ConfigError as e:
-        print(f"finetune-job: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(e, ExitCode.BAD_INPUT)
     except JobError as e:
-        print(f"finetune-job: error: {e}", file=sys.stderr)
-        return e.exit_code
+        return _fail(e, e.exit_code)
+    except ModuleNotFoundError as e:
+        extra = EXTRAS.get((e.name or "").partition(".")[0])
+        if extra is None and (e.name or "").partition(".")[0] != "horovod":
+            raise  # not a missing extra: a bug, with its traceback
+        return _fail(missing_extra(args.command, e.name or "", extra), ExitCode.BAD_INPUT)
     except KeyboardInterrupt:
-        return 130
+        return ExitCode.INTERRUPTED
+
+
+def missing_extra(command: str, module: str, extra: str | None) -> str:
+    """One line saying what to install for ``command``."""
+    if extra is None:
+        return (
+            f"{command} needs Horovod (no module '{module}'); `make install` builds it with "
+            "MXNet, Gloo and MPI support (see the README)"
+        )
+    return (
+        f"{command} needs the [{extra}] extra (no module '{module}'): "
+        f"pip install 'finetune-job[{extra}]'"
+    )
+
+
+def _fail(e: object, code: int) -> int:
+    print(f"finetune-job: error: {e}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

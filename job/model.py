@@ -18,6 +18,7 @@ from mxnet.gluon.model_zoo import vision
 
 from job.config import Config
 from job.errors import InputError
+from job.registry import resolve_pretrained
 from job.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,7 @@ def load_source(cfg: Config, ctx: mx.Context, storage: Storage) -> gluon.HybridB
         return None
     if cfg.pretrained == "zoo":
         return _from_zoo(cfg.model, ctx)
-    from deploy.retrain import resolve_pretrained  # <root>/latest of scheduled retraining
-
+    # <root>/latest of scheduled retraining resolves to the model it points at.
     return load_params_file(cfg.model, resolve_pretrained(cfg.pretrained, storage), ctx, storage)
 
 

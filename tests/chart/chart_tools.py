@@ -110,13 +110,14 @@ def render(
     namespace: str = "ml",
     kube_version: str = KUBE_VERSIONS[-1],
     api_versions: Iterable[str] = API_VERSIONS,
+    chart: Path = CHART,
 ) -> list[dict[str, Any]]:
-    """`helm template` of the chart; the rendered objects."""
+    """`helm template` of the chart (or of a changed copy of it); the rendered objects."""
     with tempfile.TemporaryDirectory() as tmp:
         args = [
             "template",
             release,
-            str(CHART),
+            str(chart),
             "--namespace",
             namespace,
             "--kube-version",

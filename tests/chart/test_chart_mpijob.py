@@ -7,6 +7,7 @@ import hashlib
 import pytest
 import yaml
 from chart_tools import (
+    CHART,
     HelmError,
     env_of,
     forwarded_env,
@@ -228,7 +229,8 @@ def test_run_policy_from_values(helm):
 
 def test_image_tag_defaults_to_the_app_version(helm):
     mpijob = one(render(helm, values(image={"repository": "reg.example/ft"})), "MPIJob")
-    assert replica_container(mpijob, "Worker")["image"] == "reg.example/ft:0.1.0"
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    assert replica_container(mpijob, "Worker")["image"] == f"reg.example/ft:{app_version}"
     mpijob = one(render(helm, values(image={"tag": "1.2.3"})), "MPIJob")
     assert replica_container(mpijob, "Launcher")["image"] == "finetune-job:1.2.3"
 

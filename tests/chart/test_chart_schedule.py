@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import yaml
-from chart_tools import by_kind, one, render
+from chart_tools import CHART, by_kind, env_of, one, render
+
+APP_VERSION = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
 
 SCHEDULE = {
     "training": {"data": "s3://d/ds", "output": "s3://d/out", "epochs": 4},
@@ -19,7 +21,7 @@ def test_no_schedule_no_cronjob_nor_rbac(helm):
     assert len(by_kind(docs, "ServiceAccount")) == 1
 
 
-def test_cronjob_submits_from_the_mounted_values(helm):
+def test_cronjob_submits_from_the_mounted_manifest(helm):
     docs = render(helm, SCHEDULE)
     cron = one(docs, "CronJob")
     spec = cron["spec"]
@@ -31,13 +33,13 @@ def test_cronjob_submits_from_the_mounted_values(helm):
     assert container["command"] == [
         "finetune-job",
         "submit",
-        "--values",
-        "/etc/finetune-job/values.yaml",
+        "--from-manifest",
+        "/etc/finetune-job/manifest.yaml",
         "--wait",
         "--schedule",
         one(docs, "CronJob")["metadata"]["name"][:52].rstrip("-"),
     ]
-    assert container["image"] == "finetune-job:0.1.0"
+    assert container["image"] == f"finetune-job:{APP_VERSION}"
     assert pod["spec"]["restartPolicy"] == "Never"
     (mount,) = container["volumeMounts"]
     assert mount["mountPath"] == "/etc/finetune-job"
@@ -47,25 +49,38 @@ def test_cronjob_submits_from_the_mounted_values(helm):
         for d in by_kind(docs, "ConfigMap")
         if d["metadata"]["name"] == volume["configMap"]["name"]
     ]
-    submitted = yaml.safe_load(cm["data"]["values.yaml"])
-    assert submitted["training"] == {
+    # The manifest is the MPIJob and config ConfigMap a `helm install` creates, nothing else.
+    mpijob, config_map = yaml.safe_load_all(cm["data"]["manifest.yaml"])
+    assert mpijob == one(docs, "MPIJob")
+    worker = mpijob["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]
+    assert config_map["metadata"]["name"] == worker["volumes"][0]["configMap"]["name"]
+    assert config_map in by_kind(docs, "ConfigMap")
+    assert yaml.safe_load(config_map["data"]["config.yaml"]) == {
         **SCHEDULE["training"],
         "model": "resnet18_v2",
         "batch_size": 32,
         "lr": 0.01,
         "metrics_port": 9095,
     }
-    assert submitted["image"]["tag"] == "0.1.0"
-    assert submitted["s3"]["existingSecret"] == "keys"
-    assert submitted["workers"]["replicas"] == 2
-    assert "schedule" not in submitted and "cronJob" not in submitted
-    mpijob = one(docs, "MPIJob")
-    release = submitted["release"]
-    assert release["fullname"] == mpijob["metadata"]["name"]
-    assert release["namespace"] == "ml"
-    worker = mpijob["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]
-    assert release["serviceAccountName"] == worker["serviceAccountName"]
-    assert release["configMapName"] == worker["volumes"][0]["configMap"]["name"]
+
+
+def test_the_submit_container_reaches_s3_as_the_pods_do(helm):
+    """submit reads `latest` and summary.json and saves the launcher log in training.output."""
+    docs = render(helm, {**SCHEDULE, "s3": {"existingSecret": "keys", "endpoint": "http://m:9000"}})
+    env = env_of(
+        one(docs, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    )
+    assert env["AWS_ENDPOINT_URL"] == "http://m:9000"
+    assert env["AWS_ACCESS_KEY_ID"] == {
+        "secretKeyRef": {"name": "keys", "key": "AWS_ACCESS_KEY_ID"}
+    }
+
+
+def test_scheduled_only_still_mounts_the_manifest(helm):
+    docs = render(helm, {**SCHEDULE, "runOnInstall": False})
+    (cm,) = [d for d in by_kind(docs, "ConfigMap") if "manifest.yaml" in d["data"]]
+    kinds = [d["kind"] for d in yaml.safe_load_all(cm["data"]["manifest.yaml"])]
+    assert kinds == ["MPIJob", "ConfigMap"]
 
 
 def test_cronjob_options_from_values(helm):
@@ -85,7 +100,7 @@ def test_cronjob_options_from_values(helm):
     assert command[-2:] == ["--timeout", "3600"]
 
 
-def test_submit_values_change_the_checksum(helm):
+def test_manifest_changes_change_the_checksum(helm):
     def checksum(values):
         cron = one(render(helm, values), "CronJob")
         return cron["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["annotations"][

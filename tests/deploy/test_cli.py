@@ -12,6 +12,7 @@ from fake_apiserver import failed, running, succeeded
 
 from deploy import cli
 from deploy import constants as c
+from job.exitcodes import ExitCode
 
 
 def parser() -> argparse.ArgumentParser:
@@ -39,11 +40,13 @@ def write_summary(val_top1: float):
 
 
 @pytest.fixture
-def submit_args(kubeconfig_path, tmp_path):
+def submit_args(kubeconfig_path, tmp_path, helm):
     return [
         "submit",
         "--kubeconfig",
         kubeconfig_path,
+        "--helm",
+        str(helm),
         "--set",
         "training.synthetic=true",
         "--set",
@@ -65,9 +68,11 @@ def test_main_command_has_the_subcommands():
     assert args.func is cli.status
 
 
-def test_dry_run_prints_the_objects(capsys, tmp_path):
+def test_dry_run_prints_the_objects(capsys, helm):
     code = run(
         "submit",
+        "--helm",
+        str(helm),
         "--set",
         "training.synthetic=true",
         "--set",
@@ -130,7 +135,7 @@ def test_next_run_starts_from_latest_and_a_worse_one_is_rejected(
         "--not-worse",
     )
     out, err = capsys.readouterr()
-    assert code == 1
+    assert code == ExitCode.GATE_REFUSED
     assert json.loads(out) == {"val_top1": 0.8}
     assert f"pretrained {tmp_path}/flowers/latest -> {first['model']}" in err
     assert err.strip().endswith("left unchanged")
@@ -152,14 +157,19 @@ def test_next_run_starts_from_latest_and_a_worse_one_is_rejected(
                 (0.05, failed("launcher exited with 1")),
             ],
             [],
-            1,
+            ExitCode.FAILED,
             "Failed (BackoffLimitExceeded",
         ),
-        ([(0.05, running())], ["--timeout", "0.5"], 2, "did not finish within 0.5 s"),
+        (
+            [(0.05, running())],
+            ["--timeout", "0.5"],
+            ExitCode.TIMED_OUT,
+            "did not finish within 0.5 s",
+        ),
         (
             [(0.05, write_summary(0.5)), (0.1, succeeded())],
             ["--min-accuracy", "0.9"],
-            1,
+            ExitCode.GATE_REFUSED,
             "val_top1 0.5000 is below --min-accuracy 0.9000",
         ),
     ],
@@ -177,22 +187,66 @@ def test_submit_wait_exit_codes(api, submit_args, tmp_path, capsys, steps, extra
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--set", "workers.replica=3"], "unknown values key 'workers.replica'"),
-        (["--set", "training.epochs=lots"], "config key 'epochs'"),
-        (["--values", "/nonexistent.yaml"], "values file /nonexistent.yaml"),
+        (["--set", "workers.replica=3"], "additional properties 'replica' not allowed"),
+        (["--set", "training.epochs=lots"], "'/training/epochs': got string, want integer"),
+        (["--values", "/nonexistent.yaml"], "/nonexistent.yaml"),
+        (["--values", "{tmp}/list.yaml"], "failed to parse {tmp}/list.yaml"),
     ],
-    ids=["unknown-key", "bad-training-value", "missing-values-file"],
+    ids=["unknown-key", "bad-training-value", "missing-values-file", "values-not-a-mapping"],
 )
-def test_bad_input_exits_3(api, submit_args, capsys, argv, message):
-    assert run(*submit_args, *argv) == 3
+def test_bad_input_exits_2(api, submit_args, tmp_path, capsys, argv, message):
+    (tmp_path / "list.yaml").write_text("[1, 2]\n")
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    assert run(*submit_args, *argv) == ExitCode.BAD_INPUT
+    message = message.format(tmp=tmp_path)
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not api.objects
 
 
-def test_rbac_denied_exits_3(api, submit_args, capsys):
+def test_a_manifest_whose_config_the_job_rejects_exits_2(api, kubeconfig_path, tmp_path, capsys):
+    """A manifest bypasses the chart's schema; job.config's own rules still judge it."""
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump_all(rendered_objects("epochs: lots")))
+    code = run(
+        "submit", "--from-manifest", str(tmp_path / "m.yaml"), "--kubeconfig", kubeconfig_path
+    )
+    assert code == ExitCode.BAD_INPUT
+    err = capsys.readouterr().err
+    assert "values training: config key 'epochs' from the run's config" in err
+    assert len(err.strip().splitlines()) == 1 and not api.objects
+
+
+def rendered_objects(config_yaml: str) -> list[dict]:
+    """The least a rendered MPIJob can be: a launcher that mounts its config ConfigMap."""
+    pod = {
+        "spec": {
+            "containers": [
+                {
+                    "name": "launcher",
+                    "volumeMounts": [{"name": "config", "mountPath": c.CONFIG_DIR}],
+                }
+            ],
+            "volumes": [{"name": "config", "configMap": {"name": "ft-training"}}],
+        }
+    }
+    mpijob = {
+        "apiVersion": c.API_VERSION,
+        "kind": c.KIND,
+        "metadata": {"name": "ft"},
+        "spec": {"mpiReplicaSpecs": {"Launcher": {"replicas": 1, "template": pod}}},
+    }
+    config_map = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "ft-training"},
+        "data": {c.CONFIG_KEY: f"output: s3://b/o\nsynthetic: true\n{config_yaml}\n"},
+    }
+    return [mpijob, config_map]
+
+
+def test_rbac_denied_exits_2(api, submit_args, capsys):
     api.forbid("create", "mpijobs")
-    assert run(*submit_args) == 3
+    assert run(*submit_args) == ExitCode.BAD_INPUT
     assert "permission denied: cannot create mpijobs.kubeflow.org" in capsys.readouterr().err
 
 
@@ -204,14 +258,14 @@ def test_status_logs_delete(api, kubeconfig_path, submit_args, capsys):
     import time
 
     time.sleep(0.2)
-    assert run("status", name, *cluster) == 1  # the job failed
+    assert run("status", name, *cluster) == ExitCode.FAILED  # the job failed
     assert f"team-a/{name} Failed (BackoffLimitExceeded: boom)" in capsys.readouterr().out
-    assert run("status", name, "-o", "json", *cluster) == 1
+    assert run("status", name, "-o", "json", *cluster) == ExitCode.FAILED
     assert json.loads(capsys.readouterr().out)["phase"] == "Failed"
     assert run("logs", name, *cluster) == 0
     assert capsys.readouterr().out == "hello\n"
     assert run("list", *cluster) == 0
     assert name in capsys.readouterr().out
     assert run("delete", name, *cluster) == 0
-    assert run("status", name, *cluster) == 3
+    assert run("status", name, *cluster) == ExitCode.BAD_INPUT
     assert f"mpijobs.kubeflow.org team-a/{name} not found" in capsys.readouterr().err

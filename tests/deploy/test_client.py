@@ -6,10 +6,10 @@ import io
 import time
 
 import pytest
+from chart_runs import new_run
 from fake_apiserver import created, failed, running, succeeded
 
 from deploy import constants as c
-from deploy import manifest
 from deploy.client import MPIJobClient
 from deploy.errors import (
     AlreadyExistsError,
@@ -19,15 +19,9 @@ from deploy.errors import (
     NotFoundError,
     PermissionDeniedError,
 )
+from job.exitcodes import ExitCode
 
 NS = "team-a"
-
-
-def new_run(name_prefix: str = "ft"):
-    v = manifest.merge(
-        manifest.DEFAULTS, {"training": {"synthetic": True, "output": "s3://b/flowers"}}
-    )
-    return manifest.build_run(v, manifest.Release.of(v, name="ft"), prefix=name_prefix)
 
 
 def test_namespace_comes_from_the_kubeconfig_context(client):
@@ -131,7 +125,7 @@ def test_already_exists(api, client):
         AlreadyExistsError, match=f"mpijobs.kubeflow.org {NS}/{run.name} already exists"
     ) as info:
         client.submit(run.mpijob, run.config_map)
-    assert info.value.exit_code == 3
+    assert info.value.exit_code == ExitCode.BAD_INPUT
     assert info.value.__cause__ is not None and info.value.__cause__.status == 409
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 
 import pytest
+import yaml
+from chart_tools import find_or_install_helm, render
 
 from deploy import manifest
 from deploy.client import MPIJobClient
@@ -26,31 +28,28 @@ pytestmark = [
 def test_submit_wait_logs_delete():
     image = os.environ.get("FINETUNE_TEST_IMAGE", "finetune-job-cpu:latest")
     repository, _, tag = image.rpartition(":")
-    values = manifest.load_values(
-        [],
-        [
-            f"image.repository={repository}",
-            f"image.tag={tag}",
-            "workers.replicas=1",
-            "workers.shmSize=",
-            "training.synthetic=true",
-            "training.epochs=1",
-            "training.synthetic_images=32",
-            "training.image_size=32",
-            "training.batch_size=8",
-            "training.pretrained=none",
-            "training.metrics_port=0",
-            "training.output="
-            + os.environ.get("FINETUNE_TEST_OUTPUT", "/tmp/finetune-job-cluster-test"),
-            "runPolicy.backoffLimit=0",
-        ],
-    )
+    values = {
+        "image": {"repository": repository, "tag": tag},
+        "workers": {"replicas": 1, "shmSize": ""},
+        "training": {
+            "synthetic": True,
+            "epochs": 1,
+            "synthetic_images": 32,
+            "image_size": 32,
+            "batch_size": 8,
+            "pretrained": "none",
+            "metrics_port": 0,
+            "output": os.environ.get("FINETUNE_TEST_OUTPUT", "/tmp/finetune-job-cluster-test"),
+        },
+        "runPolicy": {"backoffLimit": 0},
+    }
+    docs = render(find_or_install_helm(), values, release="ft-e2e")
+    rendered = manifest.parse(yaml.safe_dump_all(docs), "helm template ft-e2e")
     client = MPIJobClient(
         kubeconfig=os.environ["KUBECONFIG"], namespace=os.environ.get("FINETUNE_TEST_NAMESPACE")
     )
     run = manifest.build_run(
-        values,
-        manifest.Release.of(values, name="ft-e2e"),
+        rendered,
         schedule="cluster-test",
         namespace=client.namespace,
     )

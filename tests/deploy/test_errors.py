@@ -8,6 +8,7 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 
 from deploy import errors
+from job.exitcodes import ExitCode
 
 
 def api_exc(status: int, message: str) -> ApiException:
@@ -19,20 +20,20 @@ def api_exc(status: int, message: str) -> ApiException:
 @pytest.mark.parametrize(
     ("status", "kind", "code", "text"),
     [
-        (404, errors.NotFoundError, 3, "mpijobs.kubeflow.org ml/r1 not found"),
-        (409, errors.AlreadyExistsError, 3, "ml/r1 already exists: server says"),
+        (404, errors.NotFoundError, ExitCode.BAD_INPUT, "mpijobs.kubeflow.org ml/r1 not found"),
+        (409, errors.AlreadyExistsError, ExitCode.BAD_INPUT, "ml/r1 already exists: server says"),
         (
             403,
             errors.PermissionDeniedError,
-            3,
+            ExitCode.BAD_INPUT,
             "permission denied: cannot create mpijobs.kubeflow.org "
             "ml/r1 (HTTP 403); grant this identity 'create'",
         ),
-        (401, errors.PermissionDeniedError, 3, "HTTP 401"),
+        (401, errors.PermissionDeniedError, ExitCode.BAD_INPUT, "HTTP 401"),
         (
             500,
             errors.ApiError,
-            1,
+            ExitCode.FAILED,
             "create mpijobs.kubeflow.org ml/r1 failed (HTTP 500): server says",
         ),
     ],
@@ -50,11 +51,11 @@ def test_from_api(status, kind, code, text):
 @pytest.mark.parametrize(
     ("kind", "code"),
     [
-        (errors.JobFailedError, 1),
-        (errors.GateError, 1),
-        (errors.JobTimeoutError, 2),
-        (errors.BadInputError, 3),
-        (errors.NotFoundError, 3),
+        (errors.JobFailedError, ExitCode.FAILED),
+        (errors.GateError, ExitCode.GATE_REFUSED),
+        (errors.JobTimeoutError, ExitCode.TIMED_OUT),
+        (errors.BadInputError, ExitCode.BAD_INPUT),
+        (errors.NotFoundError, ExitCode.BAD_INPUT),
     ],
     ids=["failed", "gate", "timeout", "bad-input", "not-found"],
 )

@@ -1,149 +1,105 @@
-"""Values -> MPIJob: names, labels, values loading, the run's ConfigMap."""
+"""The patcher: what Helm rendered -> one run (name, labels, output, its own ConfigMap)."""
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import random
 
 import pytest
 import yaml
-from chart_tools import validate_mpijob
+from chart_tools import by_kind, one, render, validate_mpijob
 
 from deploy import constants as c
 from deploy import manifest
 from deploy.errors import BadInputError
 
 NOW = dt.datetime(2024, 6, 1, 3, 0, 5, tzinfo=dt.UTC)
+TRAINING = {"data": "s3://b/ds", "output": "s3://b/flowers"}
 
 
-def values(**training):
-    return manifest.merge(
-        manifest.DEFAULTS,
-        {"training": {"data": "s3://b/ds", "output": "s3://b/flowers", **training}},
-    )
+@pytest.fixture(scope="module")
+def docs(helm):
+    """`helm template ft` of the chart with a schedule: MPIJob, ConfigMaps, CronJob, ..."""
+    return render(helm, {"training": TRAINING, "schedule": "0 3 * * *"}, release="ft")
+
+
+@pytest.fixture(scope="module")
+def text(docs):
+    return yaml.safe_dump_all(docs, sort_keys=False)
+
+
+@pytest.fixture
+def rendered(text):
+    return manifest.parse(text, "rendered.yaml")
+
+
+def with_training(rendered: manifest.Rendered, **training) -> manifest.Rendered:
+    """The same rendered objects with other config.yaml keys (as other values would give)."""
+    cm = yaml.safe_load(yaml.safe_dump(rendered.config_map))
+    cm["data"][c.CONFIG_KEY] = yaml.safe_dump({**rendered.training, **training})
+    return manifest.Rendered(rendered.mpijob, cm, rendered.source)
+
+
+def test_parse_finds_the_mpijob_and_the_configmap_it_mounts(rendered, docs):
+    assert rendered.mpijob == one(docs, "MPIJob")
+    assert rendered.config_map["metadata"]["name"] == "ft-finetune-job-training"
+    assert rendered.training == {
+        **TRAINING,
+        "model": "resnet18_v2",
+        "epochs": 10,
+        "batch_size": 32,
+        "lr": 0.01,
+        "metrics_port": 9095,
+    }
+
+
+def test_without_an_mpijob_the_submit_configmaps_manifest_is_used(docs, rendered):
+    """`helm template --set runOnInstall=false` renders no MPIJob; the CronJob's copy is it."""
+    scheduled_only = [d for d in docs if d["kind"] != "MPIJob"]
+    got = manifest.parse(yaml.safe_dump_all(scheduled_only), "release.yaml")
+    assert got.mpijob == rendered.mpijob and got.config_map == rendered.config_map
+    assert got.source == f"release.yaml ({manifest.MANIFEST_KEY})"
 
 
 @pytest.mark.parametrize(
-    ("prefix", "expected_start"),
+    ("mutate", "match"),
     [
-        ("finetune-job", "finetune-job-20240601-030005-"),
-        ("Nightly_Flowers", "nightly-flowers-20240601-030005-"),
-        ("9lives", "r-9lives-20240601-030005-"),
-        ("---", "r-20240601-030005-"),
-        ("a" * 80, "a" * 29 + "-20240601-030005-"),
+        (
+            lambda ds: [d for d in ds if d["kind"] not in ("MPIJob", "ConfigMap")],
+            r"x.yaml holds no kubeflow.org/v2beta1 MPIJob",
+        ),
+        (lambda ds: ds + [one(ds, "MPIJob")], r"x.yaml holds 2 MPIJobs \(ft-finetune-job, "),
+        (
+            lambda ds: [d for d in ds if d["kind"] != "ConfigMap"],
+            r"x.yaml lacks the ConfigMap ft-finetune-job-training that the MPIJob mounts",
+        ),
+        (lambda ds: ds + ["just a string"], "every YAML document must be a Kubernetes object"),
     ],
-    ids=["plain", "cleaned", "digit-start", "nothing-left", "long-prefix-cut"],
+    ids=["no-mpijob", "two-mpijobs", "no-configmap", "not-an-object"],
 )
-def test_run_names(prefix, expected_start):
-    name = manifest.run_name(prefix, NOW, random.Random(1))
-    assert name.startswith(expected_start)
-    assert len(name) <= c.MAX_RUN_NAME
-    assert manifest.is_dns_label(name) and name[0].isalpha()
-    # Room for the MPI Operator's longest derived pod name.
-    assert manifest.is_dns_label(f"{name}-worker-9999")
-
-
-def test_run_names_differ_within_one_second():
-    names = {manifest.run_name("ft", NOW) for _ in range(50)}
-    assert len(names) == 50
-
-
-@pytest.mark.parametrize(
-    ("item", "expected"),
-    [
-        ("training.epochs=5", {"training": {"epochs": 5}}),
-        ("training.lr=0.02", {"training": {"lr": 0.02}}),
-        ("training.tta=true", {"training": {"tta": True}}),
-        ("image.tag=v1.2", {"image": {"tag": "v1.2"}}),
-        ("training.data=", {"training": {"data": ""}}),
-    ],
-    ids=["int", "float", "bool", "string", "empty"],
-)
-def test_parse_set(item, expected):
-    assert manifest.parse_set(item) == expected
-
-
-@pytest.mark.parametrize(
-    ("sets", "match"),
-    [
-        (["epochs"], "expected KEY.PATH=VALUE"),
-        (["training..lr=1"], "expected KEY.PATH=VALUE"),
-        (["nope=1"], "unknown values key 'nope'"),
-        (["workers.replica=3"], "unknown values key 'workers.replica'"),
-        (["workers=3"], "values key 'workers' must be a mapping"),
-    ],
-    ids=["no-equals", "empty-part", "unknown-top", "unknown-nested", "not-a-mapping"],
-)
-def test_bad_values_fail(sets, match):
+def test_bad_manifests_are_named(docs, mutate, match):
     with pytest.raises(BadInputError, match=match):
-        manifest.load_values([], sets)
+        manifest.parse(yaml.safe_dump_all(mutate(list(docs))), "x.yaml")
 
 
-def test_values_files_then_sets(tmp_path):
-    f = tmp_path / "v.yaml"
-    f.write_text("workers: {replicas: 4}\ntraining: {epochs: 3, output: s3://b/o}\n")
-    v = manifest.load_values([str(f)], ["training.epochs=7", "schedule=0 3 * * *"])
-    assert v["workers"]["replicas"] == 4 and v["workers"]["restartPolicy"] == "Never"
-    assert v["training"]["epochs"] == 7 and v["training"]["model"] == "resnet18_v2"
+def test_not_yaml_and_missing_file_are_named(tmp_path):
+    with pytest.raises(BadInputError, match=r"^x.yaml is not valid YAML: "):
+        manifest.parse("a: [1,\n", "x.yaml")
+    with pytest.raises(BadInputError, match=r"manifest .*missing.yaml: No such file"):
+        manifest.read(str(tmp_path / "missing.yaml"))
 
 
-def test_values_file_errors(tmp_path):
-    with pytest.raises(BadInputError, match="values file .*missing.yaml: No such file"):
-        manifest.load_values([str(tmp_path / "missing.yaml")])
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("[1, 2]")
-    with pytest.raises(BadInputError, match="must hold a mapping"):
-        manifest.load_values([str(bad)])
-
-
-def test_launcher_runs_mpirun_over_all_slots():
-    v = manifest.merge(
-        values(),
-        {
-            "workers": {"replicas": 3},
-            "slotsPerWorker": 4,
-            "env": [{"name": "NCCL_DEBUG", "value": "INFO"}],
-        },
-    )
-    cmd = manifest.launcher_command(v)
-    assert cmd[:3] == ["mpirun", "-np", "12"]
-    assert cmd[-4:] == ["finetune-job", "train", "--config", c.CONFIG_PATH]
-    assert " -x NCCL_DEBUG " in " ".join(cmd)
-    assert "-bind-to none -map-by slot" in " ".join(cmd)
-
-
-@pytest.mark.parametrize(
-    ("workers", "slots", "threads"),
-    [
-        ({"ompNumThreads": 3}, 1, 3),
-        ({"resources": {"limits": {"cpu": "8"}}}, 2, 4),
-        ({"resources": {"requests": {"cpu": 6}}}, 4, 1),
-        ({"resources": {"limits": {"cpu": "500m"}}}, 1, 1),
-    ],
-    ids=["explicit", "limit-split", "request-floor", "millicores"],
-)
-def test_omp_threads(workers, slots, threads):
-    v = manifest.merge(values(), {"workers": workers, "slotsPerWorker": slots})
-    assert manifest.omp_num_threads(v) == threads
-
-
-def test_gpus_must_match_slots():
-    v = manifest.merge(values(), {"workers": {"resources": {"limits": {"nvidia.com/gpu": 4}}}})
-    with pytest.raises(BadInputError, match=r"slotsPerWorker \(1\) must equal"):
-        manifest.build_mpijob(v, manifest.Release.of(v))
-
-
-def test_run_gets_its_own_name_output_config_and_labels():
-    v = values(pretrained="zoo")
+def test_run_gets_its_own_name_output_config_and_labels(rendered):
     run = manifest.build_run(
-        v,
-        manifest.Release.of(v, name="ft"),
+        with_training(rendered, pretrained="zoo"),
         schedule="ft-nightly",
         namespace="ml",
         pretrained="s3://b/flowers/runs/old/model.params",
         now=NOW,
         rng=random.Random(0),
     )
+    assert run.name.startswith("ft-finetune-job-20240601-030005-")
     assert run.output == f"s3://b/flowers/runs/{run.name}"
     meta = run.mpijob["metadata"]
     assert meta["name"] == run.name and meta["namespace"] == "ml"
@@ -151,16 +107,33 @@ def test_run_gets_its_own_name_output_config_and_labels():
     assert meta["labels"][c.SCHEDULE_LABEL] == "ft-nightly"
     assert meta["labels"][c.MANAGED_BY_LABEL] == c.MANAGED_BY
     assert meta["annotations"][c.OUTPUT_ANNOTATION] == run.output
-    pod = run.mpijob["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]
-    assert pod["metadata"]["labels"][c.RUN_LABEL] == run.name
-    assert pod["spec"]["serviceAccountName"] == "ft-finetune-job"  # the release's account
-    (config_volume,) = [vol for vol in pod["spec"]["volumes"] if vol["name"] == "config"]
-    assert config_volume["configMap"]["name"] == run.config_map["metadata"]["name"]
+    for role in ("Launcher", "Worker"):
+        pod = run.mpijob["spec"]["mpiReplicaSpecs"][role]["template"]
+        assert pod["metadata"]["labels"][c.RUN_LABEL] == run.name
+        assert pod["spec"]["serviceAccountName"] == "ft-finetune-job"  # the release's account
+        (config_volume,) = [vol for vol in pod["spec"]["volumes"] if vol["name"] == "config"]
+        assert config_volume["configMap"]["name"] == run.config_map["metadata"]["name"]
     assert run.config_map["metadata"]["name"] == f"{run.name}-training"
+    assert run.config_map["metadata"]["namespace"] == "ml"
+    assert run.config_map["metadata"]["labels"][c.RUN_LABEL] == run.name
     config = yaml.safe_load(run.config_map["data"][c.CONFIG_KEY])
     assert config["output"] == run.output
     assert config["pretrained"] == "s3://b/flowers/runs/old/model.params"
     validate_mpijob(run.mpijob)
+
+
+def test_the_rendered_objects_are_left_alone(rendered):
+    before = yaml.safe_dump_all([rendered.mpijob, rendered.config_map])
+    manifest.build_run(rendered, schedule="x")
+    assert yaml.safe_dump_all([rendered.mpijob, rendered.config_map]) == before
+
+
+def test_the_pods_checksum_is_the_runs_config(rendered):
+    run = manifest.build_run(rendered)
+    text = run.config_map["data"][c.CONFIG_KEY]
+    for spec in run.mpijob["spec"]["mpiReplicaSpecs"].values():
+        checksum = spec["template"]["metadata"]["annotations"]["checksum/config"]
+        assert checksum == hashlib.sha256(text.rstrip("\n").encode()).hexdigest()
 
 
 @pytest.mark.parametrize(
@@ -174,41 +147,51 @@ def test_run_gets_its_own_name_output_config_and_labels():
     ],
     ids=["no-output", "bad-type", "bad-choice", "unknown-key", "no-data"],
 )
-def test_bad_training_values_fail_before_submit(training, match):
-    v = values(**training)
+def test_bad_training_values_fail_before_submit(rendered, training, match):
+    """job.config's own rules judge the run's config (no copy of them here)."""
     with pytest.raises(BadInputError, match=match):
-        manifest.build_run(v, manifest.Release.of(v))
+        manifest.build_run(with_training(rendered, **training))
 
 
-def test_schedule_label_default_and_sanitized():
-    v = values()
-    run = manifest.build_run(v, manifest.Release.of(v))
+def test_schedule_label_default_and_sanitized(rendered):
+    run = manifest.build_run(rendered)
     assert run.mpijob["metadata"]["labels"][c.SCHEDULE_LABEL] == c.MANUAL_SCHEDULE
     assert manifest.label_value("--Nightly run #3--") == "Nightly-run-3"
 
 
-def test_release_from_cronjob_values_wins():
-    v = manifest.merge(
-        values(),
-        {
-            "release": {
-                "name": "prod",
-                "fullname": "prod-ft",
-                "serviceAccountName": "prod-sa",
-                "labels": {
-                    "app.kubernetes.io/instance": "prod",
-                    "app.kubernetes.io/version": "2.0",
-                },
-            }
-        },
-    )
-    release = manifest.Release.of(v, name="ignored")
-    assert (release.name, release.fullname, release.service_account) == (
-        "prod",
-        "prod-ft",
-        "prod-sa",
-    )
-    run = manifest.build_run(v, release)
-    assert run.name.startswith("prod-ft-")
-    container = run.mpijob["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
-    assert container["image"] == "finetune-job:2.0"
+def test_name_prefix_and_dns_names(rendered):
+    run = manifest.build_run(rendered, prefix="Nightly_Flowers")
+    assert run.name.startswith("nightly-flowers-")
+    assert manifest.is_dns_label(f"{run.name}-worker-9999")
+
+
+def test_s3_settings_are_the_pods(helm):
+    docs = render(helm, {"training": TRAINING, "s3": {"endpoint": "http://minio:9000"}})
+    rendered = manifest.parse(yaml.safe_dump_all(docs), "r.yaml")
+    assert manifest.s3_endpoint_and_region(rendered) == ("http://minio:9000", "")
+    ours = with_training(rendered, s3_endpoint_url="http://other:9000", s3_region="eu")
+    assert manifest.s3_endpoint_and_region(ours) == ("http://other:9000", "eu")
+
+
+def test_the_cronjob_mounts_the_manifest_submit_reads(docs):
+    cron = one(docs, "CronJob")
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    command = pod["containers"][0]["command"]
+    path = command[command.index("--from-manifest") + 1]
+    mount_dir, key = path.rsplit("/", 1)
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == mount_dir]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    (cm,) = [
+        d
+        for d in by_kind(docs, "ConfigMap")
+        if d["metadata"]["name"] == volume["configMap"]["name"]
+    ]
+    assert key == manifest.MANIFEST_KEY
+    got = manifest.parse(cm["data"][key], path)
+    assert got.mpijob == one(docs, "MPIJob")
+    (training_cm,) = [
+        d
+        for d in by_kind(docs, "ConfigMap")
+        if d["metadata"]["name"] == got.config_map["metadata"]["name"]
+    ]
+    assert got.config_map == training_cm

@@ -233,22 +233,3 @@ metrics_port is 0. A list of {name, port}.
 {{- end }}
 {{- toJson $ports }}
 {{- end }}
-
-{{/*
-values.yaml of the scheduled `finetune-job submit`: the chart values an MPIJob is built from
-(image.tag resolved), plus the names the chart resolved (MPIJob name prefix, ServiceAccount,
-config ConfigMap, namespace, labels).
-*/}}
-{{- define "finetune-job.submitValues" -}}
-{{- $v := .Values }}
-{{- $keys := list "slotsPerWorker" "launcherCreationPolicy" "sshAuthMountPath" "runPolicy" "mpirun" "launcher" "workers" "training" "s3" "env" "extraVolumes" "extraVolumeMounts" "cudaCache" "podAnnotations" "podLabels" "podSecurityContext" "securityContext" }}
-{{- $out := dict }}
-{{- range $keys }}
-{{- if hasKey $v . }}
-{{- $_ := set $out . (deepCopy (get $v .)) }}
-{{- end }}
-{{- end }}
-{{- $_ := set $out "image" (merge (dict "tag" (include "finetune-job.imageTag" .)) (deepCopy $v.image)) }}
-{{- $_ = set $out "release" (dict "name" .Release.Name "namespace" .Release.Namespace "fullname" (include "finetune-job.fullname" .) "serviceAccountName" (include "finetune-job.serviceAccountName" .) "configMapName" (include "finetune-job.configMapName" .) "labels" (include "finetune-job.labels" . | fromYaml)) }}
-{{- toYaml $out }}
-{{- end }}

@@ -1,4 +1,4 @@
-"""Retraining that builds on itself: per-run outputs, a gate, and a ``latest`` pointer.
+"""Training outputs that build on each other: run names, per-run outputs, a gate, ``latest``.
 
 Layout under an output root (local path or ``s3://``)::
 
@@ -10,16 +10,23 @@ gate (``min_accuracy`` on ``val_top1``; optionally not worse than the current ``
 rewrites ``latest`` -- the last write of the run, so a bad or unfinished run never becomes
 ``latest``. A later run given ``--pretrained <root>/latest`` starts from that model:
 ``resolve_pretrained`` turns the pointer into the model's URI.
+
+These are training-output concepts: ``job.model`` resolves ``latest`` and ``deploy`` names
+and gates the runs it submits, both through this module.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import random
+import re
+import secrets
+import string
 from dataclasses import dataclass
 from typing import Any
 
-from deploy.errors import GateError
-from job.errors import InputError
+from job.errors import GateError, InputError
 from job.storage import Storage, StorageError, join
 
 RUNS_DIR = "runs"
@@ -27,6 +34,27 @@ LATEST = "latest"
 SUMMARY = "summary.json"
 MODEL = "model.params"
 METRIC = "val_top1"
+# A run name is also the MPIJob's name: the MPI Operator derives `<name>-worker-<i>` pod
+# hostnames (DNS labels, at most 63 characters) and a `<name>-worker` Service (which must start
+# with a letter). 50 leaves room for `-worker-9999`.
+MAX_RUN_NAME = 50
+
+
+def run_name(prefix: str, now: dt.datetime | None = None, rng: random.Random | None = None) -> str:
+    """``<prefix>-<yyyymmdd-hhmmss UTC>-<4 of [a-z0-9]>``, at most ``MAX_RUN_NAME`` long.
+
+    The prefix is lowercased, other characters become ``-``, it is cut to fit, and it gets
+    an ``r`` in front when it would not start with a letter.
+    """
+    now = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
+    alphabet = string.ascii_lowercase + string.digits
+    pick = rng.choice if rng is not None else secrets.choice
+    suffix = f"-{now:%Y%m%d-%H%M%S}-" + "".join(pick(alphabet) for _ in range(4))
+    clean = re.sub(r"[^a-z0-9]+", "-", prefix.lower()).strip("-")
+    if not clean or not clean[0].isalpha():
+        clean = ("r-" + clean).rstrip("-")
+    clean = clean[: MAX_RUN_NAME - len(suffix)].rstrip("-")
+    return clean + suffix
 
 
 def run_output(root: str, run: str) -> str:
@@ -54,7 +82,10 @@ def read_summary(storage: Storage, run_uri: str) -> dict[str, Any]:
     uri = join(run_uri, SUMMARY)
     if not storage.exists(uri):
         raise GateError(f"{uri}: the run wrote no {SUMMARY}")
-    return _read_json(storage, uri, SUMMARY)
+    try:
+        return _read_json(storage, uri, SUMMARY)
+    except InputError as e:
+        raise GateError(str(e)) from e
 
 
 def read_latest(storage: Storage, root: str) -> dict[str, Any] | None:
