@@ -224,9 +224,9 @@ def config_yaml(training: Mapping[str, Any]) -> str:
 def check_training(training: Mapping[str, Any]) -> None:
     """The run's config must make a valid ``job.config.Config`` (its rules, not a copy)."""
     try:
-        config_mod.from_mapping(training, "the run's config (values training)")
+        config_mod.from_mapping(training, "values training")
     except config_mod.ConfigError as e:
-        raise BadInputError(f"values training: {e}") from e
+        raise BadInputError(str(e)) from e
 
 
 @dataclass(frozen=True)

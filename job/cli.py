@@ -75,7 +75,7 @@ class Parser(argparse.ArgumentParser):
     (argparse's default prints the whole usage block first)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        self.exit(ExitCode.BAD_INPUT, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def,override]
         """Unknown options are reported by the command they were given to, so the hint
@@ -296,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, --version, or a usage error already printed in one line
-        return e.code if isinstance(e.code, int) else EXIT_USAGE
+        return e.code if isinstance(e.code, int) else ExitCode.BAD_INPUT
     func: Callable[[argparse.Namespace], int] = args.func
     return run_guarded(func, args)
 

@@ -212,7 +212,7 @@ def test_a_manifest_whose_config_the_job_rejects_exits_2(api, kubeconfig_path, t
     )
     assert code == ExitCode.BAD_INPUT
     err = capsys.readouterr().err
-    assert "values training: config key 'epochs' from the run's config" in err
+    assert "config key 'epochs' from values training" in err
     assert len(err.strip().splitlines()) == 1 and not api.objects
 
 

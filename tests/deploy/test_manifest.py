@@ -140,7 +140,7 @@ def test_the_pods_checksum_is_the_runs_config(rendered):
     ("training", "match"),
     [
         ({"output": ""}, "training.output .* is required"),
-        ({"epochs": "many"}, "values training: config key 'epochs'"),
+        ({"epochs": "many"}, "config key 'epochs' from values training"),
         ({"model": "vgg16"}, "config key 'model' from values training: must be one of"),
         ({"no_such_key": 1}, "unknown config key 'no_such_key'"),
         ({"data": ""}, "config key 'data' is required"),
