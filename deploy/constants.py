@@ -56,3 +56,20 @@ CONFIG_VOLUME = "training-config"
 # with a letter). Capping run names at 50 leaves room for `-worker-9999`.
 MAX_NAME = 63
 MAX_RUN_NAME = 50
+
+# A run that cannot start. The MPI Operator sets no condition for these, so the client reads
+# them from the run's pods (container waiting reasons, the PodScheduled condition) and from
+# Warning events (the launcher Job's FailedCreate, the operator's on the MPIJob).
+LAUNCHER_JOB_SUFFIX = "-launcher"  # the operator's batch/v1 Job that runs the launcher pod
+IMAGE_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
+CONFIG_REASONS = ("CreateContainerConfigError", "CreateContainerError")
+UNSCHEDULABLE = "Unschedulable"  # PodScheduled=False reason
+POD_SCHEDULED = "PodScheduled"
+FAILED_CREATE = "FailedCreate"  # the Job controller's event when it cannot create a pod
+OPERATOR_FAILED = "MPIJobFailed"  # the operator's event when it cannot create a worker pod
+FAILED_MOUNT = "FailedMount"  # kubelet's event when a volume (Secret, ConfigMap) is missing
+WARNING = "Warning"
+# How long such a state may last before waiting gives up (seconds; 0: never give up).
+# Unschedulable waits longer: a cluster autoscaler may be adding a node.
+START_TIMEOUT = 300.0
+UNSCHEDULABLE_TIMEOUT = 1800.0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import time
 
 import pytest
@@ -48,7 +47,7 @@ def test_submit_wait_success_logs_and_delete(api, client):
     state = client.wait(run.name, timeout=5, on_change=lambda s: seen.append(s.phase))
     assert state.succeeded and state.output == run.output
     assert seen[-1] == c.SUCCEEDED and c.RUNNING in seen
-    assert client.logs(run.name) == "epoch 1 val_top1 0.9\n"
+    assert list(client.logs(run.name)) == ["epoch 1 val_top1 0.9"]
     # The ConfigMap is owned by the MPIJob: deleting the job collects it.
     cm = api.objects[("configmaps", NS, f"{run.name}-training")]
     (owner,) = cm["metadata"]["ownerReferences"]
@@ -70,7 +69,7 @@ def test_failure_raises_with_reason(api, client):
     ):
         client.wait(run.name, timeout=5)
     assert client.status(run.name).failed
-    assert client.logs(run.name) == "Traceback ...\n"
+    assert list(client.logs(run.name)) == ["Traceback ..."]
 
 
 def test_timeout_names_the_job_and_leaves_it_running(api, client):
@@ -190,9 +189,9 @@ def test_follow_streams_the_launcher_log(api, client):
     api.script([(0.05, running("line 1\nline 2\n")), (0.2, succeeded())])
     run = new_run()
     client.submit(run.mpijob, run.config_map)
-    out = io.StringIO()
-    client.follow_logs(run.name, out, time.monotonic() + 5)
-    assert out.getvalue() == "line 1\nline 2\n"
+    lines = client.logs(run.name, follow=True, timeout=5)
+    assert next(lines) == "line 1"  # an iterator: each line as it is written
+    assert list(lines) == ["line 2"]
     assert client.wait(run.name, timeout=5).succeeded
 
 
