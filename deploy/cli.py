@@ -456,7 +456,7 @@ def logs(args: argparse.Namespace) -> int:
         if args.save:
             lines.append(line)
 
-    pods = [p.metadata.name for p in client.launcher_pods(args.name)] if args.all_pods else []
+    pods = client.launcher_pod_names(args.name) if args.all_pods else []
     for i, pod in enumerate(pods[:-1] if args.follow else pods, 1):
         emit(_header(pod, i, len(pods)))
         for line in client.logs(args.name, pod=pod, previous=args.previous, tail_lines=args.tail):

@@ -384,36 +384,36 @@ class MPIJobClient:
 
     def problems(self, name: str) -> list[Problem]:
         """What keeps the run's pods from starting right now (no time bound applied)."""
-        doc = self._call(
+        pods = self._pods(name, f"{c.OPERATOR_JOB_NAME_LABEL}={name}")
+        return [p for pod in pods for p in pod_problems(pod)]
+
+    # ---- logs -----------------------------------------------------------------------------
+    def _pods(self, name: str, selector: str) -> list[dict[str, Any]]:
+        """Pods as the server sent them (dicts), oldest first."""
+        resp = self._call(
             "list",
             "pods",
             name,
             self.core.list_namespaced_pod,
             self.namespace,
-            label_selector=f"{c.OPERATOR_JOB_NAME_LABEL}={name}",
-            _preload_content=False,
+            label_selector=selector,
+            _preload_content=False,  # no model validation a server's pod could fail
         )
-        pods = json.loads(doc.data).get("items") or []
-        return [p for pod in pods for p in pod_problems(pod)]
+        pods: list[dict[str, Any]] = json.loads(resp.data).get("items") or []
+        return sorted(
+            pods,
+            key=lambda p: (str(p["metadata"].get("creationTimestamp")), p["metadata"]["name"]),
+        )
 
-    # ---- logs -----------------------------------------------------------------------------
-    def launcher_pods(self, name: str) -> list[Any]:
-        """The job's launcher pods (``V1Pod``; one per launcher attempt), oldest first."""
-        selector = (
-            f"{c.OPERATOR_JOB_NAME_LABEL}={name},{c.OPERATOR_JOB_ROLE_LABEL}={c.LAUNCHER_ROLE}"
+    def launcher_pods(self, name: str) -> list[dict[str, Any]]:
+        """The job's launcher pods (one per launcher attempt), oldest first."""
+        return self._pods(
+            name,
+            f"{c.OPERATOR_JOB_NAME_LABEL}={name},{c.OPERATOR_JOB_ROLE_LABEL}={c.LAUNCHER_ROLE}",
         )
-        pods: list[Any] = (
-            self._call(
-                "list",
-                "pods",
-                name,
-                self.core.list_namespaced_pod,
-                self.namespace,
-                label_selector=selector,
-            ).items
-            or []
-        )
-        return sorted(pods, key=lambda p: (str(p.metadata.creation_timestamp), p.metadata.name))
+
+    def launcher_pod_names(self, name: str) -> list[str]:
+        return [str(p["metadata"]["name"]) for p in self.launcher_pods(name)]
 
     def _launcher(self, name: str) -> tuple[str, str]:
         """(pod name, container name) of the newest launcher pod."""
@@ -423,7 +423,7 @@ class MPIJobClient:
                 f"MPIJob {self._ref(name)} has no launcher pod (not started yet, "
                 f"or its pods were cleaned up)"
             )
-        return str(pods[-1].metadata.name), str(pods[-1].spec.containers[0].name)
+        return _pod_and_container(pods[-1])
 
     def logs(
         self,
@@ -468,8 +468,8 @@ class MPIJobClient:
         if pod is None:
             return self._launcher(name)
         for candidate in self.launcher_pods(name):
-            if candidate.metadata.name == pod:
-                return pod, str(candidate.spec.containers[0].name)
+            if candidate["metadata"]["name"] == pod:
+                return _pod_and_container(candidate)
         raise NotFoundError(f"MPIJob {self._ref(name)} has no launcher pod {pod}")
 
     def _read_log(self, name: str, pod: str, kwargs: dict[str, Any]) -> list[str]:
@@ -539,15 +539,20 @@ class MPIJobClient:
 
     def launcher_log_text(self, name: str) -> str:
         """Every launcher pod's log, oldest first; a header line before each when several."""
-        pods = self.launcher_pods(name)
+        pods = self.launcher_pod_names(name)
         if not pods:
             raise NotFoundError(f"MPIJob {self._ref(name)} has no launcher pod")
         out = []
         for i, pod in enumerate(pods, 1):
             if len(pods) > 1:
-                out.append(pod_header(pod.metadata.name, i, len(pods)))
-            out += self.logs(name, pod=pod.metadata.name)
+                out.append(pod_header(pod, i, len(pods)))
+            out += self.logs(name, pod=pod)
         return "".join(line + "\n" for line in out)
+
+
+def _pod_and_container(pod: dict[str, Any]) -> tuple[str, str]:
+    """The launcher pod's name and its (first, the launcher's) container."""
+    return str(pod["metadata"]["name"]), str(pod["spec"]["containers"][0]["name"])
 
 
 def split_lines(text: str) -> list[str]:

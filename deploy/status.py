@@ -225,7 +225,7 @@ def pod_started(pod: dict[str, Any]) -> bool:
     statuses = list(status.get("initContainerStatuses") or [])
     statuses += list(status.get("containerStatuses") or [])
     return any(
-        ((s or {}).get("state") or {}).get(k) for s in statuses for k in ("running", "terminated")
+        k in ((s or {}).get("state") or {}) for s in statuses for k in ("running", "terminated")
     )
 
 

@@ -32,6 +32,14 @@ RELIST = "RELIST"
 ERROR = "ERROR"
 
 
+class RawWatch(k8s_watch.Watch):
+    """Events as the server sent them (dicts): no model validation, so a field a server
+    leaves out or adds cannot break the wait."""
+
+    def get_return_type(self, func: Callable[..., Any]) -> Any:
+        return None
+
+
 @dataclass(frozen=True)
 class Item:
     """One thing a watch saw: ``type`` is ADDED/MODIFIED/DELETED, RELIST or ERROR."""
@@ -49,7 +57,7 @@ class Feed:
         self.items: queue.Queue[Item] = queue.Queue()
         self.stopping = threading.Event()
         self.threads: list[threading.Thread] = []
-        self.watchers: dict[str, k8s_watch.Watch] = {}
+        self.watchers: dict[str, RawWatch] = {}
         self.lock = threading.Lock()
 
     def __enter__(self) -> Feed:
@@ -128,7 +136,7 @@ class Feed:
         rv: str,
     ) -> str:
         """One watch request; returns the last resourceVersion seen."""
-        watcher = k8s_watch.Watch()
+        watcher = RawWatch()
         with self.lock:
             if self.stopping.is_set():
                 return rv

@@ -534,6 +534,8 @@ def waiting(
             "ready": False,
             "restartCount": 0,
             "image": "registry.example/finetune-job:9.9",
+            "imageID": "",
+            "started": False,
             "state": {"waiting": {"reason": reason, "message": message}},
         }
         scheduled = {"type": "PodScheduled", "status": "True", "lastTransitionTime": now()}
@@ -549,7 +551,15 @@ def started(role: str = "launcher") -> Callable[[FakeApiServer, str, str], None]
 
     def act(api: FakeApiServer, ns: str, name: str) -> None:
         pod = _ensure_pod(api, ns, name, role)
-        container = {"name": role, "ready": True, "state": {"running": {"startedAt": now()}}}
+        container = {
+            "name": role,
+            "ready": True,
+            "restartCount": 0,
+            "image": "registry.example/finetune-job:9.9",
+            "imageID": "registry.example/finetune-job@sha256:0",
+            "started": True,
+            "state": {"running": {"startedAt": now()}},
+        }
         api.set_pod_status(ns, pod, "Running", containerStatuses=[container])
 
     return act
