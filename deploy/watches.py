@@ -15,6 +15,7 @@ import json
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -85,11 +86,15 @@ class Feed:
 
     def close(self) -> None:
         self.stopping.set()
-        with self.lock:
-            for watcher in self.watchers.values():
-                watcher.stop()  # shuts the socket down: a blocked read returns now
+        deadline = time.monotonic() + self.request_timeout
         for thread in self.threads:
-            thread.join(timeout=self.request_timeout)
+            while thread.is_alive() and time.monotonic() < deadline:
+                # Again and again: a watch whose response has not arrived yet cannot be
+                # stopped (its socket is not known), and it forgets an earlier stop().
+                with self.lock:
+                    for watcher in self.watchers.values():
+                        watcher.stop()  # shuts the socket down: a blocked read returns now
+                thread.join(timeout=0.05)
 
     # ---- one thread ------------------------------------------------------------------------
     def _run(
