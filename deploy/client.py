@@ -298,7 +298,8 @@ class MPIJobClient:
                         raise self._stuck(name, problem, bounds.of(problem.kind))
                 if now >= deadline:
                     return None
-                wake = min(deadline, tracker.next_due() or deadline)
+                due = tracker.next_due() if state is not None else None
+                wake = min(deadline, due or deadline)
                 item = feed.get(wake - now)
                 if item is not None:
                     state = self._take(name, item, state, tracker)

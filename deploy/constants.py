@@ -61,6 +61,8 @@ MAX_RUN_NAME = 50
 # them from the run's pods (container waiting reasons, the PodScheduled condition) and from
 # Warning events (the launcher Job's FailedCreate, the operator's on the MPIJob).
 LAUNCHER_JOB_SUFFIX = "-launcher"  # the operator's batch/v1 Job that runs the launcher pod
+JOB_KIND = "Job"
+POD_KIND = "Pod"
 IMAGE_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
 CONFIG_REASONS = ("CreateContainerConfigError", "CreateContainerError")
 UNSCHEDULABLE = "Unschedulable"  # PodScheduled=False reason

@@ -320,13 +320,15 @@ class StuckTracker:
         kind, name, reason = obj.get("kind"), str(obj.get("name") or ""), event.get("reason")
         message = one_line(event.get("message"))
         launcher_job = self.name + c.LAUNCHER_JOB_SUFFIX
-        if kind == "Job" and name == launcher_job and reason == c.FAILED_CREATE:
-            return Problem(("create", c.LAUNCHER_ROLE, ""), START, f"Job {name}", reason, message)
+        if kind == c.JOB_KIND and name == launcher_job and reason == c.FAILED_CREATE:
+            return Problem(
+                ("create", c.LAUNCHER_ROLE, ""), START, f"{c.JOB_KIND} {name}", reason, message
+            )
         if kind == c.KIND and name == self.name and reason == c.OPERATOR_FAILED:
             return Problem(
                 ("create", c.WORKER_ROLE, ""), START, f"{c.KIND} {name}", reason, message
             )
-        if kind == "Pod" and reason == c.FAILED_MOUNT and self._ours(name):
+        if kind == c.POD_KIND and reason == c.FAILED_MOUNT and self._ours(name):
             subject = f"pod {name}"
             return Problem((name, "", c.FAILED_MOUNT), START, subject, reason, message, pod=name)
         return None

@@ -374,3 +374,14 @@ def test_list_has_a_header_and_wide_and_json_forms(api, submit_args, kubeconfig_
     assert run("list", "-o", "json", *cluster) == 0
     (doc,) = json.loads(capsys.readouterr().out)
     assert (doc["name"], doc["phase"], doc["schedule"]) == (name, "Failed", "nightly")
+
+
+def test_submit_follow_prints_the_launcher_log_then_the_summary(api, submit_args, capsys):
+    api.script(
+        [(0.05, running("epoch 1\nepoch 2\n")), (0.1, write_summary(0.9)), (0.15, succeeded())]
+    )
+    assert run(*submit_args, "--follow", "--timeout", "30") == 0
+    out = capsys.readouterr().out
+    log, summary = out.split("\n", 2)[:2], out.split("\n", 2)[2]
+    assert log == ["epoch 1", "epoch 2"]
+    assert json.loads(summary) == {"val_top1": 0.9}
