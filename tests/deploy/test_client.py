@@ -392,3 +392,17 @@ def test_logs_of_every_launcher_attempt_and_the_previous_container(api, client):
         f"===== launcher pod {pods[0]} (attempt 1 of 2) =====\nattempt 1\nTraceback\n"
         f"===== launcher pod {pods[1]} (attempt 2 of 2) =====\nattempt 2\nno line end\n"
     )
+
+
+def test_a_pod_watch_that_expires_is_relisted_and_no_watch_outlives_the_wait(api, client):
+    import threading
+
+    api.expire_next_watches(1, resource="pods")
+    api.script([(0.05, waiting("ImagePullBackOff", "back-off"))])
+    run = new_run()
+    client.submit(run.mpijob, run.config_map)
+    with pytest.raises(JobStuckError, match="ImagePullBackOff"):
+        client.wait(run.name, timeout=60, stuck=StuckBounds(start=0.5))
+    pod_lists = [q for m, p, q in api.requests if p.endswith("/pods") and q.get("watch") != "true"]
+    assert len(pod_lists) >= 2  # the first list, and the relist after 410 Gone
+    assert not [t for t in threading.enumerate() if t.name.startswith("watch-")]
