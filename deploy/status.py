@@ -8,7 +8,7 @@ Suspended) with status "True"/"False"; a job is finished once Succeeded or Faile
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from deploy import constants as c
@@ -251,6 +251,7 @@ class StuckTracker:
         self.bounds = bounds
         self.pods: dict[str, dict[str, Any]] = {}
         self.problems: dict[tuple[str, ...], tuple[float, Problem, str]] = {}
+        self.pull_errors: dict[tuple[str, ...], str] = {}
 
     # -- pods --
     def pod(self, event_type: str, pod: dict[str, Any], now: float) -> None:
@@ -338,6 +339,13 @@ class StuckTracker:
 
     # -- decisions --
     def _note(self, problem: Problem, now: float, origin: str) -> None:
+        # ImagePullBackOff only says "Back-off pulling image"; the ErrImagePull before it
+        # said why (not found, unauthorized): keep that in the message.
+        if problem.reason == "ErrImagePull" and problem.message:
+            self.pull_errors[problem.key] = problem.message
+        elif problem.reason == "ImagePullBackOff" and problem.key in self.pull_errors:
+            why = self.pull_errors[problem.key]
+            problem = replace(problem, message=f"{problem.message}; last pull error: {why}")
         since = self.problems.get(problem.key, (now, problem, origin))[0]
         self.problems[problem.key] = (since, problem, origin)
 

@@ -198,12 +198,13 @@ def test_a_problem_is_overdue_only_after_its_bound():
     assert t.overdue(400.0).reason == "ImagePullBackOff"
 
 
-def test_image_pull_reasons_flipping_keep_their_clock():
+def test_image_pull_reasons_flipping_keep_their_clock_and_the_pull_error():
     t = tracker()
     t.pod("ADDED", pod(**waiting("launcher", "ErrImagePull", "denied")), now=0.0)
     t.pod("MODIFIED", pod(**waiting("launcher", "ImagePullBackOff", "back-off")), now=200.0)
     problem = t.overdue(300.0)
     assert problem is not None and problem.reason == "ImagePullBackOff"
+    assert problem.message == "back-off; last pull error: denied"
 
 
 def test_a_pod_that_recovers_or_goes_away_is_forgotten():
