@@ -273,16 +273,19 @@ class MPIJobClient:
         done: Callable[[JobState], bool],
         on_change: Callable[[JobState], None] | None = None,
         stuck: StuckBounds | None = None,
+        tracker: StuckTracker | None = None,
     ) -> JobState | None:
         """Watch the MPIJob (and its pods) until ``done(state)``; None once ``deadline`` passes.
 
         The run's pods and the namespace's Warning events are watched too, so a run that
-        cannot start fails with JobStuckError instead of waiting out the deadline.
+        cannot start fails with JobStuckError instead of waiting out the deadline. ``done``
+        is asked after every change, so it may look at ``tracker.pods`` too.
         """
         bounds = StuckBounds() if stuck is None else stuck
-        tracker = StuckTracker(name, bounds)
+        watch_pods = tracker is not None or bounds.start > 0 or bounds.unschedulable > 0
+        tracker = tracker or StuckTracker(name, bounds)
         with Feed(self.request_timeout) as feed:
-            self._start_watches(feed, name, watch_pods=bounds.start > 0 or bounds.unschedulable > 0)
+            self._start_watches(feed, name, watch_pods=watch_pods)
             state: JobState | None = None
             last_phase = None
             while True:
@@ -442,8 +445,10 @@ class MPIJobClient:
         ``pod``: one launcher pod by name (see :meth:`launcher_pods`), else the newest.
         ``previous``: the container instance before the last restart. ``follow``: wait for
         the launcher to run (failing with JobStuckError if it cannot start, JobTimeoutError
-        after ``timeout`` seconds), then yield lines as they are written until it ends.
-        Save the log before the job (and its pods) is deleted.
+        after ``timeout`` seconds), then yield lines as they are written until the job ends;
+        when a failed launcher is replaced by another pod (``runPolicy.backoffLimit``), a
+        :func:`pod_header` line comes before the new pod's lines. Save the log before the
+        job (and its pods) is deleted.
         """
         deadline = time.monotonic() + timeout
         if follow and not previous:
@@ -461,9 +466,59 @@ class MPIJobClient:
             kwargs["tail_lines"] = tail_lines
         if previous:
             kwargs["previous"] = True
+        if follow and not previous and pod is None:
+            return self._follow_attempts(name, pod_name, deadline, kwargs, stuck)
         if follow and not previous:
             return self._follow(name, pod_name, deadline, kwargs)
         return iter(self._read_log(name, pod_name, kwargs))
+
+    def _follow_attempts(
+        self,
+        name: str,
+        pod: str,
+        deadline: float,
+        kwargs: dict[str, Any],
+        stuck: StuckBounds | None,
+    ) -> Iterator[str]:
+        """Follow the launcher pod, then each pod the launcher Job starts after it."""
+        seen = {pod}
+        while True:
+            yield from self._follow(name, pod, deadline, kwargs)
+            following = self._next_launcher(name, seen, deadline, stuck)
+            if following is None:
+                return
+            seen.add(following)
+            attempt = self.launcher_pod_names(name).index(following) + 1
+            yield pod_header(following, attempt)
+            kwargs = {k: v for k, v in kwargs.items() if k != "tail_lines"}
+            pod = following
+
+    def _next_launcher(
+        self, name: str, seen: set[str], deadline: float, stuck: StuckBounds | None
+    ) -> str | None:
+        """The next launcher pod once it runs; None when the job finished without one."""
+        tracker = StuckTracker(name, StuckBounds() if stuck is None else stuck)
+
+        def started() -> bool:
+            return any(
+                pod_name not in seen
+                and (p["metadata"].get("labels") or {}).get(c.OPERATOR_JOB_ROLE_LABEL)
+                == c.LAUNCHER_ROLE
+                and (p.get("status") or {}).get("phase") in c.POD_STARTED_PHASES
+                for pod_name, p in tracker.pods.items()
+            )
+
+        state = self.watch_until(
+            name, deadline, lambda s: s.finished or started(), stuck=stuck, tracker=tracker
+        )
+        if state is None:
+            raise JobTimeoutError(
+                f"MPIJob {self._ref(name)}: following the launcher's log took longer than "
+                f"the deadline"
+            )
+        # Also after the job finished: an attempt that ran meanwhile is shown too.
+        unseen = [p for p in self.launcher_pod_names(name) if p not in seen]
+        return unseen[0] if unseen else None
 
     def _pod_container(self, name: str, pod: str | None) -> tuple[str, str]:
         if pod is None:
@@ -562,6 +617,7 @@ def split_lines(text: str) -> list[str]:
     return lines[:-1] if lines and lines[-1] == "" else lines
 
 
-def pod_header(pod: str, attempt: int, attempts: int) -> str:
+def pod_header(pod: str, attempt: int, attempts: int | None = None) -> str:
     """The line before one launcher pod's log when a run has several."""
-    return f"===== launcher pod {pod} (attempt {attempt} of {attempts}) ====="
+    of = f" of {attempts}" if attempts else ""
+    return f"===== launcher pod {pod} (attempt {attempt}{of}) ====="

@@ -67,6 +67,7 @@ IMAGE_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrIma
 CONFIG_REASONS = ("CreateContainerConfigError", "CreateContainerError")
 UNSCHEDULABLE = "Unschedulable"  # PodScheduled=False reason
 POD_SCHEDULED = "PodScheduled"
+POD_STARTED_PHASES = ("Running", "Succeeded", "Failed")  # its containers ran
 FAILED_CREATE = "FailedCreate"  # the Job controller's event when it cannot create a pod
 OPERATOR_FAILED = "MPIJobFailed"  # the operator's event when it cannot create a worker pod
 FAILED_MOUNT = "FailedMount"  # kubelet's event when a volume (Secret, ConfigMap) is missing

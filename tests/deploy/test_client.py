@@ -406,3 +406,22 @@ def test_a_pod_watch_that_expires_is_relisted_and_no_watch_outlives_the_wait(api
     pod_lists = [q for m, p, q in api.requests if p.endswith("/pods") and q.get("watch") != "true"]
     assert len(pod_lists) >= 2  # the first list, and the relist after 410 Gone
     assert not [t for t in threading.enumerate() if t.name.startswith("watch-")]
+
+
+def test_following_goes_on_with_the_next_launcher_attempt(api, client):
+    # The first attempt's log ends (its pod failed); the launcher Job starts a second pod.
+    api.script(
+        [
+            (0.0, launcher_pod("a1", "try 1\n")),
+            (0.05, lambda a, ns, name: a.set_condition(ns, name, "Running", "MPIJobRunning")),
+            (2.0, launcher_pod("b2", "try 2\n")),
+            (2.5, succeeded()),
+        ]
+    )
+    run = new_run()
+    client.submit(run.mpijob, run.config_map)
+    assert list(client.logs(run.name, follow=True, timeout=60)) == [
+        "try 1",
+        f"===== launcher pod {run.name}-launcher-b2 (attempt 2) =====",
+        "try 2",
+    ]
