@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from deploy.errors import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
     EXIT_SUCCEEDED,
+    BadInputError,
     DeployError,
     GateError,
     JobFailedError,
@@ -280,6 +282,12 @@ def _stuck_args(p: argparse.ArgumentParser) -> None:
 
 
 def _bounds(args: argparse.Namespace) -> StuckBounds:
+    for flag, value in (
+        ("--start-timeout", args.start_timeout),
+        ("--unschedulable-timeout", args.unschedulable_timeout),
+    ):
+        if not math.isfinite(value) or value < 0:
+            raise BadInputError(f"{flag} must be a number of seconds >= 0 (got {value:g})")
     return StuckBounds(start=args.start_timeout, unschedulable=args.unschedulable_timeout)
 
 
@@ -324,6 +332,7 @@ def _note(msg: str) -> None:
 
 @guarded
 def submit(args: argparse.Namespace) -> int:
+    _bounds(args)  # bad input, found before anything is submitted
     values = manifest.load_values(args.values, args.set)
     release = manifest.Release.of(values, name=args.release)
     storage = _storage(values)

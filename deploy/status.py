@@ -3,6 +3,10 @@
 Pure functions over the MPIJob dict, so the rules are tested without a cluster. The MPI
 Operator keeps one condition per type (Created, Running, Restarting, Succeeded, Failed,
 Suspended) with status "True"/"False"; a job is finished once Succeeded or Failed is True.
+
+It sets none for a run whose pods cannot start; ``pod_problems`` reads those from a pod's
+container waiting reasons and its PodScheduled condition, and ``StuckTracker`` adds the
+Warning events of pods that could not be created and tells when such a state lasted too long.
 """
 
 from __future__ import annotations

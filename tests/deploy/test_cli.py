@@ -20,7 +20,7 @@ from fake_apiserver import (
 
 from deploy import cli
 from deploy import constants as c
-from deploy.errors import JobStuckError, JobTimeoutError, NotFoundError
+from deploy.errors import BadInputError, JobStuckError, JobTimeoutError, NotFoundError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -385,3 +385,12 @@ def test_submit_follow_prints_the_launcher_log_then_the_summary(api, submit_args
     log, summary = out.split("\n", 2)[:2], out.split("\n", 2)[2]
     assert log == ["epoch 1", "epoch 2"]
     assert json.loads(summary) == {"val_top1": 0.9}
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_bad_start_timeouts_are_bad_input(api, submit_args, capsys, value):
+    assert run(*submit_args, "--wait", "--start-timeout", value) == BadInputError.exit_code
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err.splitlines()[-1]]  # one line
+    assert err.startswith("finetune-job: error: --start-timeout must be")
+    assert not api.objects  # nothing submitted
