@@ -292,6 +292,15 @@ def test_wait_command(api, submit_args, kubeconfig_path, capsys):
     assert run("status", name, *cluster) == 0
     out = capsys.readouterr().out
     assert f"cannot start: pod {name}-launcher-x1 container launcher: ErrImagePull: denied" in out
+    assert run("status", name, "-o", "json", *cluster) == 0
+    (problem,) = json.loads(capsys.readouterr().out)["problems"]
+    assert problem == {
+        "subject": f"pod {name}-launcher-x1 container launcher",
+        "pod": f"{name}-launcher-x1",
+        "container": "launcher",
+        "reason": "ErrImagePull",
+        "message": "denied",
+    }
     assert run("wait", "nope", *cluster) == NotFoundError.exit_code
 
 
