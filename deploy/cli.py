@@ -1,4 +1,4 @@
-"""``finetune-job submit | status | logs | delete | list``: MPIJobs from pipelines.
+"""``finetune-job submit | wait | status | logs | delete | list``: MPIJobs from pipelines.
 
 ``job.cli`` calls :func:`register` to add these subcommands to ``finetune-job``. Nothing
 here imports the kubernetes package until a subcommand talks to a cluster.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ import yaml
 from deploy import constants as c
 from deploy import manifest
 from deploy.errors import BadInputError, DeployError, JobFailedError
+from deploy.status import StuckBounds
 from job import registry
 from job.errors import GateError, JobError
 from job.exitcodes import ExitCode
@@ -53,12 +55,22 @@ STATUS_EXAMPLE = """example:
 LOGS_EXAMPLE = """example:
   finetune-job logs finetune-job-20240601-030000-x7k2 --follow
   finetune-job logs finetune-job-20240601-030000-x7k2 --save launcher.log
+  finetune-job logs finetune-job-20240601-030000-x7k2 --all-pods    # every launcher attempt
+  finetune-job logs finetune-job-20240601-030000-x7k2 --previous    # before the last restart
+"""
+WAIT_EXAMPLE = """example:
+  finetune-job wait finetune-job-20240601-030000-x7k2 --timeout 21600
+  finetune-job wait finetune-job-20240601-030000-x7k2 --start-timeout 600
+
+Exit codes: 0 succeeded, 1 failed (or a pod cannot start), 2 timed out, 3 bad input.
 """
 DELETE_EXAMPLE = """example:
   finetune-job delete finetune-job-20240601-030000-x7k2 -n ml
 """
 LIST_EXAMPLE = """example:
   finetune-job list -n ml
+  finetune-job list -o wide
+  finetune-job list -o json | jq -r '.[] | select(.phase == "Failed") | .name'
   finetune-job list --selector finetune-job/schedule=finetune-job
 """
 
@@ -130,6 +142,7 @@ def register(sub: Any) -> None:
         metavar="SECONDS",
         help="give up waiting after this long (default: 86400)",
     )
+    _stuck_args(p)
     p.add_argument(
         "--min-accuracy",
         type=float,
@@ -156,6 +169,24 @@ def register(sub: Any) -> None:
     p.set_defaults(func=submit)
 
     p = sub.add_parser(
+        "wait",
+        help="wait until an MPIJob ends (fail early when its pods cannot start)",
+        epilog=WAIT_EXAMPLE,
+        formatter_class=fmt,
+    )
+    p.add_argument("name", help="MPIJob name")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=24 * 3600.0,
+        metavar="SECONDS",
+        help="give up waiting after this long (default: 86400)",
+    )
+    _stuck_args(p)
+    _cluster_args(p)
+    p.set_defaults(func=wait)
+
+    p = sub.add_parser(
         "status",
         help="phase and conditions of an MPIJob",
         epilog=STATUS_EXAMPLE,
@@ -171,6 +202,17 @@ def register(sub: Any) -> None:
     )
     p.add_argument("name", help="MPIJob name")
     p.add_argument("--follow", action="store_true", help="stream until the launcher ends")
+    p.add_argument(
+        "--previous",
+        action="store_true",
+        help="the launcher container before its last restart (as kubectl logs --previous)",
+    )
+    p.add_argument(
+        "--all-pods",
+        action="store_true",
+        help="every launcher pod of the run (one per attempt), oldest first, each after a "
+        "line naming it",
+    )
     p.add_argument("--tail", type=int, default=None, metavar="N", help="last N lines only")
     p.add_argument("--save", default="", metavar="URI", help="also write it here (path or s3://)")
     p.add_argument(
@@ -180,6 +222,7 @@ def register(sub: Any) -> None:
         metavar="SECONDS",
         help="with --follow: stop after this long",
     )
+    _stuck_args(p)
     _cluster_args(p)
     p.set_defaults(func=logs)
 
@@ -202,6 +245,13 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--selector", "-l", default=f"{c.NAME_LABEL}={c.APP_NAME}", help="label selector"
     )
+    p.add_argument(
+        "--output",
+        "-o",
+        choices=("text", "wide", "json"),
+        default="text",
+        help="text: a table with a header; wide: more columns; json: a list of objects",
+    )
     _cluster_args(p)
     p.set_defaults(func=list_jobs)
 
@@ -219,6 +269,36 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
         help="kubeconfig file (default: in-cluster, then $KUBECONFIG, ~/.kube/config)",
     )
     p.add_argument("--context", default=None, help="kubeconfig context")
+
+
+def _stuck_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--start-timeout",
+        type=float,
+        default=c.START_TIMEOUT,
+        metavar="SECONDS",
+        help="fail when a pod of the run cannot start for this long: image pull errors, a "
+        "missing Secret, ConfigMap or ServiceAccount, a volume that does not mount "
+        f"(default: {c.START_TIMEOUT:g}; 0: never)",
+    )
+    p.add_argument(
+        "--unschedulable-timeout",
+        type=float,
+        default=c.UNSCHEDULABLE_TIMEOUT,
+        metavar="SECONDS",
+        help="fail when no node fits a pod of the run for this long "
+        f"(default: {c.UNSCHEDULABLE_TIMEOUT:g}; 0: never)",
+    )
+
+
+def _bounds(args: argparse.Namespace) -> StuckBounds:
+    for flag, value in (
+        ("--start-timeout", args.start_timeout),
+        ("--unschedulable-timeout", args.unschedulable_timeout),
+    ):
+        if not math.isfinite(value) or value < 0:
+            raise BadInputError(f"{flag} must be a number of seconds >= 0 (got {value:g})")
+    return StuckBounds(start=args.start_timeout, unschedulable=args.unschedulable_timeout)
 
 
 def guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -273,6 +353,7 @@ def _note(msg: str) -> None:
 
 @guarded
 def submit(args: argparse.Namespace) -> int:
+    _bounds(args)  # bad input, found before anything is submitted
     rendered = _rendered(args)
     storage = _storage(rendered)
     pretrained = str(rendered.training.get("pretrained") or "")
@@ -303,12 +384,14 @@ def _wait_and_gate(
 ) -> int:
     deadline = time.monotonic() + args.timeout
     if args.follow:
-        client.follow_logs(run.name, sys.stdout, deadline)
+        for line in client.logs(run.name, follow=True, timeout=args.timeout, stuck=_bounds(args)):
+            print(line, flush=True)
     try:
         client.wait(
             run.name,
             max(0.0, deadline - time.monotonic()),
             on_change=lambda s: _note(f"MPIJob {s.describe()}"),
+            stuck=_bounds(args),
         )
     except JobFailedError:
         _save_logs(client, storage, run)
@@ -334,8 +417,8 @@ def _save_logs(client: Any, storage: Any, run: manifest.Run) -> None:
     from job.storage import join
 
     uri = join(run.output, "launcher.log")
-    try:
-        storage.write_bytes(uri, client.logs(run.name).encode())
+    try:  # every launcher attempt: the earlier ones say why the launcher was restarted
+        storage.write_bytes(uri, client.launcher_log_text(run.name).encode())
         _note(f"launcher log saved to {uri}")
     except (DeployError, JobError) as e:
         _note(f"warning: launcher log not saved: {e}")
@@ -347,10 +430,30 @@ def _cleanup(args: argparse.Namespace, client: Any, name: str) -> None:
 
 
 @guarded
+def wait(args: argparse.Namespace) -> int:
+    client = _client(args)
+    state = client.wait(
+        args.name,
+        args.timeout,
+        on_change=lambda s: _note(f"MPIJob {s.describe()}"),
+        stuck=_bounds(args),
+    )
+    print(state.describe())
+    return ExitCode.OK
+
+
+@guarded
 def status(args: argparse.Namespace) -> int:
-    state = _client(args).status(args.name)
+    client = _client(args)
+    state = client.status(args.name)
+    problems = _problems(client, args.name) if not state.finished else []
     if args.output == "json":
-        print(json.dumps(state.to_dict(), indent=2))
+        doc = state.to_dict()
+        doc["problems"] = [
+            {k: getattr(p, k) for k in ("subject", "pod", "container", "reason", "message")}
+            for p in problems
+        ]
+        print(json.dumps(doc, indent=2))
     else:
         print(state.describe())
         for cond in state.conditions:
@@ -358,25 +461,62 @@ def status(args: argparse.Namespace) -> int:
                 f"  {cond.type:<10} {cond.status:<5} {cond.last_transition_time:<20} "
                 f"{cond.reason}: {cond.message}".rstrip(": ")
             )
+        for p in problems:  # what the conditions do not say: pods that cannot start
+            print(f"  cannot start: {p.subject}: {p.reason}: {p.message}".rstrip(": "))
         if state.output:
             print(f"  output: {state.output}")
-    return ExitCode.FAILED if state.failed else ExitCode.OK
+    return JobFailedError.exit_code if state.failed else ExitCode.OK
+
+
+def _problems(client: Any, name: str) -> list[Any]:
+    """The run's pods that cannot start; none when this identity may not list pods."""
+    try:
+        problems: list[Any] = client.problems(name)
+    except DeployError as e:
+        _note(f"warning: pods of {client.namespace}/{name} not checked: {e}")
+        return []
+    return problems
 
 
 @guarded
 def logs(args: argparse.Namespace) -> int:
     client = _client(args)
-    if args.follow:
-        client.follow_logs(args.name, sys.stdout, time.monotonic() + args.timeout)
-        return ExitCode.OK
-    text = client.logs(args.name, tail_lines=args.tail)
-    sys.stdout.write(text)
+    lines: list[str] = []
+
+    def emit(line: str) -> None:
+        print(line, flush=args.follow)
+        if args.save:
+            lines.append(line)
+
+    pods = client.launcher_pod_names(args.name) if args.all_pods else []
+    for i, pod in enumerate(pods[:-1] if args.follow else pods, 1):
+        emit(_header(pod, i, len(pods)))
+        for line in client.logs(args.name, pod=pod, previous=args.previous, tail_lines=args.tail):
+            emit(line)
+    if not args.all_pods or args.follow or not pods:  # no pod: say so, as without
+        if pods:
+            emit(_header(pods[-1], len(pods), len(pods)))
+        for line in client.logs(
+            args.name,
+            follow=args.follow,
+            previous=args.previous,
+            tail_lines=args.tail,
+            timeout=args.timeout,
+            stuck=_bounds(args),
+        ):
+            emit(line)
     if args.save:
         from job.storage import Storage
 
-        Storage().write_bytes(args.save, text.encode())
+        Storage().write_bytes(args.save, "".join(line + "\n" for line in lines).encode())
         _note(f"saved to {args.save}")
     return ExitCode.OK
+
+
+def _header(pod: str, attempt: int, attempts: int) -> str:
+    from deploy.client import pod_header
+
+    return pod_header(pod, attempt, attempts)
 
 
 @guarded
@@ -387,8 +527,33 @@ def delete(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+LIST_COLUMNS = ("NAME", "PHASE", "SCHEDULE", "CREATED")
+WIDE_COLUMNS = (*LIST_COLUMNS, "COMPLETED", "REASON", "OUTPUT")
+
+
 @guarded
 def list_jobs(args: argparse.Namespace) -> int:
-    for state in _client(args).list_jobs(args.selector):
-        print(f"{state.name:<52} {state.phase:<10} {state.schedule or '-':<20} {state.created}")
+    client = _client(args)
+    states = client.list_jobs(args.selector)
+    if args.output == "json":
+        print(json.dumps([s.to_dict() for s in states], indent=2))
+        return ExitCode.OK
+    if not states:  # as kubectl: a note on stderr, stdout stays empty
+        _note(f"no MPIJobs in namespace {client.namespace} match {args.selector}")
+        return ExitCode.OK
+    columns = WIDE_COLUMNS if args.output == "wide" else LIST_COLUMNS
+    rows = [
+        (s.name, s.phase, s.schedule, s.created, s.completed, s.reason, s.output)[: len(columns)]
+        for s in states
+    ]
+    print(_table(columns, rows))
     return ExitCode.OK
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    """Columns as wide as their widest cell, two spaces apart; '-' for an empty cell."""
+    cells = [header, *[tuple(v or "-" for v in row) for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    )

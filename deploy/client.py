@@ -2,10 +2,13 @@
 
 One class, :class:`MPIJobClient`, holds one ``kubernetes.client.ApiClient`` made once from
 in-cluster config (a pod with a service account, e.g. the chart's CronJob) or a kubeconfig
-and context. Waiting is watch-based with a deadline: a watch on the one MPIJob
-(``fieldSelector=metadata.name=NAME``) resumes from the last ``resourceVersion`` when the
-server closes it, and relists when the server says that version is gone (410). Every API
-failure becomes a named error from ``deploy.errors`` carrying ``namespace/name``.
+and context. Waiting is watch-based with a deadline: watches on the one MPIJob
+(``fieldSelector=metadata.name=NAME``), its pods and the namespace's Warning events
+(``deploy.watches``) resume from the last ``resourceVersion`` when the server closes them,
+and relist when the server says that version is gone (410). A pod that cannot start (image
+pull, missing Secret, no node fits; the MPI Operator sets no condition for those) ends the
+wait with JobStuckError after a bound (``deploy.status.StuckBounds``). Every API failure
+becomes a named error from ``deploy.errors`` carrying ``namespace/name``.
 
 Example::
 
@@ -16,22 +19,22 @@ Example::
     run = manifest.build_run(manifest.read("flowers.yaml"), schedule="nightly")  # helm template
     client.submit(run.mpijob, run.config_map)
     state = client.wait(run.name, timeout=6 * 3600)  # JobFailedError / JobTimeoutError
-    print(client.logs(run.name))
+    for line in client.logs(run.name):              # follow=True: as it is written
+        print(line)
     client.delete(run.name)
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import math
 import time
-from collections.abc import Callable, Generator
-from typing import Any, TextIO
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import urllib3
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
-from kubernetes import watch as k8s_watch
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
@@ -39,20 +42,21 @@ from deploy import constants as c
 from deploy.errors import (
     ApiError,
     BadInputError,
+    DeployError,
     JobFailedError,
+    JobStuckError,
     JobTimeoutError,
     NotFoundError,
     from_api,
+    server_message,
 )
-from deploy.status import JobState, job_state
+from deploy.status import JobState, Problem, StuckBounds, StuckTracker, job_state, pod_problems
+from deploy.watches import ERROR, RELIST, Feed, Item
 
 log = logging.getLogger("finetune_job.deploy")
 
 MPIJOB = f"{c.PLURAL}.{c.GROUP}"
 SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
-# Longest single watch request; the loop re-watches (from the last resourceVersion) until the
-# deadline. Well under the API server's own --min-request-timeout (30 min by default).
-WATCH_CHUNK_SECONDS = 300
 
 
 def load_api_client(
@@ -236,14 +240,22 @@ class MPIJobClient:
 
     # ---- wait -----------------------------------------------------------------------------
     def wait(
-        self, name: str, timeout: float, on_change: Callable[[JobState], None] | None = None
+        self,
+        name: str,
+        timeout: float,
+        on_change: Callable[[JobState], None] | None = None,
+        stuck: StuckBounds | None = None,
     ) -> JobState:
         """Block until the MPIJob succeeds; returns its final state.
 
-        Raises JobFailedError when it fails, JobTimeoutError after ``timeout`` seconds (the
-        job keeps running), NotFoundError when it does not exist or is deleted meanwhile.
+        Raises JobFailedError when it fails; JobStuckError (a JobFailedError) when one of its
+        pods cannot start for longer than ``stuck`` allows (default: :class:`StuckBounds`);
+        JobTimeoutError (a TimeoutError) after ``timeout`` seconds (the job keeps running);
+        NotFoundError (a LookupError) when it does not exist or is deleted meanwhile.
         """
-        state = self.watch_until(name, time.monotonic() + timeout, lambda s: s.finished, on_change)
+        state = self.watch_until(
+            name, time.monotonic() + timeout, lambda s: s.finished, on_change, stuck
+        )
         if state is None:
             raise JobTimeoutError(
                 f"MPIJob {self._ref(name)} did not finish within "
@@ -260,41 +272,44 @@ class MPIJobClient:
         deadline: float,
         done: Callable[[JobState], bool],
         on_change: Callable[[JobState], None] | None = None,
+        stuck: StuckBounds | None = None,
+        tracker: StuckTracker | None = None,
     ) -> JobState | None:
-        """Watch the MPIJob until ``done(state)``; None when ``deadline`` (monotonic) passes."""
-        state, rv = self._relist(name)
-        last_phase = None
-        while True:
-            if state.phase != last_phase and on_change is not None:
-                on_change(state)
-            last_phase = state.phase
-            if done(state):
-                return state
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            # One watch request; when the server closes it, the loop resumes from ``rv``.
-            events = self._watch_once(name, rv, left)
-            try:
-                for state, rv in events:  # noqa: B007 - both are used after the loop
-                    if done(state) or state.phase != last_phase:
-                        break
-            except ApiException as e:
-                if e.status != 410:
-                    raise from_api(e, "watch", MPIJOB, self.namespace, name) from e
-                log.info("watch of MPIJob %s expired (410 Gone); relisting", self._ref(name))
-                state, rv = self._relist(name)
-            except urllib3.exceptions.ReadTimeoutError:
-                pass  # no byte within the deadline: the deadline check above decides
-            finally:
-                events.close()
+        """Watch the MPIJob (and its pods) until ``done(state)``; None once ``deadline`` passes.
 
-    def _relist(self, name: str) -> tuple[JobState, str]:
-        """The job's current state and the list's resourceVersion to watch from."""
-        doc = self._call(
-            "list",
-            MPIJOB,
-            name,
+        The run's pods and the namespace's Warning events are watched too, so a run that
+        cannot start fails with JobStuckError instead of waiting out the deadline. ``done``
+        is asked after every change, so it may look at ``tracker.pods`` too.
+        """
+        bounds = StuckBounds() if stuck is None else stuck
+        watch_pods = tracker is not None or bounds.start > 0 or bounds.unschedulable > 0
+        tracker = tracker or StuckTracker(name, bounds)
+        with Feed(self.request_timeout) as feed:
+            self._start_watches(feed, name, watch_pods=watch_pods)
+            state: JobState | None = None
+            last_phase = None
+            while True:
+                now = time.monotonic()
+                if state is not None:
+                    if state.phase != last_phase and on_change is not None:
+                        on_change(state)
+                    last_phase = state.phase
+                    if done(state):
+                        return state
+                    problem = tracker.overdue(now)
+                    if problem is not None:
+                        raise self._stuck(name, problem, bounds.of(problem.kind))
+                if now >= deadline:
+                    return None
+                due = tracker.next_due() if state is not None else None
+                wake = min(deadline, due or deadline)
+                item = feed.get(wake - now)
+                if item is not None:
+                    state = self._take(name, item, state, tracker)
+
+    def _start_watches(self, feed: Feed, name: str, watch_pods: bool) -> None:
+        feed.watch(
+            "job",
             self.custom.list_namespaced_custom_object,
             c.GROUP,
             c.VERSION,
@@ -302,58 +317,107 @@ class MPIJobClient:
             c.PLURAL,
             field_selector=f"metadata.name={name}",
         )
-        items = doc.get("items") or []
-        if not items:
-            raise NotFoundError(f"MPIJob {self._ref(name)} not found")
-        return job_state(items[0]), str(doc.get("metadata", {}).get("resourceVersion") or "")
+        if not watch_pods:
+            return
+        feed.watch(
+            "pods",
+            self.core.list_namespaced_pod,
+            self.namespace,
+            label_selector=f"{c.OPERATOR_JOB_NAME_LABEL}={name}",
+        )
+        # Pods that could not be created exist only as events (on the launcher Job, on the
+        # MPIJob); Warning events of the namespace are few, and filtered by the tracker.
+        feed.watch(
+            "events", self.core.list_namespaced_event, self.namespace, field_selector="type=Warning"
+        )
 
-    def _watch_once(
-        self, name: str, rv: str, left: float
-    ) -> Generator[tuple[JobState, str], None, None]:
-        """One watch request (at most ``left`` seconds): (state, resourceVersion) per change."""
-        seconds = max(1, min(WATCH_CHUNK_SECONDS, math.ceil(left)))
-        watcher = k8s_watch.Watch()
-        try:
-            for event in watcher.stream(
-                self.custom.list_namespaced_custom_object,
-                c.GROUP,
-                c.VERSION,
-                self.namespace,
-                c.PLURAL,
-                field_selector=f"metadata.name={name}",
-                resource_version=rv or None,
-                allow_watch_bookmarks=True,
-                timeout_seconds=seconds,
-                _request_timeout=(self.request_timeout, left),
-            ):
-                obj = event["raw_object"]
-                rv = str(obj.get("metadata", {}).get("resourceVersion") or rv)
-                if event["type"] == "BOOKMARK":
-                    continue
-                if event["type"] == "DELETED":
-                    raise NotFoundError(f"MPIJob {self._ref(name)} was deleted while waiting")
-                yield job_state(obj), rv
-        finally:
-            watcher.stop()
+    def _take(
+        self, name: str, item: Item, state: JobState | None, tracker: StuckTracker
+    ) -> JobState | None:
+        """Apply one watch item; returns the job's (possibly new) state."""
+        now = time.monotonic()
+        if item.type == ERROR:
+            self._watch_failed(name, item)
+        elif item.source == "job":
+            if item.type == RELIST:
+                if not item.obj:
+                    raise NotFoundError(f"MPIJob {self._ref(name)} not found")
+                return job_state(item.obj[0])
+            if item.type == "DELETED":
+                raise NotFoundError(f"MPIJob {self._ref(name)} was deleted while waiting")
+            return job_state(item.obj)
+        elif item.source == "pods":
+            if item.type == RELIST:
+                tracker.relist_pods(item.obj, now)
+            else:
+                tracker.pod(item.type, item.obj, now)
+        elif item.source == "events":
+            for event in item.obj if item.type == RELIST else [item.obj]:
+                tracker.event(event, now)
+        return state
+
+    def _watch_failed(self, name: str, item: Item) -> None:
+        """The MPIJob's watch failing ends the wait; the pods' or events' only warns."""
+        e = item.obj
+        resource = {"job": MPIJOB}.get(item.source, item.source)
+        if isinstance(e, ApiException):
+            err: DeployError = from_api(e, "watch", resource, self.namespace, name)
+        elif isinstance(e, urllib3.exceptions.HTTPError):
+            err = ApiError(
+                f"watch {resource} of {self._ref(name)}: cannot reach the API server "
+                f"at {self.api_client.configuration.host}: {e}"
+            )
+        else:
+            err = ApiError(f"watch {resource} of {self._ref(name)} failed: {e}")
+        if item.source == "job":
+            raise err from e
+        log.warning("%s; pods that cannot start are not detected", err)
+
+    def _stuck(self, name: str, problem: Problem, bound: float) -> JobStuckError:
+        return JobStuckError(
+            f"MPIJob {self._ref(name)} cannot start: {problem.describe(bound)} "
+            f"(the job is left as it is; `finetune-job delete {name}` removes it)",
+            namespace=self.namespace,
+            name=name,
+            subject=problem.subject,
+            pod=problem.pod,
+            container=problem.container,
+            reason=problem.reason,
+            detail=problem.message,
+        )
+
+    def problems(self, name: str) -> list[Problem]:
+        """What keeps the run's pods from starting right now (no time bound applied)."""
+        pods = self._pods(name, f"{c.OPERATOR_JOB_NAME_LABEL}={name}")
+        return [p for pod in pods for p in pod_problems(pod)]
 
     # ---- logs -----------------------------------------------------------------------------
-    def launcher_pods(self, name: str) -> list[Any]:
-        """The job's launcher pods (``V1Pod``; one per launcher attempt), oldest first."""
-        selector = (
-            f"{c.OPERATOR_JOB_NAME_LABEL}={name},{c.OPERATOR_JOB_ROLE_LABEL}={c.LAUNCHER_ROLE}"
+    def _pods(self, name: str, selector: str) -> list[dict[str, Any]]:
+        """Pods as the server sent them (dicts), oldest first."""
+        resp = self._call(
+            "list",
+            "pods",
+            name,
+            self.core.list_namespaced_pod,
+            self.namespace,
+            label_selector=selector,
+            _preload_content=False,  # no model validation a server's pod could fail
         )
-        pods: list[Any] = (
-            self._call(
-                "list",
-                "pods",
-                name,
-                self.core.list_namespaced_pod,
-                self.namespace,
-                label_selector=selector,
-            ).items
-            or []
+        pods: list[dict[str, Any]] = json.loads(resp.data).get("items") or []
+        return sorted(
+            pods,
+            key=lambda p: (str(p["metadata"].get("creationTimestamp")), p["metadata"]["name"]),
         )
-        return sorted(pods, key=lambda p: (str(p.metadata.creation_timestamp), p.metadata.name))
+
+    def launcher_pods(self, name: str) -> list[dict[str, Any]]:
+        """The job's launcher pods (one per launcher attempt), oldest first."""
+        return self._pods(
+            name,
+            f"{c.OPERATOR_JOB_NAME_LABEL}={name},{c.OPERATOR_JOB_ROLE_LABEL}={c.LAUNCHER_ROLE}",
+        )
+
+    def launcher_pod_names(self, name: str) -> list[str]:
+        return [str(p["metadata"]["name"]) for p in self.launcher_pods(name)]
 
     def _launcher(self, name: str) -> tuple[str, str]:
         """(pod name, container name) of the newest launcher pod."""
@@ -363,43 +427,197 @@ class MPIJobClient:
                 f"MPIJob {self._ref(name)} has no launcher pod (not started yet, "
                 f"or its pods were cleaned up)"
             )
-        return str(pods[-1].metadata.name), str(pods[-1].spec.containers[0].name)
+        return _pod_and_container(pods[-1])
 
-    def logs(self, name: str, tail_lines: int | None = None) -> str:
-        """The newest launcher pod's log; save it before the job (and its pods) is deleted."""
-        pod, container = self._launcher(name)
+    def logs(
+        self,
+        name: str,
+        *,
+        pod: str | None = None,
+        follow: bool = False,
+        previous: bool = False,
+        tail_lines: int | None = None,
+        timeout: float = 24 * 3600.0,
+        stuck: StuckBounds | None = None,
+    ) -> Iterator[str]:
+        """The launcher's log as lines (no line ends): ``for line in client.logs(run)``.
+
+        ``pod``: one launcher pod by name (see :meth:`launcher_pods`), else the newest.
+        ``previous``: the container instance before the last restart. ``follow``: wait for
+        the launcher to run (failing with JobStuckError if it cannot start, JobTimeoutError
+        after ``timeout`` seconds), then yield lines as they are written until the job ends;
+        when a failed launcher is replaced by another pod (``runPolicy.backoffLimit``), a
+        :func:`pod_header` line comes before the new pod's lines. Save the log before the
+        job (and its pods) is deleted.
+        """
+        deadline = time.monotonic() + timeout
+        if follow and not previous:
+            state = self.watch_until(
+                name, deadline, lambda s: s.phase in (c.RUNNING, *c.TERMINAL), stuck=stuck
+            )
+            if state is None:
+                raise JobTimeoutError(
+                    f"MPIJob {self._ref(name)}: the launcher did not start within "
+                    f"{round(timeout, 1):g} s"
+                )
+        pod_name, container = self._pod_container(name, pod)
         kwargs: dict[str, Any] = {"container": container}
         if tail_lines is not None:
             kwargs["tail_lines"] = tail_lines
-        text: str = self._call(
-            "get", "pods/log", pod, self.core.read_namespaced_pod_log, pod, self.namespace, **kwargs
+        if previous:
+            kwargs["previous"] = True
+        if follow and not previous and pod is None:
+            return self._follow_attempts(name, pod_name, deadline, kwargs, stuck)
+        if follow and not previous:
+            return self._follow(name, pod_name, deadline, kwargs)
+        return iter(self._read_log(name, pod_name, kwargs))
+
+    def _follow_attempts(
+        self,
+        name: str,
+        pod: str,
+        deadline: float,
+        kwargs: dict[str, Any],
+        stuck: StuckBounds | None,
+    ) -> Iterator[str]:
+        """Follow the launcher pod, then each pod the launcher Job starts after it."""
+        seen = {pod}
+        while True:
+            yield from self._follow(name, pod, deadline, kwargs)
+            following = self._next_launcher(name, seen, deadline, stuck)
+            if following is None:
+                return
+            seen.add(following)
+            attempt = self.launcher_pod_names(name).index(following) + 1
+            yield pod_header(following, attempt)
+            kwargs = {k: v for k, v in kwargs.items() if k != "tail_lines"}
+            pod = following
+
+    def _next_launcher(
+        self, name: str, seen: set[str], deadline: float, stuck: StuckBounds | None
+    ) -> str | None:
+        """The next launcher pod once it runs; None when the job finished without one."""
+        tracker = StuckTracker(name, StuckBounds() if stuck is None else stuck)
+
+        def started() -> bool:
+            return any(
+                pod_name not in seen
+                and (p["metadata"].get("labels") or {}).get(c.OPERATOR_JOB_ROLE_LABEL)
+                == c.LAUNCHER_ROLE
+                and (p.get("status") or {}).get("phase") in c.POD_STARTED_PHASES
+                for pod_name, p in tracker.pods.items()
+            )
+
+        state = self.watch_until(
+            name, deadline, lambda s: s.finished or started(), stuck=stuck, tracker=tracker
         )
-        return text
-
-    def follow_logs(self, name: str, out: TextIO, deadline: float) -> JobState | None:
-        """Wait for the launcher to run, then copy its log to ``out`` as it is written.
-
-        Returns the job's state once the log ends (None if ``deadline`` passed first).
-        """
-        state = self.watch_until(name, deadline, lambda s: s.phase in (c.RUNNING, *c.TERMINAL))
         if state is None:
-            return None
-        pod, container = self._launcher(name)
-        watcher = k8s_watch.Watch()
+            raise JobTimeoutError(
+                f"MPIJob {self._ref(name)}: following the launcher's log took longer than "
+                f"the deadline"
+            )
+        # Also after the job finished: an attempt that ran meanwhile is shown too.
+        unseen = [p for p in self.launcher_pod_names(name) if p not in seen]
+        return unseen[0] if unseen else None
+
+    def _pod_container(self, name: str, pod: str | None) -> tuple[str, str]:
+        if pod is None:
+            return self._launcher(name)
+        for candidate in self.launcher_pods(name):
+            if candidate["metadata"]["name"] == pod:
+                return _pod_and_container(candidate)
+        raise NotFoundError(f"MPIJob {self._ref(name)} has no launcher pod {pod}")
+
+    def _read_log(self, name: str, pod: str, kwargs: dict[str, Any]) -> list[str]:
         try:
-            for line in watcher.stream(
-                self.core.read_namespaced_pod_log,
+            resp: Any = self.core.read_namespaced_pod_log(
                 pod,
                 self.namespace,
-                container=container,
+                _preload_content=False,
+                _request_timeout=self.request_timeout,
+                **kwargs,
+            )
+        except ApiException as e:
+            if e.status == 400 and kwargs.get("previous"):
+                # The API says 400 when the container never restarted: nothing to show.
+                raise NotFoundError(
+                    f"launcher pod {self._ref(pod)} of MPIJob {name} has no previous "
+                    f"container (it did not restart): {server_message(e)}"
+                ) from e
+            raise from_api(e, "get", "pods/log", self.namespace, pod) from e
+        except urllib3.exceptions.HTTPError as e:
+            raise ApiError(
+                f"get pods/log {self._ref(pod)}: cannot reach the API server "
+                f"at {self.api_client.configuration.host}: {e}"
+            ) from e
+        return split_lines(resp.data.decode("utf-8", errors="replace"))
+
+    def _follow(
+        self, name: str, pod: str, deadline: float, kwargs: dict[str, Any]
+    ) -> Iterator[str]:
+        """Lines of the pod's log as they are written, until the container ends."""
+        try:
+            resp = self.core.read_namespaced_pod_log(
+                pod,
+                self.namespace,
+                follow=True,
+                _preload_content=False,
+                # read timeout: the time left, so a silent launcher cannot outlast the deadline
                 _request_timeout=(self.request_timeout, max(1.0, deadline - time.monotonic())),
-            ):
-                out.write(line + "\n")
-                out.flush()
+                **kwargs,
+            )
         except ApiException as e:
             raise from_api(e, "get", "pods/log", self.namespace, pod) from e
-        except urllib3.exceptions.ReadTimeoutError:
-            return None
+        return self._lines(name, pod, resp, deadline)
+
+    def _lines(self, name: str, pod: str, resp: Any, deadline: float) -> Iterator[str]:
+        pending = b""
+        try:
+            for chunk in resp.stream(amt=None, decode_content=False):
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    yield line.decode("utf-8", errors="replace")
+                if time.monotonic() > deadline:
+                    raise JobTimeoutError(
+                        f"MPIJob {self._ref(name)}: following the log of {pod} "
+                        f"took longer than the deadline"
+                    )
+            if pending:  # the last line had no line end
+                yield pending.decode("utf-8", errors="replace")
+        except urllib3.exceptions.ReadTimeoutError as e:
+            raise JobTimeoutError(
+                f"MPIJob {self._ref(name)}: no log line from {pod} before the deadline"
+            ) from e
+        except urllib3.exceptions.HTTPError as e:
+            raise ApiError(f"log of {self._ref(pod)} (MPIJob {name}) broke off: {e}") from e
         finally:
-            watcher.stop()
-        return self.status(name)
+            resp.release_conn()
+
+    def launcher_log_text(self, name: str) -> str:
+        """Every launcher pod's log, oldest first; a header line before each when several."""
+        pods = self.launcher_pod_names(name)
+        if not pods:
+            raise NotFoundError(f"MPIJob {self._ref(name)} has no launcher pod")
+        out = []
+        for i, pod in enumerate(pods, 1):
+            if len(pods) > 1:
+                out.append(pod_header(pod, i, len(pods)))
+            out += self.logs(name, pod=pod)
+        return "".join(line + "\n" for line in out)
+
+
+def _pod_and_container(pod: dict[str, Any]) -> tuple[str, str]:
+    """The launcher pod's name and its (first, the launcher's) container."""
+    return str(pod["metadata"]["name"]), str(pod["spec"]["containers"][0]["name"])
+
+
+def split_lines(text: str) -> list[str]:
+    """Lines without their ends; only ``\\n`` ends a line (a progress bar's ``\\r`` does not)."""
+    lines = text.split("\n")
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
+def pod_header(pod: str, attempt: int, attempts: int | None = None) -> str:
+    """The line before one launcher pod's log when a run has several."""
+    of = f" of {attempts}" if attempts else ""
+    return f"===== launcher pod {pod} (attempt {attempt}{of}) ====="

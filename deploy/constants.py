@@ -54,3 +54,22 @@ CONFIG_VOLUME = "training-config"
 # Kubernetes object names (DNS-1123 labels). Run names are shorter, to leave room for the
 # names the MPI Operator derives from them: see job.registry.MAX_RUN_NAME.
 MAX_NAME = 63
+# A run that cannot start. The MPI Operator sets no condition for these, so the client reads
+# them from the run's pods (container waiting reasons, the PodScheduled condition) and from
+# Warning events (the launcher Job's FailedCreate, the operator's on the MPIJob).
+LAUNCHER_JOB_SUFFIX = "-launcher"  # the operator's batch/v1 Job that runs the launcher pod
+JOB_KIND = "Job"
+POD_KIND = "Pod"
+IMAGE_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
+CONFIG_REASONS = ("CreateContainerConfigError", "CreateContainerError")
+UNSCHEDULABLE = "Unschedulable"  # PodScheduled=False reason
+POD_SCHEDULED = "PodScheduled"
+POD_STARTED_PHASES = ("Running", "Succeeded", "Failed")  # its containers ran
+FAILED_CREATE = "FailedCreate"  # the Job controller's event when it cannot create a pod
+OPERATOR_FAILED = "MPIJobFailed"  # the operator's event when it cannot create a worker pod
+FAILED_MOUNT = "FailedMount"  # kubelet's event when a volume (Secret, ConfigMap) is missing
+WARNING = "Warning"
+# How long such a state may last before waiting gives up (seconds; 0: never give up).
+# Unschedulable waits longer: a cluster autoscaler may be adding a node.
+START_TIMEOUT = 300.0
+UNSCHEDULABLE_TIMEOUT = 1800.0

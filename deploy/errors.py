@@ -28,7 +28,7 @@ class BadInputError(DeployError, InputError):
     exit_code = ExitCode.BAD_INPUT
 
 
-class JobFailedError(DeployError):
+class JobFailedError(DeployError, RuntimeError):
     """The MPIJob reached the Failed condition."""
 
     def __init__(self, message: str, state: Any = None) -> None:
@@ -36,13 +36,39 @@ class JobFailedError(DeployError):
         self.state = state
 
 
-class JobTimeoutError(DeployError):
+class JobStuckError(JobFailedError):
+    """A pod of the run cannot start and the MPI Operator sets no condition for it.
+
+    An image that cannot be pulled, a missing Secret/ConfigMap/ServiceAccount, a volume that
+    cannot mount, or no node that fits: the job would sit in Pending until the wait's timeout.
+    ``pod`` is empty when no pod could be created at all (``subject`` then names the Job).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        namespace: str,
+        name: str,
+        subject: str,
+        pod: str = "",
+        container: str = "",
+        reason: str = "",
+        detail: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.namespace, self.name = namespace, name
+        self.subject, self.pod, self.container = subject, pod, container
+        self.reason, self.detail = reason, detail
+
+
+class JobTimeoutError(DeployError, TimeoutError):
     """The deadline passed before the MPIJob succeeded or failed; it keeps running."""
 
     exit_code = ExitCode.TIMED_OUT
 
 
-class NotFoundError(DeployError):
+class NotFoundError(DeployError, LookupError):
     """The object does not exist (HTTP 404)."""
 
     exit_code = ExitCode.BAD_INPUT

@@ -131,6 +131,7 @@ def test_role_grants_exactly_what_submitting_needs(helm):
     }
     expected |= {("", "pods", v) for v in ("get", "list", "watch")}
     expected |= {("", "pods/log", "get"), ("", "configmaps", "create")}
+    expected |= {("", "events", v) for v in ("list", "watch")}
     assert granted == expected
     assert "*" not in str(role["rules"])
     assert not [r for r in role["rules"] if set(r) - {"apiGroups", "resources", "verbs"}]

@@ -9,7 +9,16 @@ Kubernetes implementation; it serves only:
   JSON lines from ``resourceVersion``, ending after ``timeoutSeconds``), delete (cascades to
   the ConfigMaps it owns and its pods, as the garbage collector would);
 - ``/api/v1/namespaces/{ns}/configmaps[/{name}]``: create, get;
-- ``/api/v1/namespaces/{ns}/pods``: list; ``.../pods/{name}/log``: logs (``follow`` too).
+- ``/api/v1/namespaces/{ns}/pods``: list, watch; ``.../pods/{name}/log``: logs (``follow``,
+  ``tailLines``, ``previous``: the container instance before the last restart);
+- ``/api/v1/namespaces/{ns}/events``: list, watch (``fieldSelector`` on ``type``,
+  ``involvedObject.name``, ...), as the kubelet, the Job controller and the MPI Operator
+  write them.
+
+Pods that cannot start are scripted with ``waiting(...)`` (a container's waiting reason,
+e.g. ImagePullBackOff or CreateContainerConfigError), ``unschedulable(...)`` (PodScheduled
+False) and ``warning(...)`` (an Event: FailedCreate on the launcher Job when its
+ServiceAccount is missing, FailedMount on a pod whose Secret is missing).
 
 Knobs for failure cases: ``forbid(verb, resource)`` answers 403 like RBAC does;
 ``expire_next_watches(n)`` answers the next ``n`` watches with an ERROR event 410 Gone and
@@ -37,16 +46,19 @@ TOKEN = "fake-token"
 MPIJOBS = "mpijobs"
 CONFIGMAPS = "configmaps"
 PODS = "pods"
+EVENTS = "events"
 _ROUTES = [
     (re.compile(r"^/apis/kubeflow\.org/v2beta1/namespaces/([^/]+)/(mpijobs)(?:/([^/]+))?$"), None),
     (re.compile(r"^/api/v1/namespaces/([^/]+)/(configmaps)(?:/([^/]+))?$"), None),
     (re.compile(r"^/api/v1/namespaces/([^/]+)/(pods)(?:/([^/]+))?$"), None),
     (re.compile(r"^/api/v1/namespaces/([^/]+)/(pods)/([^/]+)/log$"), "log"),
+    (re.compile(r"^/api/v1/namespaces/([^/]+)/(events)(?:/([^/]+))?$"), None),
 ]
 _GROUPS = {
     MPIJOBS: ("kubeflow.org", "kubeflow.org/v2beta1", "MPIJob"),
     CONFIGMAPS: ("", "v1", "ConfigMap"),
     PODS: ("", "v1", "Pod"),
+    EVENTS: ("", "v1", "Event"),
 }
 
 Step = tuple[float, Callable[["FakeApiServer", str, str], None]]
@@ -84,10 +96,13 @@ def matches_labels(labels: dict[str, str], selector: str) -> bool:
 
 
 def matches_fields(obj: dict[str, Any], selector: str) -> bool:
-    meta = obj["metadata"]
+    """``metadata.name=x,type=Warning,involvedObject.name=y``: dotted paths into the object."""
     for term in filter(None, selector.split(",")):
         key, _, value = term.partition("=")
-        if meta.get(key.removeprefix("metadata.")) != value:
+        field: Any = obj
+        for part in key.split("."):
+            field = field.get(part) if isinstance(field, dict) else None
+        if field != value:
             return False
     return True
 
@@ -103,6 +118,7 @@ class FakeApiServer:
         self.compacted = 0
         self.max_watch_seconds = 30.0
         self.expire_watches = 0
+        self.expire_resource = MPIJOBS
         self.forbidden: set[tuple[str, str]] = set()
         self.steps: list[Step] = []
         self.cond = threading.Condition()
@@ -132,9 +148,10 @@ class FakeApiServer:
     def forbid(self, verb: str, resource: str) -> None:
         self.forbidden.add((verb, resource))
 
-    def expire_next_watches(self, n: int = 1) -> None:
+    def expire_next_watches(self, n: int = 1, resource: str = MPIJOBS) -> None:
         with self.cond:
             self.expire_watches = n
+            self.expire_resource = resource
 
     def script(self, steps: list[Step]) -> None:
         """Steps (delay in seconds from create, action) run for every MPIJob created."""
@@ -200,15 +217,52 @@ class FakeApiServer:
             self.put(MPIJOBS, ns, obj, "MODIFIED")
 
     def add_pod(
-        self, ns: str, name: str, labels: dict[str, str], logs: str = "", phase: str = "Running"
+        self,
+        ns: str,
+        name: str,
+        labels: dict[str, str],
+        logs: str = "",
+        phase: str = "Running",
+        status: dict[str, Any] | None = None,
+        previous_logs: str | None = None,
     ) -> None:
+        container = labels.get("training.kubeflow.org/job-role", "launcher")
         pod = {
             "metadata": {"name": name, "labels": labels},
-            "spec": {"containers": [{"name": "launcher", "image": "finetune-job"}]},
-            "status": {"phase": phase},
+            "spec": {"containers": [{"name": container, "image": "finetune-job"}]},
+            "status": {"phase": phase, **(status or {})},
             "logs": logs,
         }
+        if previous_logs is not None:
+            pod["previous_logs"] = previous_logs
         self.create(PODS, ns, pod)
+
+    def set_pod_status(self, ns: str, name: str, phase: str, **status: Any) -> None:
+        """Replace a pod's status (a MODIFIED event), as the kubelet or scheduler would."""
+        with self.cond:
+            pod = copy.deepcopy(self.objects[(PODS, ns, name)])
+            pod["status"] = {"phase": phase, **status}
+            self.put(PODS, ns, pod, "MODIFIED")
+
+    def add_event(
+        self, ns: str, kind: str, name: str, reason: str, message: str, type_: str = "Warning"
+    ) -> None:
+        """A core/v1 Event about ``kind``/``name``."""
+        self.create(
+            EVENTS,
+            ns,
+            {
+                "metadata": {"name": f"{name}.{uuid.uuid4().hex[:16]}"},
+                "involvedObject": {"kind": kind, "name": name, "namespace": ns},
+                "reason": reason,
+                "message": message,
+                "type": type_,
+                "count": 1,
+                "firstTimestamp": now(),
+                "lastTimestamp": now(),
+                "source": {"component": "fake"},
+            },
+        )
 
     def _run_steps(self, ns: str, name: str) -> None:
         start = time.monotonic()
@@ -373,7 +427,8 @@ class FakeApiServer:
                 for obj in self._list(resource, ns, query)["items"]:
                     yield {"type": "ADDED", "object": obj}
                 since = self.rv
-            if self.expire_watches > 0:  # this watch "expires": history is compacted
+            if self.expire_watches > 0 and resource == self.expire_resource:
+                # this watch "expires": history is compacted
                 self.expire_watches -= 1
                 self.compacted = self.rv
                 yield _gone(since)
@@ -400,6 +455,15 @@ class FakeApiServer:
         if pod is None:
             return _send(req, 404, _not_found(PODS, name))
         text = pod.get("logs", "")
+        if query.get("previous") == "true":
+            if "previous_logs" not in pod:
+                container = query.get("container", "")
+                message = f'previous terminated container "{container}" in pod "{name}" not found'
+                return _send(req, 400, status_doc(400, "BadRequest", message))
+            text = pod["previous_logs"]
+        if query.get("tailLines"):
+            lines = text.splitlines(keepends=True)
+            text = "".join(lines[len(lines) - min(len(lines), int(query["tailLines"])) :])
         if query.get("follow") != "true":
             return _send(req, 200, text.encode(), "text/plain")
         req.send_response(200)
@@ -432,6 +496,101 @@ def running(logs: str = "") -> Callable[[FakeApiServer, str, str], None]:
     return act
 
 
+def launcher_pod(
+    suffix: str, logs: str = "", phase: str = "Running", previous_logs: str | None = None
+) -> Callable[[FakeApiServer, str, str], None]:
+    """One more launcher pod (another attempt of the launcher Job)."""
+    return lambda api, ns, name: api.add_pod(
+        ns,
+        f"{name}-launcher-{suffix}",
+        {"training.kubeflow.org/job-name": name, "training.kubeflow.org/job-role": "launcher"},
+        logs=logs,
+        phase=phase,
+        previous_logs=previous_logs,
+    )
+
+
+def _pod_name(name: str, role: str) -> str:
+    return f"{name}-worker-0" if role == "worker" else f"{name}-launcher-x1"
+
+
+def _ensure_pod(api: FakeApiServer, ns: str, name: str, role: str) -> str:
+    pod = _pod_name(name, role)
+    if (PODS, ns, pod) not in api.objects:
+        labels = {"training.kubeflow.org/job-name": name, "training.kubeflow.org/job-role": role}
+        api.add_pod(ns, pod, labels, phase="Pending")
+    return pod
+
+
+def waiting(
+    reason: str, message: str = "", role: str = "launcher"
+) -> Callable[[FakeApiServer, str, str], None]:
+    """The role's pod is Pending with its container waiting for ``reason``."""
+
+    def act(api: FakeApiServer, ns: str, name: str) -> None:
+        pod = _ensure_pod(api, ns, name, role)
+        container = {
+            "name": role,
+            "ready": False,
+            "restartCount": 0,
+            "image": "registry.example/finetune-job:9.9",
+            "imageID": "",
+            "started": False,
+            "state": {"waiting": {"reason": reason, "message": message}},
+        }
+        scheduled = {"type": "PodScheduled", "status": "True", "lastTransitionTime": now()}
+        api.set_pod_status(
+            ns, pod, "Pending", conditions=[scheduled], containerStatuses=[container]
+        )
+
+    return act
+
+
+def started(role: str = "launcher") -> Callable[[FakeApiServer, str, str], None]:
+    """The role's pod runs: its container started."""
+
+    def act(api: FakeApiServer, ns: str, name: str) -> None:
+        pod = _ensure_pod(api, ns, name, role)
+        container = {
+            "name": role,
+            "ready": True,
+            "restartCount": 0,
+            "image": "registry.example/finetune-job:9.9",
+            "imageID": "registry.example/finetune-job@sha256:0",
+            "started": True,
+            "state": {"running": {"startedAt": now()}},
+        }
+        api.set_pod_status(ns, pod, "Running", containerStatuses=[container])
+
+    return act
+
+
+def unschedulable(message: str, role: str = "worker") -> Callable[[FakeApiServer, str, str], None]:
+    """The scheduler finds no node for the role's pod."""
+
+    def act(api: FakeApiServer, ns: str, name: str) -> None:
+        pod = _ensure_pod(api, ns, name, role)
+        cond = {
+            "type": "PodScheduled",
+            "status": "False",
+            "reason": "Unschedulable",
+            "message": message,
+            "lastTransitionTime": now(),
+        }
+        api.set_pod_status(ns, pod, "Pending", conditions=[cond])
+
+    return act
+
+
+def warning(
+    kind: str, reason: str, message: str, suffix: str = ""
+) -> Callable[[FakeApiServer, str, str], None]:
+    """A Warning event about ``<job name><suffix>`` of ``kind`` (``{name}`` in the message)."""
+    return lambda api, ns, name: api.add_event(
+        ns, kind, name + suffix, reason, message.format(name=name, ns=ns)
+    )
+
+
 def succeeded() -> Callable[[FakeApiServer, str, str], None]:
     return lambda api, ns, name: api.set_condition(
         ns, name, "Succeeded", "MPIJobSucceeded", f"MPIJob {ns}/{name} successfully completed."
@@ -457,7 +616,7 @@ def kubeconfig(url: str, namespace: str = "team-a", token: str = TOKEN) -> str:
 
 # ---- HTTP plumbing ---------------------------------------------------------------------------
 def _public(obj: dict[str, Any]) -> dict[str, Any]:
-    return {k: copy.deepcopy(v) for k, v in obj.items() if k != "logs"}
+    return {k: copy.deepcopy(v) for k, v in obj.items() if k not in ("logs", "previous_logs")}
 
 
 def _not_found(resource: str, name: str) -> dict[str, Any]:

@@ -8,10 +8,19 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fake_apiserver import failed, running, succeeded
+from fake_apiserver import (
+    failed,
+    launcher_pod,
+    running,
+    succeeded,
+    unschedulable,
+    waiting,
+    warning,
+)
 
 from deploy import cli
 from deploy import constants as c
+from deploy.errors import BadInputError, JobStuckError, JobTimeoutError, NotFoundError
 from job.exitcodes import ExitCode
 
 
@@ -54,7 +63,7 @@ def submit_args(kubeconfig_path, tmp_path, helm):
     ]
 
 
-@pytest.mark.parametrize("command", ["submit", "status", "logs", "delete", "list"])
+@pytest.mark.parametrize("command", ["submit", "wait", "status", "logs", "delete", "list"])
 def test_help_shows_an_example(command, capsys):
     with pytest.raises(SystemExit):
         parser().parse_args([command, "--help"])
@@ -269,3 +278,182 @@ def test_status_logs_delete(api, kubeconfig_path, submit_args, capsys):
     assert run("delete", name, *cluster) == 0
     assert run("status", name, *cluster) == ExitCode.BAD_INPUT
     assert f"mpijobs.kubeflow.org team-a/{name} not found" in capsys.readouterr().err
+
+
+# ---- runs that cannot start --------------------------------------------------------------------
+SA_MISSING = 'Error creating: pods "x" is forbidden: serviceaccount "finetune-job" not found'
+
+
+@pytest.mark.parametrize(
+    ("steps", "flags", "expected"),
+    [
+        (
+            [(0.05, waiting("ImagePullBackOff", 'Back-off pulling image "reg/ft:9"'))],
+            ["--start-timeout", "0.5"],
+            "-launcher-x1 container launcher: ImagePullBackOff for over 0.5 s: "
+            'Back-off pulling image "reg/ft:9"',
+        ),
+        (
+            [(0.05, waiting("CreateContainerConfigError", 'secret "s3" not found', role="worker"))],
+            ["--start-timeout", "0.5"],
+            "-worker-0 container worker: CreateContainerConfigError for over 0.5 s: "
+            'secret "s3" not found',
+        ),
+        (
+            [(0.05, warning("Job", "FailedCreate", SA_MISSING, suffix="-launcher"))],
+            ["--start-timeout", "0.5"],
+            f"-launcher: FailedCreate for over 0.5 s: {SA_MISSING}",
+        ),
+        (
+            [(0.05, unschedulable("0/2 nodes are available: 2 Insufficient cpu."))],
+            ["--unschedulable-timeout", "0.5"],
+            "-worker-0: Unschedulable for over 0.5 s: 0/2 nodes are available: 2 Insufficient cpu.",
+        ),
+    ],
+    ids=["image-pull", "missing-secret", "missing-service-account", "unschedulable"],
+)
+def test_submit_wait_fails_in_one_line_when_a_pod_cannot_start(
+    api, submit_args, capsys, steps, flags, expected
+):
+    api.script(steps)
+    code = run(*submit_args, "--wait", "--timeout", "60", *flags)
+    err = capsys.readouterr().err
+    assert code == JobStuckError.exit_code
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("finetune-job: error: MPIJob team-a/") and " cannot start: " in last
+    assert expected in last
+    assert "Traceback" not in err
+    assert all(line.startswith("finetune-job: ") for line in err.strip().splitlines())
+
+
+def test_wait_command(api, submit_args, kubeconfig_path, capsys):
+    cluster = ["--kubeconfig", kubeconfig_path]
+    api.script([(0.05, running()), (0.1, succeeded())])
+    run(*submit_args)
+    name = capsys.readouterr().out.strip()
+    assert run("wait", name, "--timeout", "30", *cluster) == 0
+    assert capsys.readouterr().out.strip().startswith(f"team-a/{name} Succeeded")
+
+    api.script([(0.05, waiting("ErrImagePull", "denied"))])
+    run(*submit_args)
+    name = capsys.readouterr().out.strip()
+    assert run("wait", name, "--start-timeout", "0.5", *cluster) == JobStuckError.exit_code
+    assert f"{name}-launcher-x1 container launcher: ErrImagePull" in capsys.readouterr().err
+    assert run("wait", name, "--timeout", "0.3", "--start-timeout", "0", *cluster) == (
+        JobTimeoutError.exit_code
+    )
+    assert "did not finish within 0.3 s" in capsys.readouterr().err
+    assert run("status", name, *cluster) == 0
+    out = capsys.readouterr().out
+    assert f"cannot start: pod {name}-launcher-x1 container launcher: ErrImagePull: denied" in out
+    assert run("status", name, "-o", "json", *cluster) == 0
+    (problem,) = json.loads(capsys.readouterr().out)["problems"]
+    assert problem == {
+        "subject": f"pod {name}-launcher-x1 container launcher",
+        "pod": f"{name}-launcher-x1",
+        "container": "launcher",
+        "reason": "ErrImagePull",
+        "message": "denied",
+    }
+    assert run("wait", "nope", *cluster) == NotFoundError.exit_code
+
+
+# ---- logs ----------------------------------------------------------------------------------
+def test_logs_previous_and_every_launcher_attempt(api, submit_args, kubeconfig_path, capsys):
+    cluster = ["--kubeconfig", kubeconfig_path]
+    api.script(
+        [
+            (0.0, launcher_pod("a1", "attempt 1\nboom\n", phase="Failed")),
+            (0.0, launcher_pod("b2", "attempt 2\n", previous_logs="before the restart\n")),
+        ]
+    )
+    run(*submit_args)
+    name = capsys.readouterr().out.strip()
+    import time
+
+    deadline = time.monotonic() + 10
+    while len([k for k in api.objects if k[0] == "pods"]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert run("logs", name, *cluster) == 0
+    assert capsys.readouterr().out == "attempt 2\n"
+    assert run("logs", name, "--previous", *cluster) == 0
+    assert capsys.readouterr().out == "before the restart\n"
+    saved = Path(submit_args[-1].split("=", 1)[1]) / "all.log"
+    assert run("logs", name, "--all-pods", "--save", str(saved), *cluster) == 0
+    out = capsys.readouterr().out
+    assert out == (
+        f"===== launcher pod {name}-launcher-a1 (attempt 1 of 2) =====\nattempt 1\nboom\n"
+        f"===== launcher pod {name}-launcher-b2 (attempt 2 of 2) =====\nattempt 2\n"
+    )
+    assert saved.read_text() == out
+    assert run("logs", name, "--all-pods", "--previous", *cluster) == NotFoundError.exit_code
+    assert "has no previous container" in capsys.readouterr().err
+
+
+def test_logs_follow_prints_lines(api, submit_args, kubeconfig_path, capsys):
+    api.script([(0.05, running("one\ntwo\n")), (0.1, succeeded())])
+    run(*submit_args)
+    name = capsys.readouterr().out.strip()
+    assert run("logs", name, "--follow", "--timeout", "30", "--kubeconfig", kubeconfig_path) == 0
+    assert capsys.readouterr().out == "one\ntwo\n"
+
+
+# ---- list ----------------------------------------------------------------------------------
+def test_list_has_a_header_and_wide_and_json_forms(api, submit_args, kubeconfig_path, capsys):
+    cluster = ["--kubeconfig", kubeconfig_path]
+    assert run("list", *cluster) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and "no MPIJobs in namespace team-a" in err
+    assert run("list", "-o", "json", *cluster) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    api.script([(0.0, failed("boom"))])
+    run(*submit_args, "--schedule", "nightly")
+    name = capsys.readouterr().out.strip()
+    import time
+
+    deadline = time.monotonic() + 10
+    while "status" not in api.objects[("mpijobs", "team-a", name)] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert run("list", *cluster) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split() == ["NAME", "PHASE", "SCHEDULE", "CREATED"]
+    assert row.split()[:3] == [name, "Failed", "nightly"]
+    assert row.index("Failed") == header.index("PHASE")  # columns line up
+    assert run("list", "-o", "wide", *cluster) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split() == [
+        "NAME",
+        "PHASE",
+        "SCHEDULE",
+        "CREATED",
+        "COMPLETED",
+        "REASON",
+        "OUTPUT",
+    ]
+    assert row.split()[5:] == [
+        "BackoffLimitExceeded",
+        str(Path(submit_args[-1].split("=", 1)[1]) / "runs" / name),
+    ]
+    assert run("list", "-o", "json", *cluster) == 0
+    (doc,) = json.loads(capsys.readouterr().out)
+    assert (doc["name"], doc["phase"], doc["schedule"]) == (name, "Failed", "nightly")
+
+
+def test_submit_follow_prints_the_launcher_log_then_the_summary(api, submit_args, capsys):
+    api.script(
+        [(0.05, running("epoch 1\nepoch 2\n")), (0.1, write_summary(0.9)), (0.15, succeeded())]
+    )
+    assert run(*submit_args, "--follow", "--timeout", "30") == 0
+    out = capsys.readouterr().out
+    log, summary = out.split("\n", 2)[:2], out.split("\n", 2)[2]
+    assert log == ["epoch 1", "epoch 2"]
+    assert json.loads(summary) == {"val_top1": 0.9}
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_bad_start_timeouts_are_bad_input(api, submit_args, capsys, value):
+    assert run(*submit_args, "--wait", "--start-timeout", value) == BadInputError.exit_code
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err.splitlines()[-1]]  # one line
+    assert err.startswith("finetune-job: error: --start-timeout must be")
+    assert not api.objects  # nothing submitted

@@ -52,15 +52,30 @@ def test_from_api(status, kind, code, text):
     ("kind", "code"),
     [
         (errors.JobFailedError, ExitCode.FAILED),
+        (errors.JobStuckError, ExitCode.FAILED),
         (errors.GateError, ExitCode.GATE_REFUSED),
         (errors.JobTimeoutError, ExitCode.TIMED_OUT),
         (errors.BadInputError, ExitCode.BAD_INPUT),
         (errors.NotFoundError, ExitCode.BAD_INPUT),
     ],
-    ids=["failed", "gate", "timeout", "bad-input", "not-found"],
+    ids=["failed", "stuck", "gate", "timeout", "bad-input", "not-found"],
 )
 def test_exit_codes(kind, code):
-    assert kind("x").exit_code == code
+    assert kind.exit_code == code
+
+
+@pytest.mark.parametrize(
+    ("kind", "builtin"),
+    [
+        (errors.JobTimeoutError, TimeoutError),
+        (errors.NotFoundError, LookupError),
+        (errors.JobFailedError, RuntimeError),
+        (errors.JobStuckError, RuntimeError),
+    ],
+    ids=["timeout", "not-found", "failed", "stuck"],
+)
+def test_errors_are_the_builtins_callers_catch(kind, builtin):
+    assert issubclass(kind, builtin) and issubclass(kind, errors.DeployError)
 
 
 def test_server_message_falls_back_to_reason():
