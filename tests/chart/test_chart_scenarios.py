@@ -24,12 +24,14 @@ from chart_tools import (
 SCENARIOS = pytest.mark.parametrize("values_file", CI_VALUES, ids=[p.stem for p in CI_VALUES])
 
 
-def test_the_four_scenarios_exist():
+def test_the_scenarios_exist():
     assert {p.name for p in CI_VALUES} >= {
         "minimal-cpu-values.yaml",
         "multinode-gpu-values.yaml",
         "scheduled-values.yaml",
         "monitoring-values.yaml",
+        "gang-values.yaml",
+        "kueue-values.yaml",
     }
 
 

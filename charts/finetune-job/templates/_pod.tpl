@@ -11,6 +11,9 @@ ttlSecondsAfterFinished: {{ $rp.ttlSecondsAfterFinished | int64 }}
 {{- if not (kindIs "invalid" $rp.activeDeadlineSeconds) }}
 activeDeadlineSeconds: {{ $rp.activeDeadlineSeconds | int64 }}
 {{- end }}
+{{- with include "finetune-job.schedulingPolicy" . | trim }}
+{{ . }}
+{{- end }}
 {{- end }}
 
 {{/*
