@@ -28,9 +28,16 @@ CHART = REPO_ROOT / "charts" / "finetune-job"
 CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
 MPIJOB_CRD = Path(__file__).resolve().parent / "crds" / "kubeflow.org_mpijobs.yaml"
 SHARED_MPIJOB_CRD = REPO_ROOT.parent / "shared" / "schemas" / "kubeflow.org_mpijobs.yaml"
+# Kubeflow Trainer v2's own CRDs (TrainJob, TrainingRuntime), copies of ../shared/schemas.
+TRAINER_CRDS = {
+    "TrainJob": Path(__file__).resolve().parent / "crds" / "trainer.kubeflow.org_trainjobs.yaml",
+    "TrainingRuntime": Path(__file__).resolve().parent
+    / "crds"
+    / "trainer.kubeflow.org_trainingruntimes.yaml",
+}
 
 # The API versions a real cluster with the MPI Operator and the Prometheus Operator offers.
-API_VERSIONS = ("kubeflow.org/v2beta1", "monitoring.coreos.com/v1")
+API_VERSIONS = ("kubeflow.org/v2beta1", "trainer.kubeflow.org/v1alpha1", "monitoring.coreos.com/v1")
 # Kubernetes minor versions every built-in object must validate against (strict): the chart's
 # oldest (Chart.yaml kubeVersion) and the kubectl shipped with the helm below.
 KUBE_VERSIONS = ("1.27.0", "1.33.0")
@@ -250,3 +257,37 @@ def validate_mpijob(doc: dict[str, Any], versions: Iterable[str] = KUBE_VERSIONS
             "spec": template["spec"],
         }
         validate_builtin(pod, versions)
+
+
+@cache
+def trainer_validator(kind: str) -> jsonschema.Draft7Validator:
+    crd = yaml.safe_load(TRAINER_CRDS[kind].read_text(encoding="utf-8"))
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1"]
+    return jsonschema.Draft7Validator(strict_schema(version["schema"]["openAPIV3Schema"]))
+
+
+def validate_trainer(doc: dict[str, Any], versions: Iterable[str] = KUBE_VERSIONS) -> None:
+    """A TrainJob or TrainingRuntime against Trainer's CRD (strict); a TrainingRuntime's pod
+    templates also as built-in Pods."""
+    assert doc["apiVersion"] == "trainer.kubeflow.org/v1alpha1"
+    name = doc["metadata"]["name"]
+    assert DNS1035.match(name) and len(name) <= 63, f"{doc['kind']} name {name!r}"
+    errors = sorted(trainer_validator(doc["kind"]).iter_errors(doc), key=lambda e: list(e.path))
+    assert not errors, "\n".join(f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors)
+    if doc["kind"] != "TrainingRuntime":
+        return
+    for job in doc["spec"]["template"]["spec"]["replicatedJobs"]:
+        template = copy.deepcopy(job["template"]["spec"]["template"])
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": f"{name}-{job['name']}", **template.get("metadata", {})},
+            "spec": template["spec"],
+        }
+        validate_builtin(pod, versions)
+
+
+def replicated_job_pod(runtime: dict[str, Any], name: str) -> dict[str, Any]:
+    """The pod template of a TrainingRuntime's replicated job."""
+    (job,) = [j for j in runtime["spec"]["template"]["spec"]["replicatedJobs"] if j["name"] == name]
+    return job["template"]["spec"]["template"]

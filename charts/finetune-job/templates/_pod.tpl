@@ -18,7 +18,9 @@ activeDeadlineSeconds: {{ $rp.activeDeadlineSeconds | int64 }}
 
 {{/*
 Pod template of the launcher (worker false) or of the workers (worker true).
-Call with (dict "root" $ "worker" bool).
+Call with (dict "root" $ "worker" bool), plus for Kubeflow Trainer's JobSet templates
+"containerName" (its MPI plugin mounts the ssh keys and hostfile only into a container named
+"node") and "restartPolicy" (a batch Job's pod template needs one).
 */}}
 {{- define "finetune-job.podTemplate" -}}
 {{- $ := .root }}
@@ -74,8 +76,11 @@ spec:
     {{- toYaml . | nindent 4 }}
   {{- end }}
   {{- end }}
+  {{- with .restartPolicy }}
+  restartPolicy: {{ . }}
+  {{- end }}
   containers:
-    - name: {{ $role }}
+    - name: {{ .containerName | default $role }}
       image: {{ include "finetune-job.image" $ }}
       imagePullPolicy: {{ $v.image.pullPolicy }}
       {{- if .worker }}
