@@ -127,6 +127,8 @@ class Pod:
     spec: dict[str, Any]
     restart_policy: str
     role: str
+    # the pod's DNS name once Ready (default: <hostname>.<subdomain>.<namespace>.svc)
+    fqdn: str = ""
 
     @property
     def container(self) -> dict[str, Any]:
@@ -365,7 +367,7 @@ class Cluster:
         """The headless Service lists a Ready pod: its name resolves from now on."""
         name = self.container_name(pod)
         self.podman("network", "disconnect", self.network, name)
-        alias = f"{pod.hostname}.{pod.subdomain}.{self.namespace}.svc"
+        alias = pod.fqdn or f"{pod.hostname}.{pod.subdomain}.{self.namespace}.svc"
         self.podman("network", "connect", "--alias", alias, self.network, name)
 
     def unpublish(self, pod: Pod) -> None:
@@ -407,10 +409,18 @@ class Cluster:
             "exec", self.container_name(pod), "bash", "-c", script, timeout=timeout
         ).stdout
 
-    def service(self, name: str, alias: str, command: list[str], mounts: list[str]) -> str:
+    def service(
+        self,
+        name: str,
+        alias: str,
+        command: list[str],
+        mounts: list[str],
+        env: dict[str, str] | None = None,
+    ) -> str:
         """A cluster service (S3, Pushgateway) as a container on the network, by DNS name."""
         container = f"{self.prefix}-{name}"
         volumes = [arg for m in mounts for arg in ("-v", m)]
+        volumes += [arg for k, v in (env or {}).items() for arg in ("-e", f"{k}={v}")]
         self.podman(
             "run",
             "-d",
@@ -459,3 +469,77 @@ class Cluster:
 
 def shell_quote(args: list[str]) -> str:
     return shlex.join(args)
+
+
+# --- Kubeflow Trainer v2's MPI plugin (kubeflow/trainer pkg/runtime/framework/plugins/mpi) ---
+TRAINER_SSH_SECRET_SUFFIX = "-mpi-ssh-auth"
+TRAINER_SSH_VOLUME = "mpi-ssh-auth"
+TRAINER_HOSTFILE_SUFFIX = "-mpi-hostfile"
+TRAINER_HOSTFILE_VOLUME = "mpi-hostfile"
+TRAINER_CONTAINER = "node"  # the plugin touches only containers of this name
+
+
+def trainer_hostfile_text(trainjob: str, nodes: int, slots: int) -> str:
+    """buildHostFileConfigMap: the `node` pod set's JobSet endpoints, `slots=numProcPerNode`."""
+    return "".join(f"{trainjob}-node-0-{i}.{trainjob} slots={slots}\n" for i in range(nodes))
+
+
+def trainer_launcher_env(slots: int) -> list[dict[str, str]]:
+    pairs = [
+        ("OMPI_MCA_orte_default_hostfile", f"{CONFIG_MOUNT}/{HOSTFILE}"),
+        ("OMPI_MCA_orte_keep_fqdn_hostnames", "true"),
+        ("OMPI_MCA_orte_set_default_slots", str(slots)),
+        ("OMPI_MCA_plm_rsh_args", "-o ConnectionAttempts=10"),
+    ]
+    return [{"name": n, "value": v} for n, v in pairs]
+
+
+def trainer_pods(runtime: dict[str, Any], trainjob: dict[str, Any]) -> tuple[list[Pod], Pod]:
+    """The pods of the JobSet Trainer makes from the runtime for the TrainJob: JobSet names
+    each pod `<jobset>-<replicatedJob>-<job index>-<pod index>` with subdomain `<jobset>`;
+    EnforceMLPolicy adds the ssh Secret to the `node` containers, and the hostfile ConfigMap
+    and the OpenMPI variables to the launcher's."""
+    import copy
+
+    name = trainjob["metadata"]["name"]
+    mpi = runtime["spec"]["mlPolicy"]["mpi"]
+    nodes = int(trainjob["spec"]["trainer"]["numNodes"])
+    jobs = {j["name"]: j for j in runtime["spec"]["template"]["spec"]["replicatedJobs"]}
+
+    def pod(job: str, index: int) -> Pod:
+        spec = copy.deepcopy(jobs[job]["template"]["spec"]["template"]["spec"])
+        container = spec["containers"][0]
+        if container["name"] == TRAINER_CONTAINER:
+            spec.setdefault("volumes", []).append(
+                {
+                    "name": TRAINER_SSH_VOLUME,
+                    "secret": {
+                        "secretName": name + TRAINER_SSH_SECRET_SUFFIX,
+                        "items": [{"key": k, "path": p} for k, p in SSH_ITEMS],
+                    },
+                }
+            )
+            container.setdefault("volumeMounts", []).append(
+                {"name": TRAINER_SSH_VOLUME, "mountPath": mpi["sshAuthMountPath"]}
+            )
+            if job == "launcher":
+                spec["volumes"].append(
+                    {
+                        "name": TRAINER_HOSTFILE_VOLUME,
+                        "configMap": {
+                            "name": name + TRAINER_HOSTFILE_SUFFIX,
+                            "items": [{"key": HOSTFILE, "path": HOSTFILE, "mode": 0o444}],
+                        },
+                    }
+                )
+                container["volumeMounts"].append(
+                    {"name": TRAINER_HOSTFILE_VOLUME, "mountPath": CONFIG_MOUNT}
+                )
+                container.setdefault("env", []).extend(
+                    trainer_launcher_env(int(mpi["numProcPerNode"]))
+                )
+        hostname = f"{name}-{job}-0-{index}"
+        policy = spec.get("restartPolicy", "Never")
+        return Pod(hostname, hostname, name, spec, policy, job, fqdn=f"{hostname}.{name}")
+
+    return [pod("node", i) for i in range(nodes)], pod("launcher", 0)

@@ -32,10 +32,10 @@ from operator_emulation import (
     discover_hosts_text,
     hostfile_text,
     ssh_auth_secret,
+    trainer_hostfile_text,
+    trainer_pods,
     worker_fqdn,
 )
-
-pytestmark = pytest.mark.slow
 
 NAMESPACE, RELEASE = "ml", "emu"
 S3_NAME, S3_PORT = "moto.storage.svc", 5000
@@ -121,6 +121,8 @@ def _services(cluster: Cluster) -> tuple[str, str]:
         S3_NAME,
         ["python", "-m", "moto.server", "-H", "0.0.0.0", "-p", str(S3_PORT)],
         [f"{host_site}:/opt/host-site:ro"],
+        # moto reads a dotted Host as <bucket>.<endpoint>; AWS-style clients here use paths
+        {"PYTHONPATH": "/opt/host-site", "S3_IGNORE_SUBDOMAIN_BUCKETNAME": "true"},
     )
     cluster.podman("exec", s3, "true")
     pushgateway = cluster.service(
@@ -153,7 +155,7 @@ def _prepare_dataset(tmp_path: Path, endpoint: str) -> None:
 
 
 def _proc_environ(cluster: Cluster, pod, pid: str = "1") -> dict[str, str]:  # noqa: ANN001
-    raw = cluster.exec(pod, f"tr '\\0' '\\n' < /proc/{pid}/environ")
+    raw = cluster.exec(pod, f"tr '\\0' '\\n' < /proc/{pid}/environ 2>/dev/null || true")
     return dict(line.split("=", 1) for line in raw.splitlines() if "=" in line)
 
 
@@ -216,6 +218,7 @@ LAUNCHER_PROBE = r"""
 hostname
 id -u
 stat -c '%n %u %a' /etc/mpi/hostfile /etc/mpi/discover_hosts.sh
+echo ---
 cat /etc/mpi/hostfile
 echo ---
 /etc/mpi/discover_hosts.sh
@@ -272,7 +275,8 @@ def _training_ranks(cluster, workers) -> dict[str, str]:  # noqa: ANN001
     """OMPI_COMM_WORLD_RANK of the `finetune-job train` process in each worker container."""
     found = {}
     for pod in workers:
-        pids = cluster.exec(pod, "pgrep -f 'finetune-job train' || true").split()
+        # [f]: the pattern does not match the shell that runs pgrep
+        pids = cluster.exec(pod, "pgrep -f '[f]inetune-job train' || true").split()
         for pid in pids:
             environ = _proc_environ(cluster, pod, pid)
             if "OMPI_COMM_WORLD_RANK" in environ:
@@ -280,6 +284,7 @@ def _training_ranks(cluster, workers) -> dict[str, str]:  # noqa: ANN001
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_chart_runs_as_the_mpi_operator_lays_it_out(podman, cpu_image, tmp_path):
     helm = find_or_install_helm()
@@ -349,7 +354,7 @@ def test_chart_runs_as_the_mpi_operator_lays_it_out(podman, cpu_image, tmp_path)
             ),
             timeout=1200,
         )
-        assert first.is_alive(), result.get(1)
+        assert first.is_alive(), result[1][1][-4000:] if 1 in result else None
         ranks = _training_ranks(cluster, workers)
         assert ranks == {f"{job}-worker-0": "0", f"{job}-worker-1": "1"}
         cluster.podman("kill", cluster.container_name(workers[1]))
@@ -399,3 +404,216 @@ def _http_get(url: str) -> str:
 
     with urllib.request.urlopen(url, timeout=30) as response:  # noqa: S310 (test network)
         return response.read().decode()
+
+
+TRAINER_PROBE = r"""
+hostname
+stat -c '%n %u %a' /etc/mpi/hostfile
+echo ---
+cat /etc/mpi/hostfile
+echo ---
+env | grep -E '^OMPI_MCA_(orte_|plm_rsh_args)' | sort
+echo ---
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_trainjob_runs_as_trainers_mpi_plugin_lays_it_out(podman, cpu_image, tmp_path):
+    """The TrainJob target: node pods `<trainjob>-node-0-<i>` (JobSet's names), Trainer's ssh
+    Secret and hostfile ConfigMap on the containers named `node`, its OpenMPI variables on the
+    launcher; the rendered mpirun line's ranks land on the nodes."""
+    helm = find_or_install_helm()
+    values = chart_values(cpu_image)
+    values["launch"] = {"kind": "TrainJob"}
+    values["launcherCreationPolicy"] = "WaitForWorkersReady"  # dependsOn: node Ready
+    docs = render(helm, values, release=RELEASE, namespace=NAMESPACE)
+    runtime, trainjob = one(docs, "TrainingRuntime"), one(docs, "TrainJob")
+    name = trainjob["metadata"]["name"]
+    mpi = runtime["spec"]["mlPolicy"]["mpi"]
+    slots = mpi["numProcPerNode"]
+    nodes, launcher = trainer_pods(runtime, trainjob)
+    assert len(nodes) == trainjob["spec"]["trainer"]["numNodes"] == 2
+
+    secret = ssh_auth_secret()
+    cluster = Cluster(podman, cpu_image, NAMESPACE, tmp_path)
+    cluster.config_maps = {d["metadata"]["name"]: d["data"] for d in by_kind(docs, "ConfigMap")}
+    cluster.config_maps[name + "-mpi-hostfile"] = {
+        "hostfile": trainer_hostfile_text(name, len(nodes), slots)
+    }
+    cluster.secrets = {name + "-mpi-ssh-auth": secret, "finetune-s3": CREDENTIALS}
+    try:
+        for pod in nodes:
+            cluster.create(pod)
+            cluster.start(pod)
+        for pod in nodes:
+            cluster.wait_ready_and_publish(pod)
+        for i, pod in enumerate(nodes):
+            assert cluster.exec(pod, "hostname").strip() == f"{name}-node-0-{i}"
+            _check_ssh_files(
+                cluster, runtime_as_mpijob(runtime), pod, secret["ssh-publickey"].decode()
+            )
+        command = launcher.container["args"]
+        script = TRAINER_PROBE + " ".join(command[: command.index("finetune-job")]) + " hostname"
+        code, log = cluster.run_launcher(launcher, 0, ["bash", "-c", script], timeout=600)
+        assert code == 0, log
+        out = log[log.index(f"{name}-launcher-0-0") :]
+        head, hostfile, env, ranks = out.split("---\n")
+        assert head.splitlines() == [f"{name}-launcher-0-0", "/etc/mpi/hostfile 0 444"]
+        assert hostfile == "".join(
+            f"{name}-node-0-{i}.{name} slots={slots}\n" for i in range(len(nodes))
+        )
+        assert env.splitlines() == [
+            "OMPI_MCA_orte_default_hostfile=/etc/mpi/hostfile",
+            "OMPI_MCA_orte_keep_fqdn_hostnames=true",
+            f"OMPI_MCA_orte_set_default_slots={slots}",
+            "OMPI_MCA_plm_rsh_args=-o ConnectionAttempts=10",
+        ]
+        reported = sorted(line for line in ranks.splitlines() if line.startswith(name))
+        assert reported == [f"{name}-node-0-{i}" for i in range(len(nodes)) for _ in range(slots)]
+    finally:
+        cluster.close()
+
+
+def runtime_as_mpijob(runtime: dict) -> dict:
+    """The two fields _check_ssh_files reads, from a TrainingRuntime."""
+    (node,) = [
+        j for j in runtime["spec"]["template"]["spec"]["replicatedJobs"] if j["name"] == "node"
+    ]
+    return {
+        "spec": {
+            "sshAuthMountPath": runtime["spec"]["mlPolicy"]["mpi"]["sshAuthMountPath"],
+            "mpiReplicaSpecs": {"Worker": {"template": node["template"]["spec"]["template"]}},
+        }
+    }
+
+
+@pytest.mark.parametrize("mount,mode", [("/home/mpiuser/.ssh", None), ("/root/.ssh", 0o600)])
+def test_harness_pods_are_the_controllers(mount, mode):
+    """The pod specs the harness runs, against the controller's source (names of volumes and
+    objects, items, modes, appended env), from the chart's rendered MPIJob: the names a
+    container cannot show (volume names, defaultMode) are checked here."""
+    helm = find_or_install_helm()
+    values = chart_values("localhost/finetune-job:cpu-test")
+    values["sshAuthMountPath"] = mount
+    mpijob = one(render(helm, values, release=RELEASE, namespace=NAMESPACE), "MPIJob")
+    job = mpijob["metadata"]["name"]
+    workers, launcher = controller_pods(mpijob)
+    ssh = {
+        "name": "ssh-auth",
+        "secret": {
+            "secretName": f"{job}-ssh",
+            "items": [
+                {"key": "ssh-privatekey", "path": "id_rsa"},
+                {"key": "ssh-publickey", "path": "id_rsa.pub"},
+                {"key": "ssh-publickey", "path": "authorized_keys"},
+            ],
+        },
+    }
+    if mode is not None:
+        ssh["secret"]["defaultMode"] = mode
+    rendered = mpijob["spec"]["mpiReplicaSpecs"]
+    for i, pod in enumerate(workers):
+        assert (pod.name, pod.hostname, pod.subdomain) == (f"{job}-worker-{i}",) * 2 + (job,)
+        template = rendered["Worker"]["template"]["spec"]
+        assert pod.spec["volumes"] == [*template["volumes"], ssh]
+        assert pod.container["volumeMounts"] == [
+            *template["containers"][0]["volumeMounts"],
+            {"name": "ssh-auth", "mountPath": mount},
+        ]
+        assert pod.container["env"] == [
+            *template["containers"][0]["env"],
+            {"name": "K_MPI_JOB_ROLE", "value": "worker"},
+        ]
+        assert pod.container["command"] == template["containers"][0]["command"]
+        assert pod.restart_policy == rendered["Worker"]["restartPolicy"]
+    template = rendered["Launcher"]["template"]["spec"]
+    assert (launcher.hostname, launcher.subdomain) == (f"{job}-launcher", job)
+    assert launcher.spec["volumes"] == [
+        *template["volumes"],
+        ssh,
+        {
+            "name": "mpi-job-config",
+            "configMap": {
+                "name": f"{job}-config",
+                "items": [
+                    {"key": "hostfile", "path": "hostfile", "mode": 0o444},
+                    {"key": "discover_hosts.sh", "path": "discover_hosts.sh", "mode": 0o555},
+                ],
+            },
+        },
+    ]
+    assert launcher.container["volumeMounts"][-2:] == [
+        {"name": "ssh-auth", "mountPath": mount},
+        {"name": "mpi-job-config", "mountPath": "/etc/mpi"},
+    ]
+    assert launcher.container["env"] == [
+        *template["containers"][0]["env"],
+        {"name": "K_MPI_JOB_ROLE", "value": "launcher"},
+        {"name": "OMPI_MCA_orte_keep_fqdn_hostnames", "value": "true"},
+        {"name": "OMPI_MCA_orte_default_hostfile", "value": "/etc/mpi/hostfile"},
+        {"name": "OMPI_MCA_plm_rsh_args", "value": "-o ConnectionAttempts=10"},
+        {"name": "OMPI_MCA_orte_set_default_slots", "value": str(mpijob["spec"]["slotsPerWorker"])},
+        {"name": "NVIDIA_VISIBLE_DEVICES", "value": ""},
+        {"name": "NVIDIA_DRIVER_CAPABILITIES", "value": ""},
+    ]
+    assert hostfile_text(job, NAMESPACE, 2, 4) == (
+        f"{job}-worker-0.{job}.ml.svc slots=4\n{job}-worker-1.{job}.ml.svc slots=4\n"
+    )
+    assert discover_hosts_text(job, NAMESPACE, [f"{job}-worker-1", f"{job}-worker-0"]) == (
+        f"#!/bin/sh\necho {job}-worker-0.{job}.ml.svc\necho {job}-worker-1.{job}.ml.svc\n"
+    )
+    keys = ssh_auth_secret()
+    assert keys["ssh-privatekey"].startswith(b"-----BEGIN EC PRIVATE KEY-----")
+    assert keys["ssh-publickey"].startswith(b"ecdsa-sha2-nistp521 ")
+    assert keys["ssh-publickey"].endswith(b"\n")
+
+
+def test_harness_trainer_pods_are_trainers():
+    """Trainer's MPI plugin: Secret `<trainjob>-mpi-ssh-auth` (volume mpi-ssh-auth) in every
+    `node` container, ConfigMap `<trainjob>-mpi-hostfile` (volume mpi-hostfile, hostfile 0444)
+    and the OpenMPI variables on the launcher's, JobSet pod names."""
+    helm = find_or_install_helm()
+    values = chart_values("localhost/finetune-job:cpu-test")
+    values["launch"] = {"kind": "TrainJob"}
+    values["slotsPerWorker"] = 1
+    docs = render(helm, values, release=RELEASE, namespace=NAMESPACE)
+    runtime, trainjob = one(docs, "TrainingRuntime"), one(docs, "TrainJob")
+    name = trainjob["metadata"]["name"]
+    nodes, launcher = trainer_pods(runtime, trainjob)
+    assert [(p.hostname, p.fqdn) for p in nodes] == [
+        (f"{name}-node-0-{i}", f"{name}-node-0-{i}.{name}") for i in range(2)
+    ]
+    assert launcher.hostname == f"{name}-launcher-0-0"
+    for pod in [*nodes, launcher]:
+        assert pod.spec["volumes"][-2 if pod is launcher else -1] == {
+            "name": "mpi-ssh-auth",
+            "secret": {
+                "secretName": f"{name}-mpi-ssh-auth",
+                "items": [
+                    {"key": "ssh-privatekey", "path": "id_rsa"},
+                    {"key": "ssh-publickey", "path": "id_rsa.pub"},
+                    {"key": "ssh-publickey", "path": "authorized_keys"},
+                ],
+            },
+        }
+    assert launcher.spec["volumes"][-1] == {
+        "name": "mpi-hostfile",
+        "configMap": {
+            "name": f"{name}-mpi-hostfile",
+            "items": [{"key": "hostfile", "path": "hostfile", "mode": 0o444}],
+        },
+    }
+    assert launcher.container["volumeMounts"][-2:] == [
+        {"name": "mpi-ssh-auth", "mountPath": "/home/mpiuser/.ssh"},
+        {"name": "mpi-hostfile", "mountPath": "/etc/mpi"},
+    ]
+    assert launcher.container["env"][-4:] == [
+        {"name": "OMPI_MCA_orte_default_hostfile", "value": "/etc/mpi/hostfile"},
+        {"name": "OMPI_MCA_orte_keep_fqdn_hostnames", "value": "true"},
+        {"name": "OMPI_MCA_orte_set_default_slots", "value": "1"},
+        {"name": "OMPI_MCA_plm_rsh_args", "value": "-o ConnectionAttempts=10"},
+    ]
+    assert trainer_hostfile_text(name, 2, 4) == (
+        f"{name}-node-0-0.{name} slots=4\n{name}-node-0-1.{name} slots=4\n"
+    )
