@@ -250,6 +250,35 @@ def test_worker_without_keys_fails_clearly(podman: dict[str, str], cpu_image: st
     assert "/home/mpiuser/.ssh" in proc.stderr and "sshAuthMountPath" in proc.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_launcher_mode_waits_boundedly_then_fails_in_one_line(
+    podman: dict[str, str], cpu_image: str, tmp_path: Path
+) -> None:
+    """`finetune-job-entrypoint launcher CMD` runs CMD only once every host of the hostfile
+    answers; a host that never does ends it after LAUNCHER_WAIT_SECONDS with one line."""
+    (tmp_path / "hostfile").write_text("ft-worker-0.ft.ml.svc.invalid slots=1\n")
+    (tmp_path / "hostfile").chmod(0o444)
+    run = ["podman", "run", "--rm", *RUN_FLAGS, "-v", f"{tmp_path}:/etc/mpi:ro"]
+    proc = _run(
+        [*run, "-e", "LAUNCHER_WAIT_SECONDS=2", cpu_image, "launcher", "echo", "mpirun ran"],
+        podman,
+        check=False,
+        timeout=300,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "mpirun ran" not in proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "ft-worker-0.ft.ml.svc.invalid does not resolve" in errors[0]
+    # the wait switched off, the command runs; no command at all is a usage error
+    ran = _run(
+        [*run, "-e", "LAUNCHER_WAIT_SECONDS=0", cpu_image, "launcher", "echo", "ran"], podman
+    )
+    assert ran.stdout.strip() == "ran"
+    bare = _run([*run, cpu_image, "launcher"], podman, check=False)
+    assert bare.returncode == 2 and "no command" in bare.stderr
+
+
 MAKE_IMAGES = """
 import os, cv2, numpy as np
 rng = np.random.default_rng(0)
