@@ -257,6 +257,7 @@ def test_launcher_mode_waits_boundedly_then_fails_in_one_line(
 ) -> None:
     """`finetune-job-entrypoint launcher CMD` runs CMD only once every host of the hostfile
     answers; a host that never does ends it after LAUNCHER_WAIT_SECONDS with one line."""
+    tmp_path.chmod(0o755)  # a ConfigMap volume: readable by the image's user
     (tmp_path / "hostfile").write_text("ft-worker-0.ft.ml.svc.invalid slots=1\n")
     (tmp_path / "hostfile").chmod(0o444)
     run = ["podman", "run", "--rm", *RUN_FLAGS, "-v", f"{tmp_path}:/etc/mpi:ro"]
