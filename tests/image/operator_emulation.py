@@ -59,7 +59,8 @@ SSH_ITEMS = (
     ("ssh-publickey", "authorized_keys"),
 )
 ROOT_SSH_MODE = 0o600
-SECRET_DEFAULT_MODE = 0o644  # Kubernetes' default when the controller leaves defaultMode unset
+# Kubernetes' defaultMode of secret and configMap volumes, when the controller sets none
+VOLUME_DEFAULT_MODE = 0o644
 LAUNCHER_SUFFIX = "-launcher"
 WORKER_SUFFIX = "-worker"
 ROLE_ENV = "K_MPI_JOB_ROLE"
@@ -253,7 +254,7 @@ class Cluster:
                 ref = source[kind]
                 name = ref["name"] if kind == "configMap" else ref["secretName"]
                 data = self.config_maps[name] if kind == "configMap" else self.secrets[name]
-                default = ref.get("defaultMode", 0o644)
+                default = ref.get("defaultMode", VOLUME_DEFAULT_MODE)
                 items = ref.get("items") or [{"key": k, "path": k} for k in data]
                 files = {}
                 for item in items:
