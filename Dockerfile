@@ -160,8 +160,21 @@ RUN useradd --create-home --uid 1000 --user-group --shell /bin/bash mpiuser \
  && printf '%s\n' \
       '#!/bin/sh' \
       '# finetune-job-entrypoint: "worker" (or no argument) runs sshd for the MPI launcher;' \
-      '# anything else is run as given, e.g. the launcher: mpirun ... finetune-job train ...' \
+      '# "launcher CMD..." waits until every host of the MPI hostfile resolves and its sshd' \
+      '# answers, then runs CMD (mpirun ... finetune-job train ...); anything else is run as given.' \
       'set -e' \
+      'if [ "$1" = launcher ]; then' \
+      '  shift' \
+      '  if [ "$#" -eq 0 ]; then' \
+      '    echo "finetune-job launcher: no command to run after the wait (give the mpirun line)" >&2' \
+      '    exit 2' \
+      '  fi' \
+      '  # Kueue resume and gang schedulers can start the launcher before the workers are Ready' \
+      '  # (their DNS names appear only then): wait, bounded, instead of failing in ssh.' \
+      '  python -m job.launcher --hostfile "${OMPI_MCA_orte_default_hostfile:-/etc/mpi/hostfile}" \' \
+      '    --port "${SSH_PORT:-2222}" --timeout "${LAUNCHER_WAIT_SECONDS:-600}"' \
+      '  exec "$@"' \
+      'fi' \
       'if [ "$#" -eq 0 ] || [ "$1" = worker ]; then' \
       '  key=/home/mpiuser/.ssh/id_rsa' \
       '  if [ ! -r "$key" ]; then' \
@@ -191,6 +204,7 @@ RUN useradd --create-home --uid 1000 --user-group --shell /bin/bash mpiuser \
 # CUDA_CACHE_MAXSIZE: room for kernels JIT-compiled from PTX on GPUs newer than the wheel
 # (mount a volume at CUDA_CACHE_PATH, default ~/.nv/ComputeCache, to keep them).
 ENV PATH=/opt/venv/bin:$PATH \
+    SSH_PORT=${SSH_PORT} \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     OMP_NUM_THREADS=1 \

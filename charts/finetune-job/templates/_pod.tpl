@@ -11,11 +11,16 @@ ttlSecondsAfterFinished: {{ $rp.ttlSecondsAfterFinished | int64 }}
 {{- if not (kindIs "invalid" $rp.activeDeadlineSeconds) }}
 activeDeadlineSeconds: {{ $rp.activeDeadlineSeconds | int64 }}
 {{- end }}
+{{- with include "finetune-job.schedulingPolicy" . | trim }}
+{{ . }}
+{{- end }}
 {{- end }}
 
 {{/*
 Pod template of the launcher (worker false) or of the workers (worker true).
-Call with (dict "root" $ "worker" bool).
+Call with (dict "root" $ "worker" bool), plus for Kubeflow Trainer's JobSet templates
+"containerName" (its MPI plugin mounts the ssh keys and hostfile only into a container named
+"node") and "restartPolicy" (a batch Job's pod template needs one).
 */}}
 {{- define "finetune-job.podTemplate" -}}
 {{- $ := .root }}
@@ -71,19 +76,33 @@ spec:
     {{- toYaml . | nindent 4 }}
   {{- end }}
   {{- end }}
+  {{- with .restartPolicy }}
+  restartPolicy: {{ . }}
+  {{- end }}
   containers:
-    - name: {{ $role }}
+    - name: {{ .containerName | default $role }}
       image: {{ include "finetune-job.image" $ }}
       imagePullPolicy: {{ $v.image.pullPolicy }}
       {{- if .worker }}
       command:
         {{- toYaml $v.workers.command | nindent 8 }}
       {{- else }}
+      # The image's entrypoint waits until every host of the hostfile answers on its sshd
+      # (bounded), then runs the mpirun line.
       command:
+        - /usr/bin/tini
+        - --
+        - /usr/local/bin/finetune-job-entrypoint
+        - launcher
+      args:
         {{- include "finetune-job.launcherCommand" $ | fromJsonArray | toYaml | nindent 8 }}
       {{- end }}
       env:
         {{- include "finetune-job.env" $ | nindent 8 }}
+        {{- if not .worker }}
+        - name: LAUNCHER_WAIT_SECONDS
+          value: {{ $v.launcher.waitForHostsSeconds | int | quote }}
+        {{- end }}
       {{- if .worker }}
       {{- $ports := include "finetune-job.metricsPorts" $ | fromJsonArray }}
       {{- with $ports }}

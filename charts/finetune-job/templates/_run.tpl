@@ -15,6 +15,9 @@ metadata:
   name: {{ include "finetune-job.fullname" . }}
   labels:
     {{- include "finetune-job.labels" . | nindent 4 }}
+    {{- with include "finetune-job.kueueLabels" . | trim }}
+    {{- . | nindent 4 }}
+    {{- end }}
 spec:
   slotsPerWorker: {{ .Values.slotsPerWorker }}
   launcherCreationPolicy: {{ .Values.launcherCreationPolicy }}

@@ -1,0 +1,236 @@
+"""Podman on this machine, for the image tests: tools installed with apt when missing, storage
+and configuration under ~/.cache/finetune-job/podman (CONTAINERS_CONF and
+CONTAINERS_STORAGE_CONF point there, so nothing in /etc changes), a debootstrapped Debian 12
+base image, and the CPU flavour built with cached layers.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKERFILE = ROOT / "Dockerfile"
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "finetune-job" / "podman"
+BASE_IMAGE = "localhost/debian-base:bookworm"
+IMAGE = "localhost/finetune-job:cpu-test"
+BUILDER_TAG = "localhost/finetune-job:cpu-test-builder"
+CPU_BUILD_ARGS = {
+    "BASE_IMAGE": BASE_IMAGE,
+    "BUILDER_IMAGE": BASE_IMAGE,
+    "MXNET_PACKAGE": "mxnet==1.9.1",
+    "HOROVOD_GPU_OPERATIONS": "",
+}
+APT_TOOLS = ["podman", "buildah", "runc", "debootstrap", "uidmap", "fuse-overlayfs"]
+RUN_FLAGS = [
+    "--runtime",
+    "runc",
+    "--network",
+    "none",
+    "--ulimit",
+    "nofile=1024:1024",
+    "--ulimit",
+    "nproc=4096:4096",
+]
+
+
+def run(
+    cmd: list[str],
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
+    check: bool = True,
+    **kw,
+) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, env=env, timeout=timeout, capture_output=True, text=True, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{shlex.join(cmd)} exited {proc.returncode}\n"
+            f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def ensure_tools() -> str | None:
+    """None when podman and debootstrap are usable, else why not."""
+    missing = [t for t in ("podman", "debootstrap", "runc") if shutil.which(t) is None]
+    if missing:
+        if os.geteuid() != 0 or shutil.which("apt-get") is None:
+            return f"{', '.join(missing)} missing, and apt-get as root is not available"
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600)
+        proc = subprocess.run(
+            ["apt-get", "install", "-y", "-qq", *APT_TOOLS],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        if proc.returncode != 0:
+            return "apt-get install podman failed: " + proc.stderr[-500:]
+    if os.geteuid() != 0:
+        return "debootstrap and the chroot build need root"
+    return None
+
+
+def overlay_works(where: Path) -> bool:
+    """Native overlayfs stores layers as diffs; vfs (full copies) is the fallback."""
+    probe = Path(tempfile.mkdtemp(dir=where))
+    dirs = {n: probe / n for n in ("lower", "upper", "work", "merged")}
+    for d in dirs.values():
+        d.mkdir()
+    opts = f"lowerdir={dirs['lower']},upperdir={dirs['upper']},workdir={dirs['work']}"
+    ok = (
+        subprocess.run(
+            ["mount", "-t", "overlay", "overlay", "-o", opts, str(dirs["merged"])],
+            capture_output=True,
+        ).returncode
+        == 0
+    )
+    if ok:
+        subprocess.run(["umount", str(dirs["merged"])], capture_output=True)
+    shutil.rmtree(probe, ignore_errors=True)
+    return ok
+
+
+def podman_env() -> dict[str, str]:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    driver = "overlay" if overlay_works(CACHE) else "vfs"
+    (CACHE / "storage.conf").write_text(
+        "[storage]\n"
+        f'driver = "{driver}"\n'
+        f'runroot = "{CACHE}/run-{driver}"\n'
+        f'graphroot = "{CACHE}/storage-{driver}"\n'
+    )
+    (CACHE / "containers.conf").write_text(
+        "[containers]\n"
+        'netns = "none"\n'
+        'default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]\n'
+        "[engine]\n"
+        'cgroup_manager = "cgroupfs"\n'
+        'events_logger = "file"\n'
+        'runtime = "runc"\n'
+    )
+    env = dict(os.environ)
+    env["CONTAINERS_STORAGE_CONF"] = str(CACHE / "storage.conf")
+    env["CONTAINERS_CONF"] = str(CACHE / "containers.conf")
+    return env
+
+
+def apt_sources() -> list[tuple[str, str]]:
+    """(URI, suite) pairs of the machine's own apt sources (one-line and deb822 formats)."""
+    pairs: list[tuple[str, str]] = []
+    files = ["/etc/apt/sources.list", *sorted(glob.glob("/etc/apt/sources.list.d/*"))]
+    for name in files:
+        try:
+            text = Path(name).read_text()
+        except OSError:
+            continue
+        if name.endswith(".sources"):
+            for block in re.split(r"\n\s*\n", text):
+                fields = dict(re.findall(r"^(\w[\w-]*):\s*(.*)$", block, re.M))
+                for uri in fields.get("URIs", "").split():
+                    pairs += [(uri, s) for s in fields.get("Suites", "").split()]
+        else:
+            for line in text.splitlines():
+                words = re.sub(r"\[[^]]*\]", "", line).split()
+                if len(words) >= 3 and words[0] == "deb":
+                    pairs.append((words[1], words[2]))
+    return pairs
+
+
+def debian_mirror() -> tuple[str, str]:
+    sources = apt_sources()
+    main = next((u for u, s in sources if s == "bookworm"), "http://deb.debian.org/debian")
+    security = next(
+        (u for u, s in sources if s == "bookworm-security"), "http://deb.debian.org/debian-security"
+    )
+    return main, security
+
+
+def ensure_base_image(env: dict[str, str]) -> None:
+    if run(["podman", "image", "exists", BASE_IMAGE], env, check=False).returncode == 0:
+        return
+    mirror, security = debian_mirror()
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        rootfs = Path(tmp) / "rootfs"
+        run(["debootstrap", "--variant=minbase", "bookworm", str(rootfs), mirror], timeout=900)
+        for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
+            for path in (rootfs / junk).glob("*"):
+                if path.is_file():
+                    path.unlink()
+        (rootfs / "etc/apt/sources.list").write_text(
+            f"deb {mirror} bookworm main\n"
+            f"deb {mirror} bookworm-updates main\n"
+            f"deb {security} bookworm-security main\n"
+        )
+        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+        imp = subprocess.run(
+            ["podman", "import", "-q", "-", BASE_IMAGE],
+            stdin=tar.stdout,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        tar.wait()
+        assert imp.returncode == 0 and tar.returncode == 0, imp.stderr
+
+
+def pip_settings() -> tuple[dict[str, str], str | None]:
+    """The host pip's index (http/https only) and CA bundle, for the build."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, check=False
+    )
+    conf: dict[str, str] = {}
+    for line in proc.stdout.splitlines():
+        key, _, value = line.partition("=")
+        conf[key.split(".", 1)[-1]] = value.strip().strip("'\"")
+    args: dict[str, str] = {}
+    index = os.environ.get("PIP_INDEX_URL") or conf.get("index-url")
+    if index and index.startswith(("http://", "https://")):
+        args["PIP_INDEX_URL"] = index
+    extra = os.environ.get("PIP_EXTRA_INDEX_URL") or conf.get("extra-index-url", "")
+    extras = [u for u in extra.split() if u.startswith(("http://", "https://"))]
+    if extras:
+        args["PIP_EXTRA_INDEX_URL"] = " ".join(extras)
+    cert = os.environ.get("PIP_CERT") or conf.get("cert") or "/etc/ssl/certs/ca-certificates.crt"
+    return args, cert if Path(cert).is_file() else None
+
+
+def build(
+    env: dict[str, str], build_args: dict[str, str], tag: str, target: str | None = None
+) -> float:
+    pip_args, cert = pip_settings()
+    cmd = [
+        "podman",
+        "build",
+        "--format",
+        "docker",
+        "--isolation",
+        "chroot",
+        "--network",
+        "host",
+        "--layers",
+        "--pull=never",
+        "-f",
+        str(DOCKERFILE),
+        "-t",
+        tag,
+    ]
+    if target:
+        cmd += ["--target", target]
+    for key, value in {**pip_args, **build_args}.items():
+        cmd += ["--build-arg", f"{key}={value}"]
+    if cert:  # used by pip in the builder only, never stored in the image
+        cmd += ["--secret", f"id=ca,src={cert}"]
+    start = time.monotonic()
+    run([*cmd, str(ROOT)], env, timeout=2400)
+    return time.monotonic() - start
