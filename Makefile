@@ -55,7 +55,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	  $(HOROVOD_FLAGS) $(BIN)/pip wheel -q --no-build-isolation --no-cache-dir --no-deps \
 	    -w $(HOROVOD_DIR) "horovod==$(HOROVOD)"; \
 	fi
-	$(BIN)/pip install -q --no-deps $(HOROVOD_DIR)/horovod-*.whl
+	# with its own dependencies (psutil, cloudpickle, ...): horovodrun needs them
+	$(BIN)/pip install -q $(HOROVOD_DIR)/horovod-*.whl
 	# step 3: the job with both layers' extras (training, Kubernetes client) and the tests.
 	$(BIN)/pip install -q -e ".[train,deploy,test]"
 	$(BIN)/horovodrun --check-build | tee $(VENV)/horovod-check.txt
