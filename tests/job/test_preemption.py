@@ -132,8 +132,6 @@ def test_sigkill_of_one_worker_fails_the_run_and_a_restart_finishes_it(
     assert f"resumed from {folder}: epoch {epoch + 1}, step {epoch * STEPS}" in resumed.stderr
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert [h["epoch"] for h in summary["history"]] == list(range(1, EPOCHS + 1))
-    reference = json.load(open(os.path.join(uninterrupted, "summary.json")))
-    assert abs(summary["val_top1"] - reference["val_top1"]) <= 0.15
     assert_same_training(weights(uninterrupted), weights(out))
 
 
