@@ -74,6 +74,11 @@ class Config:
     )
     keep_checkpoints: int = _opt(3, "checkpoints kept in OUTPUT/checkpoints (older ones pruned)")
     log_format: str = _opt("text", "progress lines", choices=("text", "json"))
+    step_timeout: float = _opt(
+        600.0,
+        "seconds without a completed step (training or evaluation batch, checkpoint, start) "
+        "after which every rank exits non-zero, naming the phase; 0: off",
+    )
     # Metrics.
     metrics_port: int = _opt(
         9095, "Prometheus /metrics port of local rank 0 (+ local rank); 0: off"
@@ -120,6 +125,7 @@ class Config:
             "data_workers",
             "s3_connect_timeout",
             "s3_read_timeout",
+            "step_timeout",
         ):
             problems[key] = getattr(self, key) < 0
         for key, bad in problems.items():
