@@ -84,9 +84,14 @@ class Watchdog:
     def _watch(self) -> None:
         period = min(1.0, self.timeout / 10)
         while not self._stop.wait(period):
-            if self.seconds_since_beat() > self.timeout:
-                self.fire()
+            if self._watch_once():
                 return
+
+    def _watch_once(self) -> bool:
+        if self.seconds_since_beat() <= self.timeout:
+            return False
+        self.fire()
+        return True
 
     def message(self) -> str:
         """The one line: who waited, in which phase, and who stalled where that is known."""
