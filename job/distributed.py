@@ -117,13 +117,18 @@ def stall_environment(step_timeout: float, environ: MutableMapping[str, str]) ->
     environ.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", str(seconds))
 
 
-def launcher_rank(environ: Mapping[str, str]) -> int | None:
-    """This process's rank as the launcher announced it, before ``hvd.init()`` (which is
-    where a worker that never joins leaves the others waiting)."""
-    for var in ("OMPI_COMM_WORLD_RANK", "HOROVOD_RANK", "PMIX_RANK", "PMI_RANK"):
-        if environ.get(var, "").isdigit():
-            return int(environ[var])
-    return None
+def launcher_rank(environ: Mapping[str, str]) -> tuple[int | None, int | None]:
+    """This process's rank and the world size as the launcher announced them, before
+    ``hvd.init()`` (which is where a worker that never joins leaves the others waiting)."""
+
+    def first(*names: str) -> int | None:
+        values = [environ[n] for n in names if environ.get(n, "").isdigit()]
+        return int(values[0]) if values else None
+
+    return (
+        first("OMPI_COMM_WORLD_RANK", "HOROVOD_RANK", "PMIX_RANK", "PMI_RANK"),
+        first("OMPI_COMM_WORLD_SIZE", "HOROVOD_SIZE", "PMI_SIZE"),
+    )
 
 
 def init() -> Horovod:

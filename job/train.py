@@ -352,13 +352,13 @@ class Run:
         return result
 
     def _eval_batches(self) -> Iterator[Any]:
-        """The validation batches; each one fetched means the previous one was evaluated."""
+        """The validation batches; asking for the next one means the last one is evaluated
+        (``count_correct`` reads each result back first): an evaluation step done."""
         assert self.val is not None
+        self.watchdog.phase = watchdog.EVALUATION
         for batch in self.val.epoch(0):
-            self.watchdog.beat()
-            self.watchdog.phase = watchdog.EVALUATION
             yield batch
-        self.watchdog.beat()
+            self.watchdog.beat()
 
     def checkpoint(self) -> None:
         """Rank 0 writes the checkpoint; every rank takes part in naming the corrupt records."""
@@ -370,7 +370,7 @@ class Run:
         folder = self.checkpointer.save(self.net, self.trainer, self.progress, self.cfg.to_dict())
         self.metrics.checkpointed(time.perf_counter() - started)
         self.watchdog.checkpoint = folder
-        self.watchdog.beat()  # a checkpoint is progress too
+        self.watchdog.beat(step=False)  # a checkpoint is progress too
         log.info("checkpoint %s (%.1f s)", folder, time.perf_counter() - started)
 
     def corrupt_keys(self) -> set[tuple[str, int]]:
@@ -448,7 +448,7 @@ def build(
     storage: Storage,
     metrics: Metrics,
     stop: threading.Event | None = None,
-    watchdog: Watchdog | None = None,
+    dog: Watchdog | None = None,
 ) -> Run:
     """Read the dataset's manifest, build and load the model, broadcast it from rank 0 and
     wrap the optimizer: everything a Run needs that does I/O or talks to other ranks."""
@@ -463,6 +463,9 @@ def build(
     shape = (cfg.batch_size, 3, cfg.image_size, cfg.image_size)
     with autograd.train_mode():
         net(mx.nd.zeros(shape, ctx=ctx)).wait_to_read()
+    if dog is not None:  # the dataset's manifest and the model are loaded
+        dog.beat(step=False)
+        dog.phase = watchdog.BROADCAST
     dist.broadcast_parameters(net.collect_params())
     trainer = dist.trainer(
         net.collect_params(),
@@ -482,7 +485,7 @@ def build(
         metrics=metrics,
         stats=stats,
         stop=stop,
-        watchdog=watchdog,
+        watchdog=dog,
     )
 
 
@@ -535,10 +538,10 @@ def run(cfg: Config) -> dict[str, Any] | None:
     entrypoint on every rank."""
     started = time.perf_counter()
     # The watchdog runs from the start: a worker that never joins leaves hvd.init() waiting.
-    dog = Watchdog(cfg.step_timeout, rank=distributed.launcher_rank(os.environ)).start()
+    dog = Watchdog(cfg.step_timeout, *distributed.launcher_rank(os.environ)).start()
     distributed.stall_environment(cfg.step_timeout, os.environ)  # read by hvd.init()
     dist = distributed.init()
-    dog.joined(dist.rank, dist.size)
+    dog.joined(dist.rank, dist.size)  # progress too: the start has stages, each bounded
     if not dist.is_primary:
         logging.getLogger().setLevel(logging.WARNING)
     metrics = Metrics(dist.rank)
@@ -562,6 +565,7 @@ def run(cfg: Config) -> dict[str, Any] | None:
         )
         storage = Storage(S3Settings.from_config(cfg.to_dict()))
         run_ = build(cfg, dist, storage, metrics, stop, dog)
+        dog.beat(step=False)
         if dist.is_primary:
             log_start(cfg, dist, run_)
         run_.resume()

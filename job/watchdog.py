@@ -29,13 +29,15 @@ EXIT_STALLED = 1  # "training failed"; the line says why
 # Phases, as the line names them. Collective phases wait on other ranks: when one of them
 # times out, the stalled rank is another one.
 STARTUP = "startup (waiting for every worker to join)"
+LOADING = "startup (loading the dataset's manifest and the model)"
+BROADCAST = "startup (the broadcast of rank 0's weights)"
 DATA = "data wait"
 COMPUTE = "forward/backward"
 ALLREDUCE = "allreduce"
 EVALUATION = "evaluation"
 EVALUATION_ALLREDUCE = "evaluation (the allreduce of its results)"
 CHECKPOINT = "checkpoint"
-COLLECTIVE = {STARTUP, ALLREDUCE, EVALUATION_ALLREDUCE}
+COLLECTIVE = {STARTUP, BROADCAST, ALLREDUCE, EVALUATION_ALLREDUCE}
 
 
 class Watchdog:
@@ -54,7 +56,6 @@ class Watchdog:
         self.stream, self._exit, self._clock = stream, exit, clock
         self.phase = STARTUP
         self.last_beat = clock()
-        self.last_beat_time = time.time()  # for the metric: a Unix timestamp
         self.steps = 0
         self.checkpoint = "none yet"  # where a restart resumes from
         self._stop = threading.Event()
@@ -70,13 +71,16 @@ class Watchdog:
         self._stop.set()
 
     def joined(self, rank: int, size: int) -> None:
+        """Every worker joined (``hvd.init()`` returned): the start's first stage is done."""
         self.rank, self.size = rank, size
+        self.beat(step=False)
+        self.phase = LOADING
 
-    def beat(self) -> None:
-        """A step (training or evaluation batch) completed on this rank."""
+    def beat(self, step: bool = True) -> None:
+        """A step (training or evaluation batch) completed on this rank; ``step`` False:
+        another kind of progress (a stage of the start, a checkpoint written)."""
         self.last_beat = self._clock()
-        self.last_beat_time = time.time()
-        self.steps += 1
+        self.steps += step
 
     def seconds_since_beat(self) -> float:
         return self._clock() - self.last_beat
