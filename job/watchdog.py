@@ -37,6 +37,7 @@ ALLREDUCE = "allreduce"
 EVALUATION = "evaluation"
 EVALUATION_ALLREDUCE = "evaluation (the allreduce of its results)"
 CHECKPOINT = "checkpoint"
+NONE_YET = "none yet"
 COLLECTIVE = {STARTUP, BROADCAST, ALLREDUCE, EVALUATION_ALLREDUCE}
 
 
@@ -57,7 +58,7 @@ class Watchdog:
         self.phase = STARTUP
         self.last_beat = clock()
         self.steps = 0
-        self.checkpoint = "none yet"  # where a restart resumes from
+        self.checkpoint = NONE_YET  # where a restart resumes from (known on rank 0)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -108,15 +109,20 @@ class Watchdog:
             where += f", waiting for {self._others()}"
         else:
             where += f": rank {rank} itself stalled"
+        if self.rank in (0, None) or self.checkpoint != NONE_YET:
+            resume = f"last checkpoint: {self.checkpoint}"
+        else:  # only rank 0 writes checkpoints
+            resume = "a restart resumes from the last checkpoint rank 0 wrote"
         return (
             f"finetune-job: error: stalled: {waited}, {where}; exiting so the job can be "
-            f"restarted; last checkpoint: {self.checkpoint}"
+            f"restarted; {resume}"
         )
 
     def _others(self) -> str:
+        what = "which never joined" if self.phase == STARTUP else "which stopped responding"
         if self.size == 2 and self.rank is not None:
-            return f"rank {1 - self.rank}, which stopped responding"
-        return "a rank that stopped responding (the one that printed no such line)"
+            return f"rank {1 - self.rank}, {what}"
+        return f"a rank {what} (one that printed no such line)"
 
     def fire(self) -> None:
         stream = self.stream or sys.stderr
