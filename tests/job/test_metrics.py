@@ -219,7 +219,7 @@ def test_final_push_groups_by_rank_with_the_outcome(pushgateway):
     assert set(groups) == {"0", "1"}
     assert groups["0"]["finetune_failed"] == 0
     assert groups["0"]["finetune_last_success_timestamp_seconds"] > 1.6e9
-    assert groups["0"]["finetune_images_total"] == 24
+    assert groups["0"]["finetune_images_total"] == 32
     assert groups["1"]["finetune_failed"] == 1
     assert "finetune_last_success_timestamp_seconds" not in groups["1"]
     # A later successful run replaces the group: the failure marker clears.
