@@ -3,6 +3,7 @@ at most the current epoch, and a restart of the same command finishes the job.""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -174,3 +175,43 @@ def test_one_process_exits_143_with_one_line_after_checkpointing(launch_env, tmp
     assert "Traceback" not in stderr
     _, progress = latest_progress(str(out))
     assert progress["batch"] >= 1
+
+
+def step_rates(log):
+    """{(epoch, step): the lr as logged} from a run's progress lines."""
+    found = re.findall(r"epoch (\d+)/\d+ step (\d+)/\d+ .* lr (\S+)", log)
+    return {(int(e), int(s)): lr for e, s, lr in found}
+
+
+def test_resumed_on_one_worker_keeps_the_schedule_and_trains_the_rest_of_the_epoch_once(
+    command, launchers, launch_env, tmp_path
+):
+    """2 workers take 6 steps an epoch, 1 worker 12: after the restart on 1 worker, its lr at
+    each fraction of training is an uninterrupted 1-worker run's lr there."""
+    out, straight = str(tmp_path / "out"), str(tmp_path / "straight")
+    two = command(out)
+    one = two[len(launchers["mpirun"]) :]  # the same command as one process
+    code, _ = interrupt(two, launch_env, tmp_path / "log", f"epoch 2/{EPOCHS} step 2/",
+                        sigterm_every_rank)  # fmt: skip
+    assert code != 0
+    folder, progress = latest_progress(out)
+    epoch, batch = progress["epoch"], progress["batch"]
+    assert progress["workers"] == 2 and 1 <= batch < STEPS
+
+    resumed = run(one, launch_env).stderr
+    assert f"resumed from {folder}: epoch {epoch + 1}" in resumed
+    assert "(trained by 2 workers, now 1)" in resumed
+    uninterrupted = [straight if arg == out else arg for arg in one]
+    reference = step_rates(run(uninterrupted, launch_env).stderr)
+    after = step_rates(resumed.split("resumed from")[1])
+    first = (epoch + 1, 2 * batch + 1)  # the 1-worker step where the 2 workers stopped
+    assert min(after) == first  # the next image, none trained twice or skipped
+    assert after[first] == reference[first]
+    assert after == {k: v for k, v in reference.items() if k >= first}
+    # The rest of the interrupted epoch: its remaining 12 - 2 * batch steps of 8 images, i.e.
+    # the 2 workers' remaining (6 - batch) steps of 16, each image once (tests/job/test_data.py
+    # checks which images).
+    assert max(s for e, s in after if e == epoch + 1) == 2 * STEPS
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert [h["epoch"] for h in summary["history"]] == list(range(1, EPOCHS + 1))
+    assert summary["workers"] == 1
