@@ -151,6 +151,9 @@ class Run:
         if folder is None:
             return
         self.progress, _ = self.checkpointer.load(folder, self.net, self.trainer, self.ctx)
+        if not self.progress.workers:  # written before checkpoints counted images
+            self.progress.workers = self.dist.size
+            self.progress.images = self.progress.batch * self.cfg.batch_size * self.dist.size
         self.stats.seed_corrupt(self.progress.corrupt)
         self.watchdog.checkpoint = folder
         p = self.progress
@@ -208,6 +211,7 @@ class Run:
         steps = p.batch + left
         epoch_window, window = Window(), Window()
         queued: Queued | None = None  # the step still in flight on the device
+        dog.phase = watchdog.DATA
         tick = time.perf_counter()
         for batch in batches:
             data_s = time.perf_counter() - tick
