@@ -79,7 +79,15 @@ class Config:
         9095, "Prometheus /metrics port of local rank 0 (+ local rank); 0: off"
     )
     metrics_address: str = _opt("0.0.0.0", "address the metrics server binds")
-    pushgateway: str = _opt("", "Pushgateway URL that receives the final metrics")
+    pushgateway: str = _opt(
+        "", "Pushgateway URL that receives the final metrics (no user:password@ in it)"
+    )
+    pushgateway_username_file: str = _opt(
+        "", "file holding the Pushgateway basic-auth user name (a mounted Secret)"
+    )
+    pushgateway_password_file: str = _opt(
+        "", "file holding the Pushgateway basic-auth password (a mounted Secret)"
+    )
     pushgateway_job: str = _opt("finetune-job", "job label of the pushed group (one per run)")
     # S3 (credentials come from the standard AWS chain, never from here).
     s3_endpoint_url: str = _opt(
@@ -94,6 +102,7 @@ class Config:
     s3_read_timeout: float = _opt(60.0, "seconds without bytes before an S3 read fails")
 
     def __post_init__(self) -> None:
+        check_no_userinfo(self)
         problems = {
             "output": not self.output,
             "data": not self.data and not self.synthetic,
@@ -133,6 +142,27 @@ class Config:
         return {
             k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
         }
+
+
+# Keys that hold a URL or URI: credentials in them would be copied into every log line,
+# checkpoint and summary that records the config, so they are refused outright.
+URL_KEYS = ("pushgateway", "s3_endpoint_url", "data", "output", "pretrained")
+
+
+def check_no_userinfo(cfg: Config) -> None:
+    """Refuse ``user:password@`` in a URL key; the message never repeats the value."""
+    for key in URL_KEYS:
+        _, sep, rest = getattr(cfg, key).partition("://")
+        if sep and "@" in rest.split("/", 1)[0]:
+            raise ConfigError(
+                f"config key '{key}' must not hold credentials (user:password@ in the URL); "
+                "use pushgateway_username_file/pushgateway_password_file or the AWS chain"
+            )
+    if bool(cfg.pushgateway_username_file) != bool(cfg.pushgateway_password_file):
+        raise ConfigError(
+            "config keys 'pushgateway_username_file' and 'pushgateway_password_file' "
+            "go together: give both or neither"
+        )
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}

@@ -33,7 +33,7 @@ from job.data import DataStats, Loader, LoaderSettings, SyntheticLoader, load_da
 from job.distributed import Dist
 from job.errors import DivergedError, PreemptedError
 from job.evaluate import count_correct
-from job.metrics import Metrics
+from job.metrics import Metrics, read_basic_auth
 from job.progress import ProgressLog
 from job.storage import S3Settings, Storage
 
@@ -399,7 +399,9 @@ def run(cfg: Config) -> dict[str, Any] | None:
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     run_: Run | None = None
     outcome = "failed"
+    push_auth: tuple[str, str] | None = None
     try:
+        push_auth = read_basic_auth(cfg.pushgateway_username_file, cfg.pushgateway_password_file)
         if cfg.metrics_port:
             port = metrics.serve(cfg.metrics_address, cfg.metrics_port + dist.local_rank)
             log.info("metrics on http://%s:%d/metrics", cfg.metrics_address, port)
@@ -436,8 +438,12 @@ def run(cfg: Config) -> dict[str, Any] | None:
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
-        if cfg.pushgateway and outcome != "preempted":
-            metrics.push(cfg.pushgateway, outcome == "succeeded", job=cfg.pushgateway_job)
+        # No push without the credentials the config asked for (they failed to read).
+        authed = push_auth is not None or not cfg.pushgateway_username_file
+        if cfg.pushgateway and outcome != "preempted" and authed:
+            metrics.push(
+                cfg.pushgateway, outcome == "succeeded", job=cfg.pushgateway_job, auth=push_auth
+            )
         metrics.close()
         if run_ is not None:
             run_.close()

@@ -132,6 +132,12 @@ do not inherit a pod's environment: every name here is also forwarded with `-x`.
       name: {{ . }}
       key: AWS_SECRET_ACCESS_KEY
 {{- end }}
+{{- if .Values.metrics.pushgatewayAuth.existingSecret }}
+- name: FINETUNE_PUSHGATEWAY_USERNAME_FILE
+  value: {{ printf "%s/username" (include "finetune-job.pushgatewayAuthPath" .) | quote }}
+- name: FINETUNE_PUSHGATEWAY_PASSWORD_FILE
+  value: {{ printf "%s/password" (include "finetune-job.pushgatewayAuthPath" .) | quote }}
+{{- end }}
 {{- if .Values.cudaCache.enabled }}
 - name: CUDA_CACHE_PATH
   value: {{ .Values.cudaCache.path | quote }}
@@ -191,6 +197,17 @@ Call with (dict "root" $ "worker" true).
     medium: Memory
     sizeLimit: {{ $v.workers.shmSize }}
 {{- end }}
+{{- with and .worker $v.metrics.pushgatewayAuth.existingSecret }}
+- name: pushgateway-auth
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0440  # read by the non-root user through fsGroup
+    items:
+      - key: {{ $v.metrics.pushgatewayAuth.usernameKey }}
+        path: username
+      - key: {{ $v.metrics.pushgatewayAuth.passwordKey }}
+        path: password
+{{- end }}
 {{- if and .worker $v.cudaCache.enabled }}
 - name: cuda-cache
   {{- toYaml (required "cudaCache.enabled needs cudaCache.volume, a volume source such as persistentVolumeClaim" ($v.cudaCache.volume | default nil)) | nindent 2 }}
@@ -198,6 +215,13 @@ Call with (dict "root" $ "worker" true).
 {{- with $v.extraVolumes }}
 {{ toYaml . }}
 {{- end }}
+{{- end }}
+
+{{/*
+Where the workers see the Pushgateway's basic-auth Secret (files username and password).
+*/}}
+{{- define "finetune-job.pushgatewayAuthPath" -}}
+/var/run/secrets/finetune-job/pushgateway
 {{- end }}
 
 {{- define "finetune-job.volumeMounts" -}}
@@ -208,6 +232,11 @@ Call with (dict "root" $ "worker" true).
 {{- if and .worker $v.workers.shmSize }}
 - name: dshm
   mountPath: /dev/shm
+{{- end }}
+{{- if and .worker $v.metrics.pushgatewayAuth.existingSecret }}
+- name: pushgateway-auth
+  mountPath: {{ include "finetune-job.pushgatewayAuthPath" .root }}
+  readOnly: true
 {{- end }}
 {{- if and .worker $v.cudaCache.enabled }}
 - name: cuda-cache
