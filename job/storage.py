@@ -214,7 +214,9 @@ class Storage:
                 if failures >= self.s3_settings.max_attempts:
                     raise
 
-    def write_bytes(self, uri: str, data: bytes) -> None:
+    def write_bytes(self, uri: str, data: bytes, durable: bool = False) -> None:
+        """Write ``uri`` whole, in one step. ``durable``: a local file and its folder entry
+        are on disk (fsynced) when this returns; an S3 PUT always is."""
         if is_s3(uri):
             bucket, key = split_s3(uri)
             with self._errors(uri, "PUT"):
@@ -223,6 +225,30 @@ class Storage:
         with self._atomic_local(uri) as tmp:
             with open(tmp, "wb") as fh:
                 fh.write(data)
+                if durable:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+        if durable:
+            _fsync_dir(os.path.dirname(os.path.abspath(uri)))
+
+    def sync(self, folder: str) -> None:
+        """Make a local folder durable: every file below it, then the folders, then its
+        parent's entry for it (a rename or create is durable only once its folder is).
+        Nothing to do on S3, whose PUT returns once the object is stored."""
+        if is_s3(folder):
+            return
+        try:
+            for root, _, files in os.walk(folder, topdown=False):
+                for name in files:
+                    fd = os.open(os.path.join(root, name), os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                _fsync_dir(root)
+            _fsync_dir(os.path.dirname(os.path.abspath(folder)))
+        except OSError as e:
+            raise StorageError(f"{folder}: fsync failed: {e.strerror}") from e
 
     def upload(self, local_path: str, uri: str) -> None:
         """Copy a local file to ``uri`` (multipart and parallel for large S3 objects)."""
@@ -319,6 +345,14 @@ class Storage:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _client_error(e: Any, uri: str) -> str:

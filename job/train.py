@@ -163,10 +163,12 @@ class Run:
     def resume(self) -> None:
         if self.cfg.resume != "auto":
             return
-        folder = self.checkpointer.latest()
-        if folder is None:
+        restored = self.checkpointer.restore(
+            self.net, self.trainer, self.ctx, warn=self.dist.is_primary
+        )
+        if restored is None:
             return
-        self.progress, _ = self.checkpointer.load(folder, self.net, self.trainer, self.ctx)
+        folder, self.progress, _ = restored
         log.info(
             "resumed from %s: epoch %d, step %d",
             folder,
