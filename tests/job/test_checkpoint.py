@@ -145,7 +145,9 @@ def test_a_resumed_run_keeps_its_run_id_and_prunes_its_own_older_checkpoints(tmp
     restored_step(again)
     assert again.run_id == first.run_id
     save_steps(again, [3])
-    steps = sorted(n.split("-")[1] for n in os.listdir(os.path.join(out, "checkpoints")) if n != "latest")
+    steps = sorted(
+        n.split("-")[1] for n in os.listdir(os.path.join(out, "checkpoints")) if n != "latest"
+    )
     assert steps == ["00000002", "00000003"]
 
 

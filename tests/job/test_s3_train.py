@@ -105,9 +105,9 @@ def test_train_with_outputs_on_s3_then_resume_with_more_epochs(s3_dataset, s3_se
     storage = Storage(S3Settings(endpoint_url=s3_server))
     first = train.run(config(root, out, s3_server, epochs=1))
     names = {uri[len(out) + 1 :] for uri in storage.list(out)}
-    first_ckpt = "checkpoints/" + json.loads(storage.read_bytes(f"{out}/checkpoints/latest"))[
-        "checkpoint"
-    ]
+    first_ckpt = (
+        "checkpoints/" + json.loads(storage.read_bytes(f"{out}/checkpoints/latest"))["checkpoint"]
+    )
     assert first_ckpt.startswith("checkpoints/step-00000012-")
     assert {
         "model.params",
