@@ -24,6 +24,7 @@ import re
 import secrets
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -59,13 +60,26 @@ class Checkpointer:
         # A new run gets a new id; a resumed run takes over the id of its checkpoint.
         self.run_id = secrets.token_hex(4)
 
-    def save(self, net: Any, trainer: Any, progress: Progress, config: dict[str, Any]) -> str:
+    def save(
+        self,
+        net: Any,
+        trainer: Any,
+        progress: Progress,
+        config: dict[str, Any],
+        fingerprint: dict[str, Any] | None = None,
+    ) -> str:
+        """Write a checkpoint; ``fingerprint`` (job.fingerprint) says which run it belongs to."""
         name = f"step-{progress.step:08d}-{self.run_id}"
         folder = st.join(self.root, name)
         with tempfile.TemporaryDirectory(prefix="finetune-ckpt-") as tmp:
             net.save_parameters(os.path.join(tmp, "model.params"))
             trainer.save_states(os.path.join(tmp, "trainer.states"))
-            state = {"progress": asdict(progress), "config": config, "saved_at": time.time()}
+            state = {
+                "progress": asdict(progress),
+                "config": config,
+                "fingerprint": fingerprint,
+                "saved_at": time.time(),
+            }
             with open(os.path.join(tmp, "state.json"), "w") as fh:
                 json.dump(state, fh, indent=1)
             files = {part: file_facts(os.path.join(tmp, part)) for part in PARTS}
@@ -88,13 +102,20 @@ class Checkpointer:
         return st.join(self.root, pointer["checkpoint"]) if pointer else None
 
     def restore(
-        self, net: Any, trainer: Any, ctx: Any, warn: bool = True
+        self,
+        net: Any,
+        trainer: Any,
+        ctx: Any,
+        warn: bool = True,
+        check: Callable[[dict[str, Any], str], None] | None = None,
     ) -> tuple[str, Progress, dict[str, Any]] | None:
         """Load the newest checkpoint whose files all check out: (its folder, progress,
         config), or None when there is none.
 
         Tries the pointer's checkpoint first, then this run's older ones, newest first, then
-        any other; what was skipped is reported in one warning (``warn``: by this rank)."""
+        any other; what was skipped is reported in one warning (``warn``: by this rank).
+        ``check(state, folder)`` sees the chosen checkpoint's state.json before anything is
+        loaded, and may refuse it by raising."""
         pointer = self._pointer()
         skipped: list[str] = []
         for name in self._candidates(pointer):
@@ -111,6 +132,9 @@ class Checkpointer:
                         "; ".join(skipped),
                         folder,
                     )
+                if check is not None:
+                    with open(os.path.join(tmp, "state.json")) as fh:
+                        check(json.load(fh), folder)
                 self.run_id = str(manifest["run_id"])
                 return (folder, *self._load_local(tmp, net, trainer, ctx))
         if skipped and warn:

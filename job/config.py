@@ -64,7 +64,12 @@ class Config:
     tta: bool = _opt(False, "also evaluate with the mean softmax of five crops")
     # Run control.
     seed: int = _opt(0, "seed of shard order, shuffles and augmentation")
-    resume: str = _opt("auto", "resume from the latest checkpoint", choices=("auto", "never"))
+    resume: str = _opt(
+        "auto",
+        "resume from the latest checkpoint of this run (never: start afresh; force: resume "
+        "even from another run's checkpoint)",
+        choices=("auto", "never", "force"),
+    )
     log_interval: int = _opt(20, "steps between progress lines")
     threads: int = _opt(0, "compute threads per worker (0: cores / workers on the node)")
     data_workers: int = _opt(0, "decode and augment threads per worker (0: cores / workers)")

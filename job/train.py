@@ -24,7 +24,7 @@ import mxnet as mx
 import numpy as np
 from mxnet import autograd, gluon
 
-from job import __version__, distributed, model
+from job import __version__, distributed, fingerprint, model
 from job import storage as st
 from job.augment import Jitter
 from job.checkpoint import Checkpointer, Progress
@@ -103,6 +103,9 @@ class Run:
         self.metrics.watch_data(self.stats)
         self.checkpointer = Checkpointer(self.storage, cfg.output, cfg.keep_checkpoints)
         self._build_data()
+        self.fingerprint = fingerprint.of_run(
+            cfg, self.classes, fingerprint.manifest_digest(cfg, self.storage)
+        )
         self.net = model.build(cfg, len(self.classes), self.ctx, self.storage)
         self._warm_up()
         distributed.broadcast_parameters(self.net.collect_params())
@@ -161,10 +164,13 @@ class Run:
 
     # The loop.
     def resume(self) -> None:
-        if self.cfg.resume != "auto":
+        if self.cfg.resume == "never":
             return
+        # A checkpoint of another run (other model, classes, data or hyper-parameters) is
+        # refused before anything is loaded, unless the operator forces it.
+        check = None if self.cfg.resume == "force" else self._check_fingerprint
         restored = self.checkpointer.restore(
-            self.net, self.trainer, self.ctx, warn=self.dist.is_primary
+            self.net, self.trainer, self.ctx, warn=self.dist.is_primary, check=check
         )
         if restored is None:
             return
@@ -175,6 +181,9 @@ class Run:
             self.progress.epoch + 1,
             self.progress.step,
         )
+
+    def _check_fingerprint(self, state: dict[str, Any], folder: str) -> None:
+        fingerprint.check(state, self.fingerprint, folder)
 
     def fit(self) -> None:
         cfg, p = self.cfg, self.progress
@@ -317,7 +326,9 @@ class Run:
         if not self.dist.is_primary:
             return
         started = time.perf_counter()
-        folder = self.checkpointer.save(self.net, self.trainer, self.progress, self.cfg.to_dict())
+        folder = self.checkpointer.save(
+            self.net, self.trainer, self.progress, self.cfg.to_dict(), self.fingerprint
+        )
         self.metrics.checkpointed(time.perf_counter() - started)
         log.info("checkpoint %s (%.1f s)", folder, time.perf_counter() - started)
 
