@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument(
         "--verify", action="store_true", help="re-read every shard and check sha256"
     )
+    prepare.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="DEST holds a dataset: write a new version beside it and replace the manifest "
+        "last (without it, a non-empty DEST is refused)",
+    )
     _add_s3_arguments(prepare)
     prepare.set_defaults(func=_prepare)
 
@@ -148,6 +154,7 @@ def _prepare(args: argparse.Namespace) -> int:
         workers=args.workers,
         seed=args.seed,
         verify=args.verify,
+        overwrite=args.overwrite,
     )
     return EXIT_OK
 

@@ -46,6 +46,7 @@ class Shard:
     idx_uri: str
     count: int
     sha256: str = ""
+    size: int = -1  # bytes of the .rec, from the manifest (-1: an older manifest, unchecked)
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ def load_dataset(root: str, storage: Storage) -> Dataset:
                     st.join(root, s["idx"]),
                     int(s["count"]),
                     s.get("sha256", ""),
+                    int(s.get("bytes", -1)),
                 )
                 for s in split["shards"]
             ]
@@ -179,6 +181,7 @@ class ShardReader:
     ) -> None:
         self.storage, self.stats, self.retries, self.strict = storage, stats, retries, strict
         self._offsets: dict[str, list[int]] = {}
+        self._checked: set[str] = set()
         self._warned: set[str] = set()
 
     def offsets(self, shard: Shard) -> list[int]:
@@ -189,6 +192,30 @@ class ShardReader:
             except (StorageError, ValueError) as e:
                 raise DataError(f"{shard.idx_uri}: cannot read the shard index: {e}") from e
         return self._offsets[shard.uri]
+
+    def check_shard(self, shard: Shard) -> None:
+        """Before a shard is read: its size and its index's record count must be the
+        manifest's, else a DataError naming the shard (a dataset changed under its
+        manifest would otherwise train on a mix, with only checksum warnings)."""
+        if shard.uri in self._checked:
+            return
+        if shard.size >= 0:
+            try:
+                size = self.storage.size(shard.uri)
+            except StorageError as e:
+                raise DataError(f"{shard.uri}: cannot read the shard: {e}") from e
+            if size != shard.size:
+                raise DataError(
+                    f"{shard.uri}: {size} bytes, the manifest says {shard.size}: the shard "
+                    "does not belong to this manifest (re-run prepare with --overwrite)"
+                )
+        records = len(self.offsets(shard))
+        if records != shard.count:
+            raise DataError(
+                f"{shard.idx_uri}: indexes {records} records, the manifest says {shard.count}: "
+                "the shard does not belong to this manifest (re-run prepare with --overwrite)"
+            )
+        self._checked.add(shard.uri)
 
     def byte_range(self, piece: Piece) -> tuple[int, int | None]:
         shard = piece.shard
@@ -219,6 +246,7 @@ class ShardReader:
                         ahead.result()[1].close()
 
     def _open_piece(self, piece: Piece) -> tuple[_Attempts, IO[bytes]]:
+        self.check_shard(piece.shard)
         start, end = self.byte_range(piece)
         attempts = _Attempts(self, piece.shard, end)
         return attempts, attempts.open(start, None)

@@ -300,6 +300,16 @@ class Storage:
                 uris += [f"s3://{bucket}/{o['Key']}" for o in page.get("Contents", [])]
         return sorted(uris)
 
+    def delete(self, uri: str) -> None:
+        """Delete one object or file (gone already is fine)."""
+        if not is_s3(uri):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(uri)
+            return
+        bucket, key = split_s3(uri)
+        with self._errors(uri, "DELETE"):
+            self.client.delete_object(Bucket=bucket, Key=key)
+
     def delete_prefix(self, prefix: str) -> None:
         if not is_s3(prefix):
             shutil.rmtree(prefix, ignore_errors=True)
