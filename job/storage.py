@@ -9,6 +9,7 @@ web identity), so AWS, MinIO, Ceph and test servers all work.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -230,6 +231,72 @@ class Storage:
                     os.fsync(fh.fileno())
         if durable:
             _fsync_dir(os.path.dirname(os.path.abspath(uri)))
+
+    def read_versioned(self, uri: str) -> tuple[bytes | None, str | None]:
+        """(content, version tag) of ``uri``, or (None, None) when it does not exist: the
+        tag to give :meth:`put_if`. On S3 the tag is the ETag of the very bytes returned."""
+        if not is_s3(uri):
+            try:
+                with open(uri, "rb") as fh:
+                    data = fh.read()
+            except FileNotFoundError:
+                return None, None
+            except OSError as e:
+                raise StorageError(f"{uri}: {e.strerror}") from e
+            return data, hashlib.sha256(data).hexdigest()
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        with self._errors(uri, "GET"):
+            try:
+                got = self.client.get_object(Bucket=bucket, Key=key)
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return None, None
+                raise
+            return got["Body"].read(), str(got["ETag"])
+
+    def put_if(self, uri: str, data: bytes, version: str | None) -> bool:
+        """Compare-and-swap: write ``uri`` only if it is still at ``version`` (a tag from
+        :meth:`read_versioned`; None: only if it does not exist yet). False when someone
+        else wrote it in between: re-read and decide again.
+
+        S3 conditional writes: ``If-Match: <ETag>``, or ``If-None-Match: *`` for the first;
+        412 (or 409, a concurrent conditional write) is the lost race. Local files: the
+        same under an exclusive lock on ``<uri>.lock``."""
+        if not is_s3(uri):
+            return self._put_if_local(uri, data, version)
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        condition = {"IfMatch": version} if version is not None else {"IfNoneMatch": "*"}
+        with self._errors(uri, "conditional PUT"):
+            try:
+                self.client.put_object(Bucket=bucket, Key=key, Body=data, **condition)
+            except ClientError as e:
+                status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                code = e.response.get("Error", {}).get("Code")
+                if status in (409, 412) or code in (
+                    "PreconditionFailed",
+                    "ConditionalRequestConflict",
+                ):
+                    return False
+                raise
+        return True
+
+    def _put_if_local(self, uri: str, data: bytes, version: str | None) -> bool:
+        import fcntl
+
+        os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
+        try:
+            with open(uri + ".lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+                if self.read_versioned(uri)[1] != version:
+                    return False
+                self.write_bytes(uri, data, durable=True)
+        except OSError as e:
+            raise StorageError(f"{uri}: conditional write failed: {e.strerror}") from e
+        return True
 
     def sync(self, folder: str) -> None:
         """Make a local folder durable: every file below it, then the folders, then its
