@@ -211,9 +211,39 @@ def run_guarded(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
         return EXIT_USAGE
     except JobError as e:
         print(f"finetune-job: error: {e}", file=sys.stderr)
+        _settle_mxnet()
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        if not _another_rank_failed(e):
+            raise
+        # This rank only saw the collective break; the rank that failed said why.
+        print(
+            "finetune-job: error: stopped because another rank failed (its error is above)",
+            file=sys.stderr,
+        )
+        _settle_mxnet()
+        return EXIT_FAILED
+
+
+def _another_rank_failed(e: BaseException) -> bool:
+    """Horovod's way of telling a rank that a peer exited: HorovodInternalError, or an
+    MXNetError from a collective saying Horovod has been shut down."""
+    return type(e).__name__ == "HorovodInternalError" or "Horovod has been shut down" in str(e)
+
+
+def _settle_mxnet() -> None:
+    """Collect MXNet's pending asynchronous error (a collective broken by a peer's exit), so
+    it is not raised again, with a traceback, by MXNet's exit hook."""
+    if "mxnet" not in sys.modules:
+        return
+    import mxnet as mx
+
+    try:
+        mx.nd.waitall()
+    except Exception:  # noqa: BLE001 - already reported in one line; only silence it here
+        log.debug("pending MXNet error collected at exit", exc_info=True)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -108,6 +109,7 @@ class Config:
 
     def __post_init__(self) -> None:
         check_no_userinfo(self)
+        check_locations(self)
         problems = {
             "output": not self.output,
             "data": not self.data and not self.synthetic,
@@ -168,6 +170,25 @@ def check_no_userinfo(cfg: Config) -> None:
             "config keys 'pushgateway_username_file' and 'pushgateway_password_file' "
             "go together: give both or neither"
         )
+
+
+# A local path, or s3:// with a valid (lowercase) bucket name. Anything else that looks like
+# a scheme ("S3://", "s3:/", "gs://") would otherwise become a local folder named "S3:".
+S3_URI = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$")
+SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+LOCATION_KEYS = ("data", "output")
+
+
+def check_locations(cfg: Config) -> None:
+    """``data``/``output`` must be a local path or ``s3://bucket/...`` (lowercase)."""
+    for key in LOCATION_KEYS:
+        value = getattr(cfg, key)
+        if SCHEME.match(value) and not S3_URI.match(value):
+            raise ConfigError(
+                f"config key '{key}' must be a local path or s3://bucket/prefix with a "
+                f"lowercase bucket name; got {value!r} (for a local path that holds ':', "
+                "start it with ./)"
+            )
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}

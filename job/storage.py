@@ -298,6 +298,20 @@ class Storage:
             raise StorageError(f"{uri}: conditional write failed: {e.strerror}") from e
         return True
 
+    def probe_writable(self, folder: str) -> None:
+        """Prove that ``folder`` takes writes: write a small probe object, then delete it.
+        A StorageError names the folder and what failed."""
+        import secrets
+
+        probe = join(folder, f".finetune-write-probe-{secrets.token_hex(4)}")
+        try:
+            self.write_bytes(probe, b"probe\n")
+            self.delete(probe)
+        except StorageError as e:
+            raise StorageError(f"output {folder} is not writable: {e}") from e
+        except OSError as e:
+            raise StorageError(f"output {folder} is not writable: {e.strerror or e}") from e
+
     def sync(self, folder: str) -> None:
         """Make a local folder durable: every file below it, then the folders, then its
         parent's entry for it (a rename or create is durable only once its folder is).

@@ -31,7 +31,7 @@ from job.checkpoint import Checkpointer, Progress
 from job.config import Config
 from job.data import DataStats, Loader, LoaderSettings, SyntheticLoader, load_dataset, to_ndarray
 from job.distributed import Dist
-from job.errors import DivergedError, PreemptedError
+from job.errors import DivergedError, InputError, PreemptedError
 from job.evaluate import count_correct
 from job.metrics import Metrics, read_basic_auth
 from job.progress import ProgressLog
@@ -401,6 +401,22 @@ def _mean(values: list[float]) -> float | None:
     return round(float(np.mean(values)), 2) if values else None
 
 
+def check_output(cfg: Config, dist: Dist) -> None:
+    """Before any work: rank 0 writes and deletes a probe object in the output, and every
+    rank learns the outcome, so all stop together with the same one line (no rank is left
+    waiting in a collective for a rank that already exited)."""
+    problem: str | None = None
+    if dist.is_primary:
+        try:
+            Storage(S3Settings.from_config(cfg.to_dict())).probe_writable(cfg.output)
+        except st.StorageError as e:
+            problem = str(e)
+    if dist.size > 1:
+        problem = distributed.allgather_object(problem, "output_probe")[0]
+    if problem is not None:
+        raise InputError(problem)
+
+
 def run(cfg: Config) -> dict[str, Any] | None:
     started = time.perf_counter()
     dist = distributed.init()
@@ -426,6 +442,7 @@ def run(cfg: Config) -> dict[str, Any] | None:
                 "version": __version__,
             }
         )
+        check_output(cfg, dist)
         run_ = Run(cfg, dist, metrics, stop)
         if dist.is_primary:
             log.info("config %s", json.dumps(cfg.to_dict(), sort_keys=True))
