@@ -174,7 +174,7 @@ def check_no_userinfo(cfg: Config) -> None:
 
 # A local path, or s3:// with a valid (lowercase) bucket name. Anything else that looks like
 # a scheme ("S3://", "s3:/", "gs://") would otherwise become a local folder named "S3:".
-S3_URI = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$")
+S3_URI = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{0,62}(/.*)?$")
 SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 LOCATION_KEYS = ("data", "output")
 

@@ -120,6 +120,7 @@ class Run:
         # running stats in backward, which only happens when the input asks for a gradient.
         self.input_grad = cfg.model.endswith("_v2") and not cfg.freeze_features
         self.progress = Progress()
+        self.resumed_from: str | None = None  # the checkpoint folder this run continued
         self.stop_requested = stop  # set by SIGTERM; acted on at a step boundary
         self._next_epoch: tuple[int, Iterator[Any]] | None = None
         self.log = ProgressLog(enabled=dist.is_primary, fmt=cfg.log_format, stream=sys.stderr)
@@ -175,6 +176,7 @@ class Run:
         if restored is None:
             return
         folder, self.progress, _ = restored
+        self.resumed_from = folder
         log.info(
             "resumed from %s: epoch %d, step %d",
             folder,
@@ -363,6 +365,7 @@ class Run:
             "params_sha256_per_rank": digests,
             "peak_rss_bytes_per_rank": peak_rss,
             "history": history,
+            "resumed_from": self.resumed_from,
             "config": cfg.to_dict(),
             "version": __version__,
         }

@@ -85,8 +85,11 @@ def test_another_dataset_is_another_run(tiny_dataset, tmp_path):
 
 
 def test_the_same_run_with_more_epochs_and_other_run_control_keys_resumes(output):
+    first = json.load(open(os.path.join(output, "summary.json")))
+    assert first["resumed_from"] is None
     summary = train.run(config(output, epochs=2, log_interval=1, keep_checkpoints=1, tta=True))
     assert [h["epoch"] for h in summary["history"]] == [1, 2]
+    assert summary["resumed_from"].startswith(os.path.join(output, "checkpoints", "step-"))
 
 
 def test_resume_force_resumes_another_runs_checkpoint(output):

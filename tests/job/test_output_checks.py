@@ -14,8 +14,17 @@ import pytest
 from job import config as job_config
 
 SCHEMA = Path(__file__).resolve().parents[2] / "charts" / "finetune-job" / "values.schema.json"
-GOOD = ["s3://runs/x", "s3://my.bucket-1/a/b", "/abs/path", "rel/path", "./S3:x", "out", ""]
-BAD = ["S3://runs/x", "s3:/runs/x", "s3:runs", "s3://Runs/x", "s3://r/x", "gs://b/x", "s3a://b/x"]
+GOOD = [
+    "s3://runs/x",
+    "s3://r/x",
+    "s3://my.bucket-1/a/b",
+    "/abs/path",
+    "rel/path",
+    "./S3:x",
+    "out",
+    "",
+]
+BAD = ["S3://runs/x", "s3:/runs/x", "s3:runs", "s3://Runs/x", "s3://-r/x", "gs://b/x", "s3a://b/x"]
 
 
 @pytest.mark.parametrize("key", ["data", "output"])
