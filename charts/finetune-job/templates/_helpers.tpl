@@ -112,6 +112,32 @@ do not inherit a pod's environment: every name here is also forwarded with `-x`.
 {{- define "finetune-job.env" -}}
 - name: OMP_NUM_THREADS
   value: {{ include "finetune-job.ompNumThreads" . | quote }}
+{{- with include "finetune-job.s3Env" . | trim }}
+{{ . }}
+{{- end }}
+{{- if .Values.metrics.pushgatewayAuth.existingSecret }}
+- name: FINETUNE_PUSHGATEWAY_USERNAME_FILE
+  value: {{ printf "%s/username" (include "finetune-job.pushgatewayAuthPath" .) | quote }}
+- name: FINETUNE_PUSHGATEWAY_PASSWORD_FILE
+  value: {{ printf "%s/password" (include "finetune-job.pushgatewayAuthPath" .) | quote }}
+{{- end }}
+{{- if .Values.cudaCache.enabled }}
+- name: CUDA_CACHE_PATH
+  value: {{ .Values.cudaCache.path | quote }}
+- name: CUDA_CACHE_MAXSIZE
+  value: {{ .Values.cudaCache.maxSize | int64 | quote }}
+{{- end }}
+{{- with .Values.env }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+S3 endpoint, region and keys, as a YAML list (empty when none is set): the one place the
+launcher, the workers and the scheduled submit pod get their S3 access from. A web identity
+comes from the ServiceAccount instead ("finetune-job.serviceAccountAnnotations").
+*/}}
+{{- define "finetune-job.s3Env" -}}
 {{- with .Values.s3.endpoint }}
 - name: AWS_ENDPOINT_URL
   value: {{ . | quote }}
@@ -132,20 +158,15 @@ do not inherit a pod's environment: every name here is also forwarded with `-x`.
       name: {{ . }}
       key: AWS_SECRET_ACCESS_KEY
 {{- end }}
-{{- if .Values.metrics.pushgatewayAuth.existingSecret }}
-- name: FINETUNE_PUSHGATEWAY_USERNAME_FILE
-  value: {{ printf "%s/username" (include "finetune-job.pushgatewayAuthPath" .) | quote }}
-- name: FINETUNE_PUSHGATEWAY_PASSWORD_FILE
-  value: {{ printf "%s/password" (include "finetune-job.pushgatewayAuthPath" .) | quote }}
 {{- end }}
-{{- if .Values.cudaCache.enabled }}
-- name: CUDA_CACHE_PATH
-  value: {{ .Values.cudaCache.path | quote }}
-- name: CUDA_CACHE_MAXSIZE
-  value: {{ .Values.cudaCache.maxSize | int64 | quote }}
-{{- end }}
-{{- with .Values.env }}
-{{ toYaml . }}
+
+{{/*
+Annotations of the ServiceAccounts of the job pods and of the submit pod (cloud identity,
+e.g. eks.amazonaws.com/role-arn): both reach the same S3.
+*/}}
+{{- define "finetune-job.serviceAccountAnnotations" -}}
+{{- with .Values.serviceAccount.annotations }}
+{{- toYaml . }}
 {{- end }}
 {{- end }}
 
