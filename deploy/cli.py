@@ -29,6 +29,7 @@ import yaml
 
 from deploy import constants as c
 from deploy import manifest, retrain
+from deploy import schedule as schedule_mod
 from deploy.errors import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
@@ -36,6 +37,7 @@ from deploy.errors import (
     DeployError,
     GateError,
     JobFailedError,
+    JobTimeoutError,
 )
 from job.errors import InputError, JobError
 
@@ -138,6 +140,11 @@ def register(sub: Any) -> None:
         "--dry-run",
         action="store_true",
         help="print the MPIJob and ConfigMap as YAML; submit nothing",
+    )
+    p.add_argument(
+        "--allow-overlap",
+        action="store_true",
+        help="with --schedule: start even while a run of the schedule has not finished",
     )
     _cluster_args(p)
     p.set_defaults(func=submit)
@@ -252,24 +259,42 @@ def submit(args: argparse.Namespace) -> int:
     values = manifest.load_values(args.values, args.set)
     release = manifest.Release.of(values, name=args.release)
     storage = _storage(values)
+    client = None if args.dry_run else _client(args)
+    predecessor = _single_flight(args, client, storage)
     pretrained = str(values["training"].get("pretrained") or "")
     resolved = None
-    if pretrained and retrain.is_latest_uri(pretrained):
+    if predecessor is not None:  # the failed run's own start, so the fingerprints agree
+        values = {**values, "training": {**values["training"], "resume_from": predecessor[0]}}
+        resolved = predecessor[1]
+        _note(f"resuming the failed run in {predecessor[0]} (pretrained {resolved})")
+    elif pretrained and retrain.is_latest_uri(pretrained):
         resolved = retrain.resolve_pretrained(pretrained, storage, if_missing=args.first_pretrained)
         _note(f"pretrained {pretrained} -> {resolved}")
     run = manifest.build_run(
         values, release, schedule=args.schedule, prefix=args.name_prefix, pretrained=resolved
     )
-    if args.dry_run:
+    if args.wait or args.follow:  # the run stops by itself when this submit gives up
+        schedule_mod.cap_deadline(run.mpijob, args.timeout)
+    if client is None:
         print(yaml.safe_dump_all([run.mpijob, run.config_map], sort_keys=False), end="")
         return EXIT_SUCCEEDED
-    client = _client(args)
     client.submit(run.mpijob, run.config_map)
     _note(f"submitted MPIJob {client.namespace}/{run.name}; output {run.output}")
     if not (args.wait or args.follow):
         print(run.name)  # stdout: the name alone; with --wait, stdout is the summary JSON
         return EXIT_SUCCEEDED
     return _wait_and_gate(args, client, storage, values, run)
+
+
+def _single_flight(args: argparse.Namespace, client: Any, storage: Any) -> tuple[str, str] | None:
+    """For a scheduled submit: refuse while the schedule's last run is unfinished, and find
+    a failed predecessor to resume ((output, pretrained), or None)."""
+    schedule = manifest.label_value(args.schedule)
+    if client is None or not schedule:
+        return None
+    if not args.allow_overlap:
+        schedule_mod.refuse_overlap(client, schedule)
+    return schedule_mod.resumable_predecessor(client, storage, schedule)
 
 
 def _wait_and_gate(
@@ -284,6 +309,13 @@ def _wait_and_gate(
             max(0.0, deadline - time.monotonic()),
             on_change=lambda s: _note(f"MPIJob {s.describe()}"),
         )
+    except JobTimeoutError as e:
+        left = run.mpijob["spec"].get("runPolicy", {}).get("activeDeadlineSeconds")
+        raise JobTimeoutError(
+            f"{e}; left running: MPIJob {client.namespace}/{run.name} (output {run.output}), "
+            f"ungated; its activeDeadlineSeconds {left} stops it at the latest; "
+            f"`finetune-job delete {run.name}` stops it now"
+        ) from e
     except JobFailedError:
         _save_logs(client, storage, run)
         _cleanup(args, client, run.name)

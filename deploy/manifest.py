@@ -118,7 +118,15 @@ DEFAULTS: dict[str, Any] = {
     "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
 }
 # Chart keys that do not shape the MPIJob; accepted in values files and ignored here.
-IGNORED_KEYS = {"global", "runOnInstall", "metrics", "schedule", "cronJob", "release"}
+IGNORED_KEYS = {
+    "global",
+    "runOnInstall",
+    "metrics",
+    "networkPolicy",
+    "schedule",
+    "cronJob",
+    "release",
+}
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 

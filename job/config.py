@@ -71,6 +71,11 @@ class Config:
         "even from another run's checkpoint)",
         choices=("auto", "never", "force"),
     )
+    resume_from: str = _opt(
+        "",
+        "output of an earlier, unfinished run of the same definition: resume from its "
+        "checkpoint when OUTPUT has none yet (set by scheduled submits)",
+    )
     log_interval: int = _opt(20, "steps between progress lines")
     threads: int = _opt(0, "compute threads per worker (0: cores / workers on the node)")
     data_workers: int = _opt(0, "decode and augment threads per worker (0: cores / workers)")
@@ -153,7 +158,7 @@ class Config:
 
 # Keys that hold a URL or URI: credentials in them would be copied into every log line,
 # checkpoint and summary that records the config, so they are refused outright.
-URL_KEYS = ("pushgateway", "s3_endpoint_url", "data", "output", "pretrained")
+URL_KEYS = ("pushgateway", "s3_endpoint_url", "data", "output", "pretrained", "resume_from")
 
 
 def check_no_userinfo(cfg: Config) -> None:
@@ -176,7 +181,7 @@ def check_no_userinfo(cfg: Config) -> None:
 # a scheme ("S3://", "s3:/", "gs://") would otherwise become a local folder named "S3:".
 S3_URI = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{0,62}(/.*)?$")
 SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
-LOCATION_KEYS = ("data", "output")
+LOCATION_KEYS = ("data", "output", "resume_from")
 
 
 def check_locations(cfg: Config) -> None:

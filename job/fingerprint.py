@@ -53,6 +53,7 @@ NOT_RUN_KEYS = (
     "epochs",
     "tta",
     "resume",
+    "resume_from",
     "log_interval",
     "threads",
     "data_workers",

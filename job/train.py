@@ -173,6 +173,14 @@ class Run:
         restored = self.checkpointer.restore(
             self.net, self.trainer, self.ctx, warn=self.dist.is_primary, check=check
         )
+        if restored is None and self.cfg.resume_from:
+            # An earlier attempt of this run (a failed scheduled run) left its checkpoints
+            # in another output: continue from there, under the same fingerprint check.
+            earlier = Checkpointer(self.storage, self.cfg.resume_from, self.cfg.keep_checkpoints)
+            restored = earlier.restore(
+                self.net, self.trainer, self.ctx, warn=self.dist.is_primary, check=check
+            )
+            self.checkpointer.run_id = earlier.run_id
         if restored is None:
             return
         folder, self.progress, _ = restored
