@@ -111,3 +111,13 @@ def test_the_command_exits_2_with_one_line_and_no_traceback(output, launch_env):
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert errors == [errors[0]] and "'lr' was 0.01, now 0.5" in errors[0]
+
+
+def test_resume_from_another_output_checks_the_fingerprint_too(output, tmp_path):
+    other = str(tmp_path / "next")
+    with pytest.raises(InputError, match="'lr' was 0.01, now 0.02"):
+        train.run(config(other, epochs=2, lr=0.02, resume_from=output))
+    summary = train.run(config(other, epochs=2, resume_from=output))
+    assert summary["resumed_from"].startswith(os.path.join(output, "checkpoints", "step-"))
+    assert [h["epoch"] for h in summary["history"]] == [1, 2]
+    assert os.path.exists(os.path.join(other, "summary.json"))
