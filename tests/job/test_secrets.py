@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import os
 import subprocess
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -59,7 +60,8 @@ def test_a_missing_credentials_file_fails_naming_the_file(tmp_path):
 
 @contextmanager
 def auth_pushgateway(tmp: Path) -> Iterator[str]:
-    """A real Pushgateway that demands basic auth (its --web.config.file, bcrypt hash)."""
+    """A real Pushgateway that demands basic auth (its --web.config.file, bcrypt hash), with
+    its own persistence file (Debian's default file is shared by every Pushgateway here)."""
     import bcrypt
 
     port = free_port()
@@ -70,12 +72,20 @@ def auth_pushgateway(tmp: Path) -> Iterator[str]:
         binary("prometheus-pushgateway"),
         f"--web.listen-address=127.0.0.1:{port}",
         f"--web.config.file={web}",
+        f"--persistence.file={tmp / 'pushgateway.db'}",
     ]
     with open(tmp / "pushgateway.log", "wb") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        assert proc.poll() is None, (tmp / "pushgateway.log").read_text()
+        return bool(fetch(base + "/-/ready"))
+
     try:
-        wait_for("the pushgateway", lambda: fetch(base + "/-/ready"), timeout=20)
+        wait_for("the pushgateway", ready, timeout=20)
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            fetch(base + "/-/ready", auth=False)  # it is ours, and it demands the password
         yield base
     finally:
         stop(proc)
