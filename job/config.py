@@ -74,6 +74,22 @@ class Config:
     )
     keep_checkpoints: int = _opt(3, "checkpoints kept in OUTPUT/checkpoints (older ones pruned)")
     log_format: str = _opt("text", "progress lines", choices=("text", "json"))
+    # What the run hands over (OUTPUT/: model, model.onnx, triton/, eval.json, report.html).
+    export: str = _opt(
+        "best",
+        "epoch to export: best validation top-1 (ties: later) or last",
+        choices=("best", "last"),
+    )
+    onnx: bool = _opt(True, "also write model.onnx and a Triton model repository")
+    onnx_preprocess: bool = _opt(
+        False, "also a uint8 RGB NHWC → softmax ONNX/Triton variant for clients sending pixels"
+    )
+    triton_model_name: str = _opt("finetune", "model name in OUTPUT/triton/")
+    triton_max_batch_size: int = _opt(64, "max_batch_size of the Triton model config")
+    eval_worst: int = _opt(16, "highest-confidence mistakes listed in eval.json and the report")
+    max_class_drop: float = _opt(
+        0.0, "promotion gate: largest allowed drop of any class's recall vs latest; 0: off"
+    )
     # Metrics.
     metrics_port: int = _opt(
         9095, "Prometheus /metrics port of local rank 0 (+ local rank); 0: off"
@@ -110,6 +126,10 @@ class Config:
         }
         problems["metrics_port"] = not 0 <= self.metrics_port <= 65535
         problems["keep_checkpoints"] = self.keep_checkpoints < 1
+        problems["triton_max_batch_size"] = self.triton_max_batch_size < 1
+        problems["eval_worst"] = self.eval_worst < 0
+        problems["max_class_drop"] = not 0 <= self.max_class_drop <= 1
+        problems["triton_model_name"] = not self.triton_model_name.replace("-", "_").isidentifier()
         problems["s3_max_attempts"] = self.s3_max_attempts < 1
         for key in (
             "brightness",

@@ -4,7 +4,8 @@ Layout written under DEST (local or ``s3://``)::
 
     train/part-00000.rec  train/part-00000.idx  ...
     val/part-00000.rec    val/part-00000.idx    ...
-    manifest.json         classes, counts, shards with sha256 (written last)
+    manifest.json         classes, counts, shards with sha256, and per split the image
+                          files (relative to SRC) in record-id order (written last)
 
 Images are resized so the shorter side is ``resize`` (small images are enlarged; nothing is
 cropped) and re-encoded as JPEG, in parallel over the cores. The train/val split is
@@ -122,10 +123,15 @@ def prepare(
         for name in SPLITS:
             jobs = [(i.path, resize, quality) for i in splits[name]]
             encoded = pool.imap(encode, jobs, chunksize=8)
-            shards, skipped = _write_split(
+            shards, skipped, files = _write_split(
                 name, splits[name], encoded, dest, storage, tmp, shard_size
             )
-            manifest["splits"][name] = {"count": sum(s["count"] for s in shards), "shards": shards}
+            manifest["splits"][name] = {
+                "count": sum(s["count"] for s in shards),
+                "shards": shards,
+                # A record's header id indexes this list: evaluation names images by it.
+                "files": [os.path.relpath(f, src) for f in files],
+            }
             manifest["skipped_files"] += skipped
     for path in manifest["skipped_files"]:
         log.warning("prepare: skipped %s: not a readable image", path)
@@ -148,18 +154,21 @@ def prepare(
 def _write_split(
     name: str, items: list[Item], encoded, dest: str, storage: Storage, tmp: str, shard_size: int
 ) -> tuple[list[dict], list[str]]:
-    """Pack one split's encoded images into shards; returns (shards, skipped files)."""
+    """Pack one split's encoded images into shards; returns (shards, skipped files, written
+    files in record-id order)."""
     writer = _ShardWriter(name, dest, storage, tmp)
     skipped: list[str] = []
+    written: list[str] = []
     for item, jpeg in zip(items, encoded, strict=True):
         if jpeg is None:
             skipped.append(item.path)
             continue
-        writer.add(item.label, jpeg)
+        writer.add(item.label, jpeg, len(written))
+        written.append(item.path)
         if writer.count == shard_size:
             writer.finish()
     writer.finish()
-    return writer.shards, skipped
+    return writer.shards, skipped, written
 
 
 class _ShardWriter:
@@ -173,13 +182,13 @@ class _ShardWriter:
         self.count = 0
         self._writer: Any = None
 
-    def add(self, label: int, jpeg: bytes) -> None:
+    def add(self, label: int, jpeg: bytes, record_id: int) -> None:
         from mxnet import recordio
 
         if self._writer is None:
             self._writer = recordio.MXIndexedRecordIO(self.idx, self.rec, "w")
             self.count = 0
-        header = recordio.IRHeader(0, float(label), self.count, 0)
+        header = recordio.IRHeader(0, float(label), record_id, 0)
         self._writer.write_idx(self.count, recordio.pack(header, jpeg))
         self.count += 1
 

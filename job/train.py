@@ -13,7 +13,6 @@ import os
 import resource
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +24,6 @@ import numpy as np
 from mxnet import autograd, gluon
 
 from job import __version__, distributed, model
-from job import storage as st
 from job.augment import Jitter
 from job.checkpoint import Checkpointer, Progress
 from job.config import Config
@@ -34,6 +32,7 @@ from job.distributed import Dist
 from job.errors import DivergedError, PreemptedError
 from job.evaluate import count_correct
 from job.metrics import Metrics
+from job.outputs import RunOutputs
 from job.progress import ProgressLog
 from job.storage import S3Settings, Storage
 
@@ -102,6 +101,7 @@ class Run:
         self.metrics = metrics
         self.metrics.watch_data(self.stats)
         self.checkpointer = Checkpointer(self.storage, cfg.output, cfg.keep_checkpoints)
+        self.outputs = RunOutputs(cfg, self.storage)
         self._build_data()
         self.net = model.build(cfg, len(self.classes), self.ctx, self.storage)
         self._warm_up()
@@ -199,10 +199,15 @@ class Run:
                 "train_top1": round(acc, 5),
                 "images_per_second": round(images / max(seconds, 1e-9), 2),
                 "train_seconds": round(seconds, 2),
+                "lr": float(
+                    f"{lr_at(p.step - 1, cfg, self.train.steps_per_epoch, self.dist.size):.6g}"
+                ),
             }
             record.update(self.evaluate())
             record["seconds"] = round(time.perf_counter() - epoch_started, 2)
             p.history.append(record)
+            if self.dist.is_primary:  # history.csv, and the best epoch's parameters
+                self.outputs.epoch_done(self.net, p.history)
             p.best_val_top1 = max(p.best_val_top1, record.get("val_top1", -1.0))
             p.epoch, p.batch = p.epoch + 1, 0
             self.log.epoch(record, cfg.epochs)
@@ -332,8 +337,9 @@ class Run:
         if not self.dist.is_primary:
             return None
         history = self.progress.history
-        last = history[-1] if history else {}
         cfg = self.cfg
+        exported = self.outputs.choose_epoch(self.net, history, self.ctx)  # export: best|last
+        last = next((h for h in history if h["epoch"] == exported), {})
         summary = {
             "model": cfg.model,
             "classes": self.classes,
@@ -342,7 +348,9 @@ class Run:
             "epochs": cfg.epochs,
             "workers": self.dist.size,
             "global_batch_size": cfg.batch_size * self.dist.size,
-            "val_top1": last.get("val_top1"),
+            "exported_epoch": exported,
+            "val_top1": last.get("val_top1"),  # of the exported epoch: what the gate judges
+            "last_val_top1": history[-1].get("val_top1") if history else None,
             "best_val_top1": self.progress.best_val_top1,
             "train_images_per_second": _mean([h["images_per_second"] for h in history]),
             "wall_seconds": round(wall_seconds, 2),
@@ -359,17 +367,8 @@ class Run:
         return summary
 
     def export(self, summary: dict[str, Any]) -> None:
-        out = self.cfg.output
-        with tempfile.TemporaryDirectory(prefix="finetune-export-") as tmp:
-            self.net.export(os.path.join(tmp, "model"), epoch=0)
-            self.net.save_parameters(os.path.join(tmp, "model.params"))
-            for name in ("model-symbol.json", "model-0000.params", "model.params"):
-                self.storage.upload(os.path.join(tmp, name), st.join(out, name))
-        # The summary goes last: its presence means the outputs are complete.
-        self.storage.write_bytes(
-            st.join(out, "summary.json"), json.dumps(summary, indent=1).encode()
-        )
-        log.info("exported model and summary to %s", out)
+        """Model files, ONNX, Triton repository, eval.json, report; summary.json last."""
+        self.outputs.hand_over(self.net, self.classes, summary, self.ctx)
 
 
 def params_digest(net: gluon.Block) -> str:
