@@ -21,6 +21,7 @@ arguments, 130 interrupted, 143 stopped by SIGTERM after checkpointing the curre
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -45,6 +46,21 @@ SRC holds one folder per class, each with JPEG/PNG images.
 """
 EVALUATE_EXAMPLE = """example:
   finetune-job evaluate --data ./ds --model ./out --tta
+  finetune-job evaluate --data ./ds --model ./out --format json --output ./out/eval.json
+"""
+PREDICT_EXAMPLE = """example:
+  finetune-job predict --model ./out photos/ --output predictions.jsonl
+  finetune-job predict --model s3://bucket/runs/r1 s3://bucket/inbox/ --engine onnx --top-k 3
+  finetune-job predict --model ./out ./ds --split val --format csv --output val.csv
+
+SOURCE: an image file, a folder (recursive), a dataset root written by prepare, or an
+s3:// prefix. One JSONL line per image; unreadable images get an "error" field.
+"""
+EXPORT_EXAMPLE = """example:
+  finetune-job export --onnx ./out
+  finetune-job export --onnx s3://bucket/runs/r1 --onnx-preprocess
+
+Writes MODEL_DIR/model.onnx (checked against the MXNet export) and MODEL_DIR/triton/.
 """
 
 
@@ -98,8 +114,50 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="val", choices=("train", "val"))
     evaluate.add_argument("--tta", action="store_true", help="also report five-crop accuracy")
     evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument(
+        "--format", default="text", choices=("text", "json"), help="json: the eval.json document"
+    )
+    evaluate.add_argument("--output", help="also write the eval.json document here")
+    evaluate.add_argument(
+        "--worst", type=int, default=16, help="highest-confidence mistakes to list"
+    )
     _add_s3_arguments(evaluate)
     evaluate.set_defaults(func=_evaluate)
+
+    predict = sub.add_parser(
+        "predict",
+        help="batch predictions of an exported model (JSONL or CSV)",
+        epilog=PREDICT_EXAMPLE,
+        formatter_class=fmt,
+    )
+    predict.add_argument("--model", required=True, help="a training run's OUTPUT")
+    predict.add_argument("sources", nargs="+", metavar="SOURCE", help="images to predict")
+    predict.add_argument("--output", help="file (local or s3://); default: stdout")
+    predict.add_argument("--format", default="jsonl", choices=("jsonl", "csv"))
+    predict.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
+    predict.add_argument("--engine", default="mxnet", choices=("mxnet", "onnx"))
+    predict.add_argument("--tta", action="store_true", help="mean softmax of five crops")
+    predict.add_argument("--batch-size", type=int, default=32)
+    predict.add_argument(
+        "--split", default="val", choices=("train", "val"), help="split of a dataset SOURCE"
+    )
+    _add_s3_arguments(predict)
+    predict.set_defaults(func=_predict)
+
+    export = sub.add_parser(
+        "export",
+        help="ONNX model and Triton repository for a finished run",
+        epilog=EXPORT_EXAMPLE,
+        formatter_class=fmt,
+    )
+    export.add_argument("--onnx", required=True, metavar="MODEL_DIR", help="a run's OUTPUT")
+    export.add_argument(
+        "--onnx-preprocess", action="store_true", help="also the uint8 RGB NHWC variant"
+    )
+    export.add_argument("--triton-model-name", default="finetune")
+    export.add_argument("--triton-max-batch-size", type=int, default=64)
+    _add_s3_arguments(export)
+    export.set_defaults(func=_export)
 
     _register_deploy(sub)
     return parser
@@ -157,12 +215,59 @@ def _evaluate(args: argparse.Namespace) -> int:
     from job import evaluate
 
     storage = _s3_storage(args)
-    result = evaluate.evaluate_export(
-        args.data, args.model, storage, split=args.split, tta=args.tta, batch_size=args.batch_size
+    doc = evaluate.evaluate_export(
+        args.data,
+        args.model,
+        storage,
+        split=args.split,
+        tta=args.tta,
+        batch_size=args.batch_size,
+        worst=args.worst,
     )
-    print(
-        " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
+    text = json.dumps(doc, indent=1)
+    if args.output:
+        storage.write_bytes(args.output, text.encode())
+    if args.format == "json":
+        print(text)
+    else:
+        keys = ("images", "top1", "top5", "top1_tta", "ece")
+        print(" ".join(f"{k}={doc[k]:.4f}" if isinstance(doc[k], float) else f"{k}={doc[k]}"
+                       for k in keys if k in doc))  # fmt: skip
+    return EXIT_OK
+
+
+def _predict(args: argparse.Namespace) -> int:
+    _set_thread_defaults(0)
+    from job import predict
+
+    predict.predict(
+        args.model,
+        args.sources,
+        _s3_storage(args),
+        output=args.output,
+        fmt=args.format,
+        top_k=args.top_k,
+        engine=args.engine,
+        tta=args.tta,
+        batch_size=args.batch_size,
+        split=args.split,
+        progress=sys.stderr if sys.stderr.isatty() else None,
     )
+    return EXIT_OK
+
+
+def _export(args: argparse.Namespace) -> int:
+    _set_thread_defaults(0)
+    from job import outputs
+
+    check = outputs.export_run(
+        args.onnx,
+        _s3_storage(args),
+        preprocess=args.onnx_preprocess,
+        name=args.triton_model_name,
+        max_batch_size=args.triton_max_batch_size,
+    )
+    print(" ".join(f"{k}={v}" for k, v in check.items()))
     return EXIT_OK
 
 

@@ -164,33 +164,95 @@ class RunOutputs:
         return doc, pred, read_images(dataset, "val", self.storage, records)
 
     def _onnx(self, tmp: str, net: Any, classes: list[str], pred: Any, ctx: Any) -> dict:
-        """model.onnx (+ the uint8 variant) and the Triton repository; the check's numbers."""
-        import numpy as np
-
         cfg = self.cfg
-        path = os.path.join(tmp, "model.onnx")
-        onnx_export.export(
-            os.path.join(tmp, "model-symbol.json"),
-            os.path.join(tmp, "model-0000.params"),
-            path,
+        images = pred.images if pred is not None else None
+        return write_onnx(
+            tmp,
+            net,
+            classes,
             cfg.image_size,
-            len(classes),
+            ctx,
+            images,
+            preprocess=cfg.onnx_preprocess,
+            name=cfg.triton_model_name,
+            max_batch_size=cfg.triton_max_batch_size,
         )
-        images = pred.images if pred is not None and pred.images is not None else None
-        if images is None:  # no validation split: random inputs still compare the two models
-            shape = (8, 3, cfg.image_size, cfg.image_size)
-            images = np.random.default_rng(cfg.seed).standard_normal(shape, np.float32)
-        check = onnx_export.compare(path, net, images, ctx)
-        repo = os.path.join(tmp, "triton")
-        name, batch = cfg.triton_model_name, cfg.triton_max_batch_size
-        triton.write_model(repo, name, path, classes, cfg.image_size, batch)
-        if cfg.onnx_preprocess:
-            pixels = os.path.join(tmp, "model-uint8.onnx")
-            onnx_export.add_preprocessing(path, pixels)
-            triton.write_model(
-                repo, name + "_uint8", pixels, classes, cfg.image_size, batch, pixels=True
-            )
-        return check.to_dict()
+
+
+def write_onnx(
+    folder: str,
+    net: Any,
+    classes: list[str],
+    image_size: int,
+    ctx: Any,
+    images: Any = None,
+    *,
+    preprocess: bool = False,
+    name: str = "finetune",
+    max_batch_size: int = 64,
+) -> dict[str, Any]:
+    """model.onnx (+ model-uint8.onnx) and triton/ in ``folder``, next to the exported
+    MXNet files; returns the ONNX-vs-MXNet check (``images``: validation crops, NCHW)."""
+    import numpy as np
+
+    path = os.path.join(folder, "model.onnx")
+    onnx_export.export(
+        os.path.join(folder, "model-symbol.json"),
+        os.path.join(folder, "model-0000.params"),
+        path,
+        image_size,
+        len(classes),
+    )
+    if images is None:  # no validation images: random inputs still compare the two models
+        shape = (8, 3, image_size, image_size)
+        images = np.random.default_rng(0).standard_normal(shape, np.float32)
+    check = onnx_export.compare(path, net, images, ctx)
+    repo = os.path.join(folder, "triton")
+    triton.write_model(repo, name, path, classes, image_size, max_batch_size)
+    if preprocess:
+        pixels = os.path.join(folder, "model-uint8.onnx")
+        onnx_export.add_preprocessing(path, pixels)
+        triton.write_model(
+            repo, name + "_uint8", pixels, classes, image_size, max_batch_size, pixels=True
+        )
+    return check.to_dict()
+
+
+def export_run(
+    model_dir: str,
+    storage: Storage,
+    *,
+    preprocess: bool = False,
+    name: str = "finetune",
+    max_batch_size: int = 64,
+) -> dict[str, Any]:
+    """``finetune-job export --onnx MODEL_DIR``: ONNX and Triton files for a finished run
+    (one from before the job wrote them, or again with other options)."""
+    import mxnet as mx
+
+    from job.evaluate import load_export
+
+    ctx = mx.cpu()
+    _, summary = load_export(model_dir, storage, ctx)  # fails in one line if not a run
+    image_size = int(summary["config"]["image_size"])
+    with tempfile.TemporaryDirectory(prefix="finetune-export-") as tmp:
+        for part in ("model-symbol.json", "model-0000.params"):
+            storage.download(st.join(model_dir, part), os.path.join(tmp, part))
+        net = load_symbol_block(tmp, ctx)
+        check = write_onnx(
+            tmp,
+            net,
+            summary["classes"],
+            image_size,
+            ctx,
+            preprocess=preprocess,
+            name=name,
+            max_batch_size=max_batch_size,
+        )
+        files = [f for f in os.listdir(tmp) if f.endswith(".onnx")]
+        for rel in files + _tree(os.path.join(tmp, "triton"), "triton"):
+            storage.upload(os.path.join(tmp, rel), st.join(model_dir, rel))
+    return check
 
 
 def load_symbol_block(folder: str, ctx: Any) -> gluon.SymbolBlock:
