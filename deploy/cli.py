@@ -7,7 +7,8 @@ Exit codes (a pipeline can branch on them)::
     0  succeeded: submitted (without --wait), or the run succeeded and passed the gate;
        status: the job exists and has not failed; logs, delete, list: done
     1  failed: the MPIJob failed, or it succeeded but failed the gate (--min-accuracy,
-       --not-worse; `latest` is left alone), or the API / storage failed unexpectedly
+       --not-worse, --max-class-drop; `latest` is left alone), or the API / storage
+       failed unexpectedly
     2  timed out: --timeout passed first (the MPIJob keeps running)
     3  bad input: bad values or --set, unknown job (404), name taken (409), permission
        denied (403), no usable kubeconfig; nothing was changed
@@ -128,6 +129,14 @@ def register(sub: Any) -> None:
         "--not-worse",
         action="store_true",
         help="gate: val_top1 must not be below the current latest's",
+    )
+    p.add_argument(
+        "--max-class-drop",
+        type=float,
+        default=None,
+        metavar="X",
+        help="gate: no class's recall may drop more than X vs latest's eval.json "
+        "(default: training.max_class_drop; 0: off)",
     )
     p.add_argument(
         "--delete-after",
@@ -290,7 +299,10 @@ def _wait_and_gate(
         raise
     _save_logs(client, storage, run)
     _cleanup(args, client, run.name)
-    gate = retrain.Gate(min_accuracy=args.min_accuracy, not_worse=args.not_worse)
+    max_drop = args.max_class_drop
+    if max_drop is None:
+        max_drop = float(values["training"].get("max_class_drop") or 0.0)
+    gate = retrain.Gate(args.min_accuracy, args.not_worse, max_drop)
     root = str(values["training"]["output"])
     try:
         summary, pointer = retrain.finish_run(storage, root, run.name, gate)

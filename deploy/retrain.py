@@ -6,7 +6,8 @@ Layout under an output root (local path or ``s3://``)::
     <root>/latest                  {"run": NAME, "model": ".../model.params", "val_top1": X}
 
 After a run succeeds, ``finish_run`` reads its ``summary.json`` and, only if it passes the
-gate (``min_accuracy`` on ``val_top1``; optionally not worse than the current ``latest``),
+gate (``min_accuracy`` on ``val_top1``; optionally not worse than the current ``latest``;
+optionally no class's recall in ``eval.json`` down by more than ``max_class_drop``),
 rewrites ``latest`` -- the last write of the run, so a bad or unfinished run never becomes
 ``latest``. A later run given ``--pretrained <root>/latest`` starts from that model:
 ``resolve_pretrained`` turns the pointer into the model's URI.
@@ -25,6 +26,7 @@ from job.storage import Storage, StorageError, join
 RUNS_DIR = "runs"
 LATEST = "latest"
 SUMMARY = "summary.json"
+EVAL = "eval.json"
 MODEL = "model.params"
 METRIC = "val_top1"
 
@@ -76,6 +78,7 @@ class Gate:
 
     min_accuracy: float | None = None
     not_worse: bool = False
+    max_class_drop: float = 0.0  # 0: off; else no class's recall may fall more than this
 
     def rejects(self, accuracy: float, latest_accuracy: float | None) -> str | None:
         """Why a run with ``accuracy`` fails the gate, or None when it passes."""
@@ -116,9 +119,35 @@ def finish_run(
         accuracy,
         latest_accuracy(storage, root, read_latest(storage, root)) if gate.not_worse else None,
     )
+    why = why or class_drops(storage, root, run, gate.max_class_drop)
     if why:
         raise GateError(f"run {run}: {why}; {join(root, LATEST)} left unchanged", summary)
     return summary, promote(storage, root, run, accuracy)
+
+
+def class_drops(storage: Storage, root: str, run: str, max_drop: float) -> str | None:
+    """Why ``run`` fails the per-class gate against the current latest's eval.json, or None.
+
+    Off when ``max_drop`` is 0, before any latest, or when either run has no eval.json (a
+    run without a validation split cannot be compared per class).
+    """
+    from job.evaluation import recall_drops
+
+    pointer = read_latest(storage, root) if max_drop > 0 else None
+    latest_run = pointer.get("run") if pointer else None
+    if not isinstance(latest_run, str) or not latest_run:
+        return None
+    new_uri = join(run_output(root, run), EVAL)
+    old_uri = join(run_output(root, latest_run), EVAL)
+    if not (storage.exists(new_uri) and storage.exists(old_uri)):
+        return None
+    drops = recall_drops(
+        _read_json(storage, new_uri, EVAL), _read_json(storage, old_uri, EVAL), max_drop
+    )
+    if not drops:
+        return None
+    worst = ", ".join(f"{c} {old:.3f} -> {new:.3f}" for c, old, new in drops)
+    return f"recall dropped by more than --max-class-drop {max_drop:g} vs {latest_run}: {worst}"
 
 
 def resolve_pretrained(uri: str, storage: Storage, *, if_missing: str | None = None) -> str:

@@ -125,7 +125,7 @@ def test_train_with_outputs_on_s3_then_resume_with_more_epochs(s3_dataset, s3_se
     assert json.loads(storage.read_bytes(f"{out}/summary.json"))["epochs"] == 2
 
     result = evaluate_export(root, out, storage)  # the exported model, read back from S3
-    assert result["split_images"] == 24 and 0 <= result["top1"] <= 1
+    assert result["images"] == 24 and 0 <= result["top1"] <= 1
 
 
 @pytest.mark.slow
