@@ -129,7 +129,7 @@ def _image_items(
         for start in range(0, len(uris), batch):
             loaded = list(pool.map(load, uris[start : start + batch]))
             good = [(u, x) for u, x in loaded if not isinstance(x, str)]
-            probs = _predict([x for _, x in good], engine) if good else []
+            probs: Any = _predict([x for _, x in good], engine) if good else []
             by_uri = {u: p for (u, _), p in zip(good, probs, strict=True)}
             for uri, x in loaded:
                 yield Item(uri, error=x) if isinstance(x, str) else Item(uri, by_uri[uri])
@@ -138,7 +138,7 @@ def _image_items(
 def _predict(inputs: list[tuple[np.ndarray, np.ndarray | None]], engine: Engine) -> np.ndarray:
     if inputs[0][1] is None:
         return engine(np.stack([x for x, _ in inputs]))
-    five = np.stack([f for _, f in inputs])  # (B, 5, 3, S, S)
+    five = np.stack([f for _, f in inputs if f is not None])  # (B, 5, 3, S, S)
     prob = engine(five.reshape(-1, *five.shape[2:]))
     return prob.reshape(len(inputs), 5, -1).mean(axis=1)
 

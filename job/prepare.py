@@ -153,7 +153,7 @@ def prepare(
 
 def _write_split(
     name: str, items: list[Item], encoded, dest: str, storage: Storage, tmp: str, shard_size: int
-) -> tuple[list[dict], list[str]]:
+) -> tuple[list[dict], list[str], list[str]]:
     """Pack one split's encoded images into shards; returns (shards, skipped files, written
     files in record-id order)."""
     writer = _ShardWriter(name, dest, storage, tmp)
