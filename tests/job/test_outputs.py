@@ -168,3 +168,22 @@ def test_the_chosen_epoch_is_exported_and_judged(
     doc = read(out, "eval.json")
     again = evaluate_export(tiny_dataset, out, Storage())
     assert doc["top1"] == again["top1"]
+
+
+def test_triton_config_tensors_are_the_onnx_model_tensors(finished_run):
+    from google.protobuf import text_format
+
+    from .test_onnx_export import model_config_message
+
+    pb = model_config_message()
+    out, _ = finished_run
+    for name in ("finetune", "finetune_uint8"):
+        folder = os.path.join(out, "triton", name)
+        text = open(os.path.join(folder, "config.pbtxt")).read()
+        config = text_format.Parse(text, pb.ModelConfig())
+        graph = onnx.load(os.path.join(folder, "1", "model.onnx")).graph
+        for declared, actual in ((config.input[0], graph.input[0]),
+                                 (config.output[0], graph.output[0])):  # fmt: skip
+            dims = [d.dim_param or d.dim_value for d in actual.type.tensor_type.shape.dim]
+            assert declared.name == actual.name
+            assert dims == ["batch", *declared.dims]  # Triton's dims leave out the batch
