@@ -104,7 +104,10 @@ def image_names(dataset: Dataset, split: str, storage: Storage, ids: np.ndarray)
     """What each record id stands for: the image path that ``prepare`` stored in the
     manifest, or ``split#id`` for datasets prepared before it did."""
     doc = json.loads(storage.read_bytes(st.join(dataset.root, "manifest.json")))
-    files = doc["splits"][split].get("files") or []
+    listing = doc["splits"][split].get("files")
+    files = []
+    if isinstance(listing, str):
+        files = storage.read_bytes(st.join(dataset.root, listing)).decode().splitlines()
     return [files[i] if 0 <= i < len(files) else f"{split}#{i}" for i in ids.tolist()]
 
 

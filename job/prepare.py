@@ -4,8 +4,9 @@ Layout written under DEST (local or ``s3://``)::
 
     train/part-00000.rec  train/part-00000.idx  ...
     val/part-00000.rec    val/part-00000.idx    ...
-    manifest.json         classes, counts, shards with sha256, and per split the image
-                          files (relative to SRC) in record-id order (written last)
+    train/files.txt       the split's image files (relative to SRC), line i = record id i
+    val/files.txt
+    manifest.json         classes, counts, shards with sha256 (written last)
 
 Images are resized so the shorter side is ``resize`` (small images are enlarged; nothing is
 cropped) and re-encoded as JPEG, in parallel over the cores. The train/val split is
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MANIFEST = "manifest.json"
+FILES = "files.txt"
 SPLITS = ("train", "val")
 
 
@@ -126,11 +128,14 @@ def prepare(
             shards, skipped, files = _write_split(
                 name, splits[name], encoded, dest, storage, tmp, shard_size
             )
+            # A record's header id is a line of this file: evaluation names images by it.
+            # A file of its own, so the manifest every rank reads stays small.
+            listing = "".join(os.path.relpath(f, src) + "\n" for f in files)
+            storage.write_bytes(st.join(dest, name, FILES), listing.encode())
             manifest["splits"][name] = {
                 "count": sum(s["count"] for s in shards),
                 "shards": shards,
-                # A record's header id indexes this list: evaluation names images by it.
-                "files": [os.path.relpath(f, src) for f in files],
+                "files": f"{name}/{FILES}",
             }
             manifest["skipped_files"] += skipped
     for path in manifest["skipped_files"]:

@@ -183,7 +183,8 @@ def every_image_with_every_label(dataset: str, dest: Path) -> str:
     writer.close()
     shard = {"rec": "val/all.rec", "idx": "val/all.idx", "count": len(files),
              "bytes": rec_path.stat().st_size, "sha256": sha256_file(str(rec_path))}  # fmt: skip
-    manifest["splits"]["val"] = {"count": len(files), "shards": [shard], "files": files}
+    (dest / "val" / "files.txt").write_text("".join(f + "\n" for f in files))
+    manifest["splits"]["val"] = {"count": len(files), "shards": [shard], "files": "val/files.txt"}
     (dest / "manifest.json").write_text(json.dumps(manifest))
     return str(dest)
 
