@@ -215,3 +215,48 @@ def test_status_logs_delete(api, kubeconfig_path, submit_args, capsys):
     assert run("delete", name, *cluster) == 0
     assert run("status", name, *cluster) == 3
     assert f"mpijobs.kubeflow.org team-a/{name} not found" in capsys.readouterr().err
+
+
+def write_run(val_top1: float, recalls: dict[str, float]):
+    """A scripted step: the run writes summary.json and a per-class eval.json."""
+
+    def act(api, ns, name):
+        write_summary(val_top1)(api, ns, name)
+        out = Path(
+            api.objects[("mpijobs", ns, name)]["metadata"]["annotations"][c.OUTPUT_ANNOTATION]
+        )
+        per_class = [{"class": k, "count": 5, "recall": r} for k, r in recalls.items()]
+        (out / "eval.json").write_text(json.dumps({"per_class": per_class}))
+
+    return act
+
+
+@pytest.mark.parametrize(
+    ("flags", "code"),
+    [
+        (["--set", "training.max_class_drop=0.2"], 1),  # from the values, as the CronJob has it
+        (["--max-class-drop", "0.2"], 1),
+        (["--set", "training.max_class_drop=0.2", "--max-class-drop", "0"], 0),  # flag wins
+        ([], 0),  # off by default
+    ],
+    ids=["values", "flag", "flag-overrides-values", "default-off"],
+)
+def test_a_run_that_loses_one_class_is_not_promoted(
+    api, submit_args, tmp_path, capsys, flags, code
+):
+    api.script([(0.05, write_run(0.8, {"cat": 0.9, "dog": 0.7})), (0.1, succeeded())])
+    assert run(*submit_args, "--wait", "--timeout", "5") == 0
+    first = json.loads((tmp_path / "flowers" / "latest").read_text())
+    api.script([(0.05, write_run(0.85, {"cat": 0.6, "dog": 1.0})), (0.1, succeeded())])
+    capsys.readouterr()
+    assert run(*submit_args, *flags, "--wait", "--timeout", "5", "--not-worse") == code
+    err = capsys.readouterr().err
+    latest = json.loads((tmp_path / "flowers" / "latest").read_text())
+    if code:
+        assert (
+            "recall dropped by more than --max-class-drop 0.2" in err
+            and "cat 0.900 -> 0.600" in err
+        )
+        assert latest == first
+    else:
+        assert latest["run"] != first["run"]
