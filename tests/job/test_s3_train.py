@@ -151,6 +151,11 @@ def test_two_horovod_workers_train_from_s3_to_s3(
     assert len(digests) == 2 and digests[0] == digests[1]
     assert storage.exists(f"{out}/model-symbol.json") and storage.exists(f"{out}/model.params")
     assert storage.exists(f"{out}/checkpoints/step-00000012/model.params")  # 6 steps × 2 epochs
+    # Rank 0's hand-over, read from and written to S3: ONNX checked, eval of the whole val split.
+    assert summary["onnx"]["max_abs_diff"] <= 1e-4
+    assert json.loads(storage.read_bytes(f"{out}/eval.json"))["images"] == 24
+    for name in ("model.onnx", "triton/finetune/config.pbtxt", "report.html", "history.csv"):
+        assert storage.exists(f"{out}/{name}"), name
     assert os.environ.get("AWS_ENDPOINT_URL") is None  # only the workers got it
 
 
