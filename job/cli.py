@@ -27,6 +27,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from job import config as config_mod
+from job import logs
 
 log = logging.getLogger("finetune_job")
 
@@ -126,6 +127,7 @@ def _register_deploy(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
 
 def _train(args: argparse.Namespace) -> int:
     cfg = config_mod.load(vars(args))
+    logs.configure(cfg.log_format)
     _set_thread_defaults(cfg.threads)
     from job import train
 
@@ -184,10 +186,7 @@ def _set_thread_defaults(threads: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.getLogger("botocore").setLevel(logging.WARNING)  # not its credential chatter
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
-    )
+    logs.configure("text")  # train switches to its config's log_format once it is known
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     return run_guarded(func, args)
@@ -200,13 +199,21 @@ def run_guarded(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
     try:
         return func(args)
     except config_mod.ConfigError as e:
-        print(f"finetune-job: error: {e}", file=sys.stderr)
+        _error(str(e))
         return EXIT_USAGE
     except JobError as e:
-        print(f"finetune-job: error: {e}", file=sys.stderr)
+        _error(str(e))
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+
+
+def _error(message: str) -> None:
+    """The one error line: plain text, or a JSON object when the logs are JSON."""
+    if logs.active_format() == "json":
+        log.error(message, extra={"event": "error"})
+    else:
+        print(f"finetune-job: error: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

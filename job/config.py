@@ -81,6 +81,9 @@ class Config:
     metrics_address: str = _opt("0.0.0.0", "address the metrics server binds")
     pushgateway: str = _opt("", "Pushgateway URL that receives the final metrics")
     pushgateway_job: str = _opt("finetune-job", "job label of the pushed group (one per run)")
+    metrics_file: str = _opt(
+        "", "write the run's Kubeflow Pipelines metrics JSON here at the end (path or s3://)"
+    )
     # S3 (credentials come from the standard AWS chain, never from here).
     s3_endpoint_url: str = _opt(
         "", "S3 endpoint (MinIO, Ceph, ...); empty: AWS or AWS_ENDPOINT_URL"

@@ -9,6 +9,8 @@ Layout written under DEST (local or ``s3://``)::
 Images are resized so the shorter side is ``resize`` (small images are enlarged; nothing is
 cropped) and re-encoded as JPEG, in parallel over the cores. The train/val split is
 deterministic for a seed. An unreadable image file is skipped and named in the log.
+Progress (images/s, ETA) is redrawn in place on a terminal and logged every 30 s otherwise;
+the last line gives every class's train/val counts.
 """
 
 from __future__ import annotations
@@ -20,15 +22,17 @@ import math
 import multiprocessing
 import os
 import random
+import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import cv2
 
 from job import storage as st
 from job.augment import resize_shorter
 from job.errors import InputError
+from job.progress import CountProgress
 from job.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -102,6 +106,7 @@ def prepare(
     workers: int = 0,
     seed: int = 0,
     verify: bool = False,
+    progress_stream: IO[str] | None = None,
 ) -> dict:
     if resize < 16 or shard_size < 1 or not 1 <= quality <= 100:
         raise InputError("prepare: --resize must be >= 16, --shard-size >= 1, --quality 1..100")
@@ -118,15 +123,18 @@ def prepare(
     }
     workers = workers or os.cpu_count() or 1
     ctx = multiprocessing.get_context("fork")
+    stream = progress_stream or sys.stderr
+    progress = CountProgress(len(items), "images", stream, lambda t: log.info("prepare: %s", t))
     with ctx.Pool(workers) as pool, tempfile.TemporaryDirectory(prefix="finetune-prep-") as tmp:
         for name in SPLITS:
             jobs = [(i.path, resize, quality) for i in splits[name]]
             encoded = pool.imap(encode, jobs, chunksize=8)
             shards, skipped = _write_split(
-                name, splits[name], encoded, dest, storage, tmp, shard_size
+                name, splits[name], encoded, dest, storage, tmp, shard_size, progress
             )
             manifest["splits"][name] = {"count": sum(s["count"] for s in shards), "shards": shards}
             manifest["skipped_files"] += skipped
+    progress.finish()
     for path in manifest["skipped_files"]:
         log.warning("prepare: skipped %s: not a readable image", path)
     if verify:
@@ -142,16 +150,37 @@ def prepare(
         manifest["splits"]["val"]["count"],
         sum(len(s["shards"]) for s in manifest["splits"].values()),
     )
+    log.info("prepare: images per class: %s", class_counts(classes, splits, manifest))
     return manifest
 
 
+def class_counts(classes: list[str], splits: dict[str, list[Item]], manifest: dict) -> str:
+    """``cat 40 train / 8 val, dog ...``: what each class holds once skipped files are out."""
+    skipped = set(manifest["skipped_files"])
+    parts = []
+    for label, name in enumerate(classes):
+        counts = [
+            sum(1 for i in splits[s] if i.label == label and i.path not in skipped) for s in SPLITS
+        ]
+        parts.append(f"{name} {counts[0]} train / {counts[1]} val")
+    return ", ".join(parts)
+
+
 def _write_split(
-    name: str, items: list[Item], encoded, dest: str, storage: Storage, tmp: str, shard_size: int
+    name: str,
+    items: list[Item],
+    encoded,
+    dest: str,
+    storage: Storage,
+    tmp: str,
+    shard_size: int,
+    progress: CountProgress,
 ) -> tuple[list[dict], list[str]]:
     """Pack one split's encoded images into shards; returns (shards, skipped files)."""
     writer = _ShardWriter(name, dest, storage, tmp)
     skipped: list[str] = []
     for item, jpeg in zip(items, encoded, strict=True):
+        progress.advance()
         if jpeg is None:
             skipped.append(item.path)
             continue

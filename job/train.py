@@ -24,7 +24,7 @@ import mxnet as mx
 import numpy as np
 from mxnet import autograd, gluon
 
-from job import __version__, distributed, model
+from job import __version__, distributed, model, pipeline_metrics
 from job import storage as st
 from job.augment import Jitter
 from job.checkpoint import Checkpointer, Progress
@@ -119,7 +119,12 @@ class Run:
         self.progress = Progress()
         self.stop_requested = stop  # set by SIGTERM; acted on at a step boundary
         self._next_epoch: tuple[int, Iterator[Any]] | None = None
-        self.log = ProgressLog(enabled=dist.is_primary, fmt=cfg.log_format, stream=sys.stderr)
+        self.log = ProgressLog(
+            enabled=dist.is_primary,
+            fmt=cfg.log_format,
+            stream=sys.stderr,
+            on_progress=metrics.set_progress,
+        )
 
     def _build_data(self) -> None:
         cfg, dist = self.cfg, self.dist
@@ -429,6 +434,9 @@ def run(cfg: Config) -> dict[str, Any] | None:
         run_.resume()
         run_.fit()
         summary = run_.finish(time.perf_counter() - started)
+        if summary is not None and cfg.metrics_file:
+            pipeline_metrics.write(cfg.metrics_file, summary, run_.storage)
+            log.info("pipeline metrics written to %s", cfg.metrics_file)
         outcome = "succeeded"
         return summary
     except PreemptedError:
