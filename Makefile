@@ -14,7 +14,8 @@ HOROVOD_FLAGS := HOROVOD_WITH_MXNET=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 \
 HOROVOD_KEY := $(shell echo "$(HOROVOD) $(HOROVOD_FLAGS) mxnet-1.9.1 $$($(PYTHON) -c 'import sys;print(sys.version_info[:2])' 2>/dev/null)" | sha256sum | cut -c1-12)
 HOROVOD_DIR := $(WHEEL_CACHE)/horovod-$(HOROVOD)-$(HOROVOD_KEY)
 APT_PACKAGES := build-essential cmake openmpi-bin libopenmpi-dev
-TEST_APT_PACKAGES := prometheus prometheus-pushgateway
+# docker-registry: a local OCI registry the chart package test pushes to and pulls from.
+TEST_APT_PACKAGES := prometheus prometheus-pushgateway docker-registry
 
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
@@ -28,7 +29,7 @@ CPU_BUILDER ?= debian:bookworm
 CPU_ARGS    := --build-arg BASE_IMAGE=$(CPU_BASE) --build-arg BUILDER_IMAGE=$(CPU_BUILDER) \
                --build-arg MXNET_PACKAGE=mxnet==1.9.1 --build-arg HOROVOD_GPU_OPERATIONS=
 
-.PHONY: help install apt demo test test-fast lint bench image image-test clean
+.PHONY: help install apt demo test test-fast lint bench image image-test chart-docs chart-package clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -75,9 +76,9 @@ test-fast: install  ## the test suite without tests marked slow
 	$(BIN)/python -m pytest -m "not slow"
 
 lint: install  ## ruff and mypy
-	$(BIN)/ruff check job deploy tests benchmarks
-	$(BIN)/ruff format --check job deploy tests benchmarks
-	$(BIN)/mypy job deploy
+	$(BIN)/ruff check job deploy tests benchmarks charts examples
+	$(BIN)/ruff format --check job deploy tests benchmarks charts examples
+	$(BIN)/mypy job deploy charts/chartdoc.py
 
 bench: install  ## the benchmarks behind BENCHMARKS.md (P1 input pipeline; P2, P3, P5, P6 training loop)
 	$(BIN)/python benchmarks/input_pipeline.py
@@ -91,5 +92,14 @@ image:  ## build the image with podman: FLAVOUR=gpu (default) or cpu; IMAGE_BUIL
 image-test: install  ## lint the Dockerfile; build the CPU image on a debootstrapped base and train in it
 	$(BIN)/python -m pytest tests/image -v
 
+chart-docs: install  ## regenerate charts/finetune-job/README.md from Chart.yaml and values.yaml
+	$(BIN)/python charts/chartdoc.py
+
+HELM ?= helm
+chart-package: install  ## check the chart README is current, then `helm package` it into dist/
+	$(BIN)/python charts/chartdoc.py --check
+	$(HELM) lint --strict charts/finetune-job
+	$(HELM) package charts/finetune-job --destination dist
+
 clean:  ## remove the venv and build output (the Horovod wheel cache stays)
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache
