@@ -29,7 +29,7 @@ CPU_BUILDER ?= debian:bookworm
 CPU_ARGS    := --build-arg BASE_IMAGE=$(CPU_BASE) --build-arg BUILDER_IMAGE=$(CPU_BUILDER) \
                --build-arg MXNET_PACKAGE=mxnet==1.9.1 --build-arg HOROVOD_GPU_OPERATIONS=
 
-.PHONY: help install apt demo test test-fast lint bench image image-test chart-docs chart-package clean
+.PHONY: help install apt demo test test-fast lint bench image image-test chart-docs examples chart-package clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -94,6 +94,9 @@ image-test: install  ## lint the Dockerfile; build the CPU image on a debootstra
 
 chart-docs: install  ## regenerate charts/finetune-job/README.md from Chart.yaml and values.yaml
 	$(BIN)/python charts/chartdoc.py
+
+examples: install  ## regenerate examples/katib-experiment.yaml from the chart
+	$(BIN)/python examples/katib_experiment.py
 
 HELM ?= helm
 chart-package: install  ## check the chart README is current, then `helm package` it into dist/
