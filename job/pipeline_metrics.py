@@ -89,3 +89,17 @@ def _put(metrics: dict[str, float], key: str, value: Any) -> None:
         return
     if math.isfinite(value):
         metrics[key] = value
+
+
+def to_kfp(doc: dict[str, Any], metrics: Any, classification: Any | None = None) -> None:
+    """Log a metrics document into KFP v2 output artifacts (``kfp.dsl.Metrics`` and
+    ``ClassificationMetrics``), through their own ``log_*`` methods; kfp is not imported here,
+    so the training image needs it only inside a pipeline component."""
+    for name, value in doc["metrics"].items():
+        metrics.log_metric(name, value)
+    matrix = doc.get("classification_metrics", {}).get("confusionMatrix")
+    if classification is not None and matrix is not None:
+        classification.log_confusion_matrix(
+            [spec["displayName"] for spec in matrix["annotationSpecs"]],
+            [row["row"] for row in matrix["rows"]],
+        )
