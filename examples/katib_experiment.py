@@ -47,6 +47,10 @@ HEADER = """\
 #   helm install tune charts/finetune-job -n ml -f examples/katib-values.yaml
 #   kubectl apply -f examples/katib-experiment.yaml
 #
+# Katib's controller must watch this kind: add MPIJob.v2beta1.kubeflow.org to
+# init.controller.trialResources of the katib-config ConfigMap (its default list has only the
+# training operator's MPIJob.v1.kubeflow.org).
+#
 # Metrics: Katib's StdOut collector wraps the launcher (the primary pod, labelled
 # training.kubeflow.org/job-role=launcher by the MPI Operator v0.5.0+) and reads, with its
 # default filter, the line rank 0 prints after every epoch:

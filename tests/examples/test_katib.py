@@ -83,6 +83,13 @@ def chart_docs(helm):
     return render(helm, {**VALUES, "runOnInstall": True}, release="tune", namespace="ml")
 
 
+def test_says_which_trial_resource_katib_must_watch():
+    text = (EXAMPLES / "katib-experiment.yaml").read_text(encoding="utf-8")
+    kind, version = TEMPLATE["trialSpec"]["kind"], TEMPLATE["trialSpec"]["apiVersion"]
+    group, api = version.split("/")
+    assert f"{kind}.{api}.{group}" in text  # katib-config trialResources: Kind.version.group
+
+
 def test_is_a_katib_v1beta1_experiment_with_known_fields():
     assert EXPERIMENT["apiVersion"] == "kubeflow.org/v1beta1"
     assert EXPERIMENT["kind"] == "Experiment"
