@@ -68,11 +68,20 @@ def configure(fmt: str = "text", stream: IO[str] | None = None, level: int = log
         root.removeHandler(handler)
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(formatter(fmt))
+    handler.addFilter(_strip_warning_newline)
     handler._finetune_job = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
     logging.captureWarnings(True)
     logging.getLogger("botocore").setLevel(logging.WARNING)  # not its credential chatter
+
+
+def _strip_warning_newline(record: logging.LogRecord) -> bool:
+    # logging.captureWarnings logs warnings.formatwarning(): "file:line: Category: text\n
+    #   source line\n". Keep one warning on one line, in text as in JSON.
+    if record.name == "py.warnings" and isinstance(record.msg, str) and not record.args:
+        record.msg = " ".join(part.strip() for part in record.msg.splitlines() if part.strip())
+    return True
 
 
 def active_format() -> str:

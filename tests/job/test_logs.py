@@ -50,6 +50,7 @@ def test_json_carries_library_lines_and_warnings_in_one_format(restore_logging):
     assert [o["logger"] for o in objects] == ["mxnet.gluon", "py.warnings", "job.train"]
     assert objects[0]["message"] == "a library line 7" and objects[0]["level"] == "WARNING"
     assert "a python warning" in objects[1]["message"]
+    assert "\n" not in objects[1]["message"]
     assert objects[2]["epoch"] == 3
     assert all(re.fullmatch(RFC3339, o["time"]) for o in objects)
     assert logs.active_format() == "json"
