@@ -30,10 +30,16 @@ class Progress:
     """Where training stands; stored in every checkpoint."""
 
     epoch: int = 0  # the epoch in progress (or the next one, when batch == 0)
-    batch: int = 0  # batches of ``epoch`` already trained
+    batch: int = 0  # batches of ``epoch`` already trained (by ``workers`` ranks)
     step: int = 0  # optimizer steps so far
     best_val_top1: float = -1.0
     history: list[dict[str, Any]] = field(default_factory=list)
+    # Images of ``epoch`` already trained, over all ranks: the lr schedule counts epochs as
+    # fractions of images, so a restart on another number of workers keeps its place.
+    images: int = 0
+    workers: int = 0  # the world size that trained ``batch`` (0: a checkpoint from before)
+    # Corrupt records skipped so far, each once per job ([shard, offset-or-record] pairs).
+    corrupt: list[list[Any]] = field(default_factory=list)
 
 
 class Checkpointer:

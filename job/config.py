@@ -254,6 +254,14 @@ class Config:
         maximum=1000,
     )
     log_format: str = _opt("text", "progress lines", choices=("text", "json"), group="run control")
+    step_timeout: float = _opt(
+        600.0,
+        "seconds without a completed step (training or evaluation batch, checkpoint, start) "
+        "after which every rank exits non-zero, naming the phase; 0: off",
+        group="run control",
+        minimum=0,
+        maximum=7 * 86400,
+    )
     # Metrics.
     metrics_port: int = _opt(
         9095,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import posixpath
@@ -180,7 +181,12 @@ def assign_shards(
 
 @dataclass
 class DataStats:
-    """Counts the pipeline keeps for logs and metrics (read from other threads)."""
+    """Counts the pipeline keeps for logs and metrics (read from other threads).
+
+    ``corrupt_records`` counts distinct records: a corrupt record is read again in every
+    epoch (and maybe by another rank), but it is one bad record of the dataset, so it counts
+    once per job. ``corrupt_keys`` names them; a resumed job starts from the checkpoint's.
+    """
 
     records: int = 0
     corrupt_records: int = 0
@@ -189,16 +195,21 @@ class DataStats:
     read_errors: int = 0
     checksum_mismatches: int = 0
     reported_shards: set[str] = field(default_factory=set)
+    corrupt_keys: set[tuple[str, int]] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, name: str, n: int = 1) -> None:
         with self.lock:
             setattr(self, name, getattr(self, name) + n)
 
-    def corrupt(self, c: Corruption, count: int = 1) -> None:
-        """Count ``count`` skipped records; log the first corruption of each shard."""
+    def corrupt(self, c: Corruption, keys: list[tuple[str, int]] | None = None) -> None:
+        """Count skipped records not counted before (``keys``, default the record at
+        ``c.offset``); log the first corruption of each shard."""
+        keys = [(c.shard, c.offset)] if keys is None else keys
         with self.lock:
-            self.corrupt_records += count
+            new = set(keys) - self.corrupt_keys
+            self.corrupt_keys |= new
+            self.corrupt_records += len(new)
             first = c.shard not in self.reported_shards
             self.reported_shards.add(c.shard)
         if first:  # once per shard; the count carries the rest
@@ -209,6 +220,12 @@ class DataStats:
                 c.offset,
                 c.reason,
             )
+
+    def seed_corrupt(self, keys: Iterable[Iterable[Any]]) -> None:
+        """Records a previous run of this job already counted (from its checkpoint)."""
+        with self.lock:
+            self.corrupt_keys |= {(str(shard), int(at)) for shard, at in keys}
+            self.corrupt_records = len(self.corrupt_keys)
 
 
 @dataclass(frozen=True)
@@ -311,9 +328,10 @@ class ShardReader:
             stream.close()
         missing = (piece.stop - piece.start) - yielded
         if missing > events:  # a truncated shard loses every record after the cut
-            self.stats.corrupt(
+            lost = range(piece.stop - (missing - events), piece.stop)
+            self.stats.corrupt(  # keyed by record number (negative: no byte offset to name)
                 Corruption(shard.uri, -1, f"{missing} of {piece.stop - piece.start} missing"),
-                missing - events,
+                [(shard.uri, -1 - i) for i in lost],
             )
         if digest is not None and digest.hexdigest() != shard.sha256:
             self._checksum_mismatch(shard, digest.hexdigest())
@@ -475,30 +493,43 @@ class Loader:
         # Decode straight from the DCT at 1/2, 1/4, 1/8 size when that is still big enough.
         need = settings.image_size if self.train else augment.eval_resize(settings.image_size)
         self.reduce = max([r for r in (1, 2, 4, 8) if dataset.resize // r >= need] or [1])
-        per_rank = dataset.count(split) // size
         if self.train:
-            self.steps_per_epoch = per_rank // settings.batch_size
+            self.steps_per_epoch = self._steps(size)
             if self.steps_per_epoch < 1:
                 raise InputError(
-                    f"{dataset.root}: {per_rank} training images per worker is less "
-                    f"than one batch of {settings.batch_size}"
+                    f"{dataset.root}: {dataset.count(split) // size} training images per "
+                    f"worker is less than one batch of {settings.batch_size}"
                 )
+
+    def _steps(self, size: int) -> int:
+        """Training batches per epoch on each of ``size`` ranks."""
+        return self.dataset.count(self.split) // size // self.s.batch_size
+
+    def steps_left(self, skip: int, trained_by: int = 0) -> int:
+        """Batches this rank has left in an epoch whose first ``skip`` batches were trained
+        by ``trained_by`` ranks (a restart may run on another number; 0: this one). The
+        images those ranks had left are shared out again; a remainder smaller than one
+        global batch is dropped, as at the end of every epoch."""
+        if trained_by in (0, self.size):
+            return self.steps_per_epoch - skip
+        left = trained_by * (self._steps(trained_by) - skip) * self.s.batch_size
+        return left // self.size // self.s.batch_size
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _records(self, epoch: int) -> Iterator[Sample]:
+    def _records(
+        self, epoch: int, rank: int | None = None, size: int | None = None
+    ) -> Iterator[Sample]:
+        """The samples of one rank's share (this rank's, or ``rank`` of ``size``)."""
         from mxnet import recordio
 
+        rank = self.rank if rank is None else rank
+        size = self.size if size is None else size
         pieces = assign_shards(
-            self.dataset.splits[self.split],
-            self.rank,
-            self.size,
-            epoch,
-            self.s.seed,
-            shuffle=self.train,
+            self.dataset.splits[self.split], rank, size, epoch, self.s.seed, shuffle=self.train
         )
-        rng = random.Random(f"{self.s.seed}/{epoch}/{self.rank}")
+        rng = random.Random(f"{self.s.seed}/{epoch}/{rank}")
         while True:
             raw: Iterator[tuple[Piece, Record]] = self.reader.stream(pieces)
             if self.train:
@@ -521,7 +552,7 @@ class Loader:
             if not yielded:
                 raise DataError(
                     f"{self.dataset.root}: no readable {self.split} records in the "
-                    f"share of rank {self.rank}"
+                    f"share of rank {rank}"
                 )
             # Training: fill the epoch's last batches with the share's first records again.
 
@@ -536,14 +567,37 @@ class Loader:
                 "class list disagrees with the shards: run finetune-job prepare again"
             )
 
-    def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[Batch]:
-        """Training batches of ``epoch`` (``steps_per_epoch`` of them) or all eval batches."""
+    def epoch(self, epoch: int, skip_batches: int = 0, trained_by: int = 0) -> Iterator[Batch]:
+        """Training batches of ``epoch`` (``steps_per_epoch`` of them) or all eval batches;
+        a resumed epoch leaves out the first ``skip_batches`` that ``trained_by`` ranks
+        trained (0: this many ranks)."""
+        if self.train and trained_by not in (0, self.size) and skip_batches:
+            records: Iterator[Sample] = background(
+                self._rest_of_epoch(epoch, skip_batches, trained_by), 4 * self.s.batch_size
+            )
+            left = self.steps_left(skip_batches, trained_by)
+            first = trained_by * skip_batches  # past every batch seed the old layout used
+            return background(
+                self._batches(records, epoch, first, left), depth=self.s.prefetch_batches
+            )
         steps = self.steps_per_epoch - skip_batches if self.train else None
         records = background(self._records(epoch), depth=4 * self.s.batch_size)
         for _ in range(skip_batches * self.s.batch_size):  # resume mid-epoch: same order
             next(records)
         batches = self._batches(records, epoch, skip_batches, steps)
         return background(batches, depth=self.s.prefetch_batches)
+
+    def _rest_of_epoch(self, epoch: int, skip: int, old_size: int) -> Iterator[Sample]:
+        """What ``old_size`` ranks had not trained of ``epoch`` after ``skip`` batches each,
+        dealt out to this layout's ranks: every image of it once, on one rank."""
+        b, steps = self.s.batch_size, self._steps(old_size)
+        rest = (
+            itertools.islice(self._records(epoch, old_rank, old_size), skip * b, steps * b)
+            for old_rank in range(old_size)
+        )
+        for i, sample in enumerate(itertools.chain.from_iterable(rest)):
+            if i % self.size == self.rank:
+                yield sample
 
     def _batches(
         self, records: Iterator[Sample], epoch: int, first: int, steps: int | None
@@ -688,10 +742,20 @@ class SyntheticLoader:
             rng.integers(0, classes, settings.batch_size).astype(np.float32),
             settings.batch_size,
         )
-        self.steps_per_epoch = max(1, images // (settings.batch_size * size))
+        self.images, self.size, self.batch_size = images, size, settings.batch_size
+        self.steps_per_epoch = self._steps(size)
 
-    def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[Batch]:
-        for _ in range(self.steps_per_epoch - skip_batches):
+    def _steps(self, size: int) -> int:
+        return max(1, self.images // (self.batch_size * size))
+
+    def steps_left(self, skip: int, trained_by: int = 0) -> int:
+        if trained_by in (0, self.size):
+            return self.steps_per_epoch - skip
+        left = trained_by * (self._steps(trained_by) - skip) * self.batch_size
+        return left // self.size // self.batch_size
+
+    def epoch(self, epoch: int, skip_batches: int = 0, trained_by: int = 0) -> Iterator[Batch]:
+        for _ in range(self.steps_left(skip_batches, trained_by)):
             yield self.batch
 
     def close(self) -> None:

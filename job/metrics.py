@@ -14,7 +14,7 @@ labels are ``split`` (accuracy) and ``phase`` (step phases). Throughput is
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -41,7 +41,12 @@ class DataStatsCollector(Collector):
         ("finetune_read_bytes", "bytes_read", "Bytes of records read from storage (S3 or local)."),
         ("finetune_read_retries", "read_retries", "Reads resumed after a dropped stream."),
         ("finetune_read_errors", "read_errors", "Reads that failed after all retries."),
-        ("finetune_corrupt_records", "corrupt_records", "Corrupt records skipped, not trained."),
+        (
+            "finetune_corrupt_records",
+            "corrupt_records",
+            "Distinct corrupt records this rank skipped (not trained), each counted once per "
+            "job: reading it again in a later epoch or after a restart does not count again.",
+        ),
         (
             "finetune_checksum_mismatches",
             "checksum_mismatches",
@@ -97,7 +102,8 @@ class Metrics:
         )
         self.step_seconds = Histogram(
             "finetune_step_seconds",
-            "Wall time of one training step (the sum of its phases).",
+            "Wall time of one training step (the sum of its phases), sampled: one step per "
+            "log interval runs with device syncs around its phases and is observed here.",
             rank_,
             buckets=STEP_BUCKETS,
             registry=r,
@@ -105,7 +111,8 @@ class Metrics:
         self.phase_seconds = Histogram(
             "finetune_step_phase_seconds",
             "Time of one step spent per phase: data (waiting for the batch), compute "
-            "(forward+backward), allreduce (gradient allreduce and optimizer update).",
+            "(forward+backward), allreduce (gradient allreduce and optimizer update); sampled "
+            "on the same steps as finetune_step_seconds.",
             ["rank", "phase"],
             buckets=STEP_BUCKETS,
             registry=r,
@@ -147,6 +154,20 @@ class Metrics:
             rank_,
             registry=r,
         )
+        self.seconds_since_step = Gauge(
+            "finetune_seconds_since_last_step",
+            "Seconds since this rank last completed a step (a training or evaluation batch; "
+            "counted from the start before the first). The watchdog exits at "
+            "finetune_step_timeout_seconds.",
+            rank_,
+            registry=r,
+        )
+        self.step_timeout = Gauge(
+            "finetune_step_timeout_seconds",
+            "The run's step_timeout: a rank with no step for this long exits (0: no watchdog).",
+            rank_,
+            registry=r,
+        )
         self._server: Any = None
 
     def watch_data(self, stats: Any) -> None:
@@ -171,10 +192,18 @@ class Metrics:
             self._server.server_close()
             self._server = None
 
+    def watch_steps(self, seconds_since_step: Callable[[], float], timeout: float) -> None:
+        """The watchdog's clock, read at every scrape (and at the final push)."""
+        self.seconds_since_step.labels(self.rank).set_function(seconds_since_step)
+        self.step_timeout.labels(self.rank).set(timeout)
+
     # Feeding, from the training loop.
-    def step(self, images: int, data_s: float, compute_s: float, allreduce_s: float) -> None:
+    def step(self, images: int) -> None:
         self.images.labels(self.rank).inc(images)
         self.steps.labels(self.rank).inc()
+
+    def phases(self, data_s: float, compute_s: float, allreduce_s: float) -> None:
+        """A sampled step's phase times (measured with device syncs between the phases)."""
         self.step_seconds.labels(self.rank).observe(data_s + compute_s + allreduce_s)
         for phase, seconds in zip(PHASES, (data_s, compute_s, allreduce_s), strict=True):
             self.phase_seconds.labels(self.rank, phase).observe(seconds)

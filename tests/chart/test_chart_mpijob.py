@@ -323,6 +323,12 @@ def test_pods_get_the_grace_period_that_covers_a_sigterm_checkpoint(helm, grace)
     mpijob = one(render(helm, values(**extra)), "MPIJob")
     for role in ("Launcher", "Worker"):
         assert replica_pod(mpijob, role)["spec"]["terminationGracePeriodSeconds"] == (grace or 120)
+    # mpirun SIGKILLs the ranks this long after forwarding SIGTERM: inside the grace period,
+    # with time left for the checkpoint.
+    command, _ = launcher_command_and_config(render(helm, values(**extra)))
+    at = command.index("odls_base_sigkill_timeout")
+    assert command[at - 1] == "-mca"
+    assert 0 < int(command[at + 1]) <= (grace or 120) - 10
 
 
 def test_grace_period_below_one_second_is_rejected(helm):

@@ -125,6 +125,10 @@ BAD_VALUES = {
         {"training": {"epochs": "ten"}},
         r"(?i)training.*epochs.*(got string, want integer|invalid type)",
     ),
+    "negative-step-timeout": (
+        {"training": {"step_timeout": -1}},
+        r"(?i)training.*step_timeout.*(minimum|must be greater than or equal to 0)",
+    ),
     "bad-model": (
         {"training": {"model": "vgg16"}},
         r"(?i)training.*model.*(must be one of|value must be one of)",
@@ -164,6 +168,12 @@ def test_the_chart_defaults_alone_fail_naming_data_and_output(helm):
     with pytest.raises(HelmError) as err:
         render(helm)
     assert "data" in err.value.stderr and "output" in err.value.stderr
+
+
+def test_step_timeout_reaches_the_jobs_config_file(helm):
+    docs = render(helm, _merged({"training": {"step_timeout": 45}}))
+    (config_map,) = [d for d in docs if d["kind"] == "ConfigMap" and "config.yaml" in d["data"]]
+    assert yaml.safe_load(config_map["data"]["config.yaml"])["step_timeout"] == 45
 
 
 def test_synthetic_runs_need_no_data(helm):

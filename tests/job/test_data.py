@@ -1,4 +1,5 @@
 import collections
+import itertools
 import random
 
 import numpy as np
@@ -137,3 +138,39 @@ def test_too_few_images_for_one_batch_is_an_input_error(tiny_dataset):
 def test_missing_manifest_is_named(tmp_path):
     with pytest.raises(InputError, match=r"manifest.json: no dataset manifest"):
         load_dataset(str(tmp_path), Storage())
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2), (2, 3)], ids=["2-1", "1-2", "2-3"])
+def test_an_epoch_resumed_on_another_world_size_sees_each_remaining_record_once(
+    tiny_dataset, before, after
+):
+    """``before`` ranks trained 2 batches each of epoch 1, then the job restarted on ``after``:
+    the new ranks share out exactly what the old ones had left (less a remainder smaller than
+    a global batch), and nothing the old ones trained."""
+    storage, epoch, skip, b = Storage(), 1, 2, 8
+    dataset = load_dataset(tiny_dataset, storage)
+    settings = LoaderSettings(batch_size=b, image_size=32, workers=1, shuffle_buffer=16)
+
+    def loader(rank, size):
+        return Loader(dataset, "train", settings, rank, size, storage, DataStats())
+
+    def keys(samples):
+        return [(s.shard, s.offset) for s in samples]
+
+    old = [loader(r, before) for r in range(before)]
+    trained = [k for ld in old for k in keys(itertools.islice(ld._records(epoch), skip * b))]
+    whole = [
+        k for ld in old for k in keys(itertools.islice(ld._records(epoch), ld.steps_per_epoch * b))
+    ]
+    new = [loader(r, after) for r in range(after)]
+    rest = [keys(ld._rest_of_epoch(epoch, skip, before)) for ld in new]
+    merged = [k for part in rest for k in part]
+    assert sorted(trained + merged) == sorted(whole)
+    assert len(set(merged)) == len(merged)  # each once, on one rank
+    steps = new[0].steps_left(skip, before)
+    assert all(ld.steps_left(skip, before) == steps for ld in new)
+    assert 0 <= len(merged) - steps * b * after < b * after  # at most a global batch dropped
+    batches = list(new[0].epoch(epoch, skip_batches=skip, trained_by=before))
+    assert len(batches) == steps
+    for ld in old + new:
+        ld.close()

@@ -30,7 +30,10 @@ def fed(rank: int = 0) -> Metrics:
     m.watch_data(stats)
     m.info.info({"model": "resnet18_v2", "workers": "2", "batch_size": "8", "version": "0.1.0"})
     for _ in range(3):
-        m.step(8, data_s=0.002, compute_s=0.3, allreduce_s=0.05)
+        m.step(8)
+        m.phases(data_s=0.002, compute_s=0.3, allreduce_s=0.05)
+    m.step(8)  # a step that was not sampled: counted, not timed
+    m.watch_steps(lambda: 12.5, timeout=600)
     m.epoch.labels(m.rank).set(0)
     m.loss.labels(m.rank).set(1.25)
     m.lr.labels(m.rank).set(0.02)
@@ -90,8 +93,10 @@ def test_accuracy_is_a_ratio_per_split():
 def test_a_step_counts_images_and_splits_its_time_into_phases():
     got = samples(fed(rank=3))
     rank = (("rank", "3"),)
-    assert got[("finetune_images_total", rank)] == 24
-    assert got[("finetune_steps_total", rank)] == 3
+    assert got[("finetune_images_total", rank)] == 32
+    assert got[("finetune_steps_total", rank)] == 4
+    assert got[("finetune_seconds_since_last_step", rank)] == 12.5  # read at scrape time
+    assert got[("finetune_step_timeout_seconds", rank)] == 600
     assert got[("finetune_step_seconds_count", rank)] == 3
     assert got[("finetune_step_seconds_sum", rank)] == pytest.approx(3 * 0.352)
     for phase, seconds in zip(PHASES, (0.002, 0.3, 0.05), strict=True):
@@ -214,7 +219,7 @@ def test_final_push_groups_by_rank_with_the_outcome(pushgateway):
     assert set(groups) == {"0", "1"}
     assert groups["0"]["finetune_failed"] == 0
     assert groups["0"]["finetune_last_success_timestamp_seconds"] > 1.6e9
-    assert groups["0"]["finetune_images_total"] == 24
+    assert groups["0"]["finetune_images_total"] == 32
     assert groups["1"]["finetune_failed"] == 1
     assert "finetune_last_success_timestamp_seconds" not in groups["1"]
     # A later successful run replaces the group: the failure marker clears.

@@ -171,6 +171,11 @@ the MPI Operator's Open MPI launcher line, then `finetune-job train --config`.
 {{- $cmd = concat $cmd (list "-x" .) }}
 {{- end }}
 {{- $cmd = concat $cmd (list "-mca" "pml" "ob1" "-mca" "btl" "^openib") }}
+{{- /* On SIGTERM, mpirun forwards it to the ranks and SIGKILLs them after this many seconds
+  (Open MPI's default is a few): leave them the pod's grace period, less a margin, to write
+  the step's checkpoint. */}}
+{{- $sigkill := max 1 (sub (int .Values.terminationGracePeriodSeconds) 10) }}
+{{- $cmd = concat $cmd (list "-mca" "odls_base_sigkill_timeout" (toString $sigkill)) }}
 {{- $cmd = concat $cmd (.Values.mpirun.extraArgs | default list) }}
 {{- $cmd = concat $cmd (list "finetune-job" "train" "--config" "/etc/finetune-job/config.yaml") }}
 {{- toJson $cmd }}
