@@ -24,7 +24,8 @@ import yaml
 
 from deploy import constants as c
 from deploy import manifest
-from deploy.errors import BadInputError, DeployError, JobFailedError
+from deploy import schedule as schedule_mod
+from deploy.errors import BadInputError, DeployError, JobFailedError, JobTimeoutError
 from deploy.status import StuckBounds
 from job import registry
 from job.errors import GateError, JobError
@@ -164,6 +165,11 @@ def register(sub: Any) -> None:
         "--dry-run",
         action="store_true",
         help="print the MPIJob and ConfigMap as YAML; submit nothing",
+    )
+    p.add_argument(
+        "--allow-overlap",
+        action="store_true",
+        help="with --schedule: start even while a run of the schedule has not finished",
     )
     _cluster_args(p)
     p.set_defaults(func=submit)
@@ -356,20 +362,30 @@ def submit(args: argparse.Namespace) -> int:
     _bounds(args)  # bad input, found before anything is submitted
     rendered = _rendered(args)
     storage = _storage(rendered)
+    client = None if args.dry_run else _client(args)
+    predecessor = _single_flight(args, client, storage)
     pretrained = str(rendered.training.get("pretrained") or "")
-    resolved = None
-    if pretrained and registry.is_latest_uri(pretrained):
+    resolved = resume_from = None
+    if predecessor is not None:  # the failed run's own start, so the fingerprints agree
+        resume_from, resolved = predecessor
+        _note(f"resuming the failed run in {resume_from} (pretrained {resolved})")
+    elif pretrained and registry.is_latest_uri(pretrained):
         resolved = registry.resolve_pretrained(
             pretrained, storage, if_missing=args.first_pretrained
         )
         _note(f"pretrained {pretrained} -> {resolved}")
     run = manifest.build_run(
-        rendered, schedule=args.schedule, prefix=args.name_prefix, pretrained=resolved
+        rendered,
+        schedule=args.schedule,
+        prefix=args.name_prefix,
+        pretrained=resolved,
+        resume_from=resume_from,
     )
-    if args.dry_run:
+    if args.wait or args.follow:  # the run stops by itself when this submit gives up
+        schedule_mod.cap_deadline(run.mpijob, args.timeout)
+    if client is None:
         print(yaml.safe_dump_all([run.mpijob, run.config_map], sort_keys=False), end="")
         return ExitCode.OK
-    client = _client(args)
     client.submit(run.mpijob, run.config_map)
     _note(f"submitted MPIJob {client.namespace}/{run.name}; output {run.output}")
     if not (args.wait or args.follow):
@@ -377,6 +393,17 @@ def submit(args: argparse.Namespace) -> int:
         return ExitCode.OK
     root = str(rendered.training["output"])
     return _wait_and_gate(args, client, storage, root, run)
+
+
+def _single_flight(args: argparse.Namespace, client: Any, storage: Any) -> tuple[str, str] | None:
+    """For a scheduled submit: refuse while the schedule's last run is unfinished, and find
+    a failed predecessor to resume ((output, pretrained), or None)."""
+    schedule = manifest.label_value(args.schedule)
+    if client is None or not schedule:
+        return None
+    if not args.allow_overlap:
+        schedule_mod.refuse_overlap(client, schedule)
+    return schedule_mod.resumable_predecessor(client, storage, schedule)
 
 
 def _wait_and_gate(
@@ -393,6 +420,13 @@ def _wait_and_gate(
             on_change=lambda s: _note(f"MPIJob {s.describe()}"),
             stuck=_bounds(args),
         )
+    except JobTimeoutError as e:
+        left = run.mpijob["spec"].get("runPolicy", {}).get("activeDeadlineSeconds")
+        raise JobTimeoutError(
+            f"{e}; left running: MPIJob {client.namespace}/{run.name} (output {run.output}), "
+            f"ungated; its activeDeadlineSeconds {left} stops it at the latest; "
+            f"`finetune-job delete {run.name}` stops it now"
+        ) from e
     except JobFailedError:
         _save_logs(client, storage, run)
         _cleanup(args, client, run.name)

@@ -244,6 +244,7 @@ def build_run(
     prefix: str = "",
     namespace: str | None = None,
     pretrained: str | None = None,
+    resume_from: str | None = None,
     now: dt.datetime | None = None,
     rng: random.Random | None = None,
 ) -> Run:
@@ -251,7 +252,8 @@ def build_run(
 
     ``training.output`` is the output root; the run writes to ``<root>/runs/<name>``.
     ``pretrained`` (already resolved, e.g. from ``<root>/latest``) replaces
-    ``training.pretrained`` when given. Everything else stays as Helm rendered it.
+    ``training.pretrained`` when given, and ``resume_from`` (a failed predecessor's output)
+    sets ``training.resume_from``. Everything else stays as Helm rendered it.
     """
     training = rendered.training
     root = str(training.get("output") or "")
@@ -262,6 +264,8 @@ def build_run(
     training = {**training, "output": output}
     if pretrained is not None:
         training["pretrained"] = pretrained
+    if resume_from is not None:
+        training["resume_from"] = resume_from
     check_training(training)
     text = config_yaml(training)
     labels = {

@@ -1,28 +1,41 @@
-"""Resume-complete checkpoints under ``OUTPUT/checkpoints/`` (local or S3).
+"""Resume-complete, self-checking checkpoints under ``OUTPUT/checkpoints/`` (local or S3).
 
-A checkpoint is a folder ``step-00001234/`` holding ``model.params`` (``save_parameters``),
-``trainer.states`` (optimizer state) and ``state.json`` (epoch, step, batches done in the
-epoch, best metric, history, config). The folder is written first; the small pointer
-``checkpoints/latest`` is written last, so a crash mid-checkpoint leaves the previous one
-in force. Only rank 0 writes; every rank reads when resuming. Older checkpoints are pruned
-to ``keep``.
+A checkpoint is a folder ``step-00001234-<run id>/`` holding ``model.params``
+(``save_parameters``), ``trainer.states`` (optimizer state), ``state.json`` (epoch, step,
+batches done in the epoch, best metric, history, config) and, written after those,
+``checkpoint.json``: the run id, the step and each file's size and sha256. The small pointer
+``checkpoints/latest`` (the same facts plus the folder's name) is written last. Local writes
+are fsynced (files, then folders) before the pointer, so a power cut cannot leave a pointer
+to bytes that never reached the disk; S3 acknowledges a PUT only once it is stored.
+
+Resuming checks every file against its size and digest. A pointer to a missing, partial or
+altered folder falls back, with one warning, to the newest checkpoint that checks out.
+Only rank 0 writes; every rank reads when resuming. Pruning keeps ``keep`` checkpoints of
+this run (its run id) and never touches another run's, even in a shared output.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
+import secrets
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from job import storage as st
-from job.storage import Storage
+from job.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 POINTER = "latest"
+MANIFEST = "checkpoint.json"
+PARTS = ("model.params", "trainer.states", "state.json")
+NAME = re.compile(r"^step-(\d{8})-([0-9a-f]+)$")
 
 
 @dataclass
@@ -42,51 +55,193 @@ class Progress:
     corrupt: list[list[Any]] = field(default_factory=list)
 
 
+class CheckpointInvalidError(Exception):
+    """A checkpoint folder that is missing, partial or altered; the message says which."""
+
+
 class Checkpointer:
     def __init__(self, storage: Storage, output: str, keep: int) -> None:
         self.storage, self.keep = storage, keep
         self.root = st.join(output, "checkpoints")
+        # A new run gets a new id; a resumed run takes over the id of its checkpoint.
+        self.run_id = secrets.token_hex(4)
 
-    def save(self, net: Any, trainer: Any, progress: Progress, config: dict[str, Any]) -> str:
-        name = f"step-{progress.step:08d}"
+    def save(
+        self,
+        net: Any,
+        trainer: Any,
+        progress: Progress,
+        config: dict[str, Any],
+        fingerprint: dict[str, Any] | None = None,
+    ) -> str:
+        """Write a checkpoint; ``fingerprint`` (job.fingerprint) says which run it belongs to."""
+        name = f"step-{progress.step:08d}-{self.run_id}"
         folder = st.join(self.root, name)
         with tempfile.TemporaryDirectory(prefix="finetune-ckpt-") as tmp:
             net.save_parameters(os.path.join(tmp, "model.params"))
             trainer.save_states(os.path.join(tmp, "trainer.states"))
-            state = {"progress": asdict(progress), "config": config, "saved_at": time.time()}
+            state = {
+                "progress": asdict(progress),
+                "config": config,
+                "fingerprint": fingerprint,
+                "saved_at": time.time(),
+            }
             with open(os.path.join(tmp, "state.json"), "w") as fh:
                 json.dump(state, fh, indent=1)
-            for part in ("model.params", "trainer.states", "state.json"):
+            files = {part: file_facts(os.path.join(tmp, part)) for part in PARTS}
+            for part in PARTS:
                 self.storage.upload(os.path.join(tmp, part), st.join(folder, part))
+        manifest = {"run_id": self.run_id, "step": progress.step, "files": files}
+        self.storage.write_bytes(st.join(folder, MANIFEST), json.dumps(manifest).encode())
+        self.storage.sync(folder)  # every byte on disk before anything points at it
+        pointer = dict(manifest, checkpoint=name)
         self.storage.write_bytes(
-            st.join(self.root, POINTER), json.dumps({"checkpoint": name}).encode()
+            st.join(self.root, POINTER), json.dumps(pointer).encode(), durable=True
         )
         self._prune(keep_name=name)
         return folder
 
     def latest(self) -> str | None:
-        """The folder of the newest complete checkpoint, or None."""
-        pointer = st.join(self.root, POINTER)
-        if not self.storage.exists(pointer):
-            return None
-        name = json.loads(self.storage.read_bytes(pointer))["checkpoint"]
-        return st.join(self.root, name)
+        """The folder the pointer names, or None before the first checkpoint (cheap: for
+        messages; :meth:`restore` is what checks a checkpoint before using it)."""
+        pointer = self._pointer()
+        return st.join(self.root, pointer["checkpoint"]) if pointer else None
+
+    def restore(
+        self,
+        net: Any,
+        trainer: Any,
+        ctx: Any,
+        warn: bool = True,
+        check: Callable[[dict[str, Any], str], None] | None = None,
+    ) -> tuple[str, Progress, dict[str, Any]] | None:
+        """Load the newest checkpoint whose files all check out: (its folder, progress,
+        config), or None when there is none.
+
+        Tries the pointer's checkpoint first, then this run's older ones, newest first, then
+        any other; what was skipped is reported in one warning (``warn``: by this rank).
+        ``check(state, folder)`` sees the chosen checkpoint's state.json before anything is
+        loaded, and may refuse it by raising."""
+        pointer = self._pointer()
+        skipped: list[str] = []
+        for name in self._candidates(pointer):
+            folder = st.join(self.root, name)
+            with tempfile.TemporaryDirectory(prefix="finetune-ckpt-") as tmp:
+                try:
+                    manifest = self._verified_copy(folder, tmp)
+                except CheckpointInvalidError as e:
+                    skipped.append(str(e))
+                    continue
+                if skipped and warn:
+                    log.warning(
+                        "checkpoint %s; resuming from %s, the newest complete checkpoint",
+                        "; ".join(skipped),
+                        folder,
+                    )
+                if check is not None:
+                    with open(os.path.join(tmp, "state.json")) as fh:
+                        check(json.load(fh), folder)
+                self.run_id = str(manifest["run_id"])
+                return (folder, *self._load_local(tmp, net, trainer, ctx))
+        if skipped and warn:
+            log.warning("checkpoint %s; no complete checkpoint left: starting afresh", skipped[0])
+        return None
 
     def load(
         self, folder: str, net: Any, trainer: Any, ctx: Any
     ) -> tuple[Progress, dict[str, Any]]:
-        with self.storage.local_copy(st.join(folder, "model.params")) as path:
-            net.load_parameters(path, ctx=ctx)
-        with self.storage.local_copy(st.join(folder, "trainer.states")) as path:
-            trainer.load_states(path)
-        state = json.loads(self.storage.read_bytes(st.join(folder, "state.json")))
+        """Load ``folder`` after checking each file; CheckpointInvalidError when one does not."""
+        with tempfile.TemporaryDirectory(prefix="finetune-ckpt-") as tmp:
+            manifest = self._verified_copy(folder, tmp)
+            self.run_id = str(manifest["run_id"])
+            return self._load_local(tmp, net, trainer, ctx)
+
+    @staticmethod
+    def _load_local(tmp: str, net: Any, trainer: Any, ctx: Any) -> tuple[Progress, dict[str, Any]]:
+        net.load_parameters(os.path.join(tmp, "model.params"), ctx=ctx)
+        trainer.load_states(os.path.join(tmp, "trainer.states"))
+        with open(os.path.join(tmp, "state.json")) as fh:
+            state = json.load(fh)
         return Progress(**state["progress"]), state["config"]
 
+    def _pointer(self) -> dict[str, Any] | None:
+        """The pointer's facts; None when there is none or it cannot be read as one."""
+        uri = st.join(self.root, POINTER)
+        if not self.storage.exists(uri):
+            return None
+        try:
+            pointer = json.loads(self.storage.read_bytes(uri))
+        except ValueError:
+            log.warning("checkpoint pointer %s is not JSON; ignoring it", uri)
+            return None
+        if not isinstance(pointer, dict) or not isinstance(pointer.get("checkpoint"), str):
+            log.warning("checkpoint pointer %s names no checkpoint; ignoring it", uri)
+            return None
+        return pointer
+
+    def _names(self) -> list[str]:
+        """Checkpoint folders of every run, newest (highest step) first."""
+        found = {
+            uri[len(self.root) :].strip("/").split("/")[0] for uri in self.storage.list(self.root)
+        }
+        return sorted((n for n in found if NAME.match(n)), key=_step_of, reverse=True)
+
+    def _candidates(self, pointer: dict[str, Any] | None) -> list[str]:
+        names = self._names()
+        if pointer is None:
+            return names
+        run = pointer.get("run_id")
+        first = [pointer["checkpoint"]]
+        same_run = [n for n in names if _run_of(n) == run and n not in first]
+        return first + same_run + [n for n in names if n not in first + same_run]
+
+    def _verified_copy(self, folder: str, tmp: str) -> dict[str, Any]:
+        """Copy ``folder``'s files into ``tmp`` and check them against its manifest."""
+        try:
+            manifest = json.loads(self.storage.read_bytes(st.join(folder, MANIFEST)))
+            files = manifest["files"]
+            if not isinstance(files, dict) or not isinstance(manifest["run_id"], str):
+                raise TypeError(MANIFEST)
+        except (StorageError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointInvalidError(f"{folder} is incomplete (no valid {MANIFEST})") from e
+        for part in PARTS:
+            local = os.path.join(tmp, part)
+            try:
+                self.storage.download(st.join(folder, part), local)
+            except StorageError as e:
+                raise CheckpointInvalidError(f"{folder} is incomplete ({part} missing)") from e
+            facts = file_facts(local)
+            want = files.get(part, {})
+            if facts["size"] != want.get("size"):
+                raise CheckpointInvalidError(
+                    f"{folder}/{part} has {facts['size']} bytes, not {want.get('size')}"
+                )
+            if facts["sha256"] != want.get("sha256"):
+                raise CheckpointInvalidError(f"{folder}/{part} does not match its sha256")
+        return dict(manifest)
+
     def _prune(self, keep_name: str) -> None:
-        names = sorted(
-            {uri[len(self.root) :].strip("/").split("/")[0] for uri in self.storage.list(self.root)}
-            - {POINTER}
-        )
-        old = [n for n in names if n < keep_name][: max(0, len(names) - self.keep)]
-        for name in old:
-            self.storage.delete_prefix(st.join(self.root, name))
+        """Delete this run's checkpoints older than the newest ``keep``; others' stay."""
+        mine = [n for n in self._names() if _run_of(n) == self.run_id]
+        for name in mine[self.keep :]:
+            if name != keep_name:
+                self.storage.delete_prefix(st.join(self.root, name))
+
+
+def file_facts(path: str) -> dict[str, Any]:
+    """Size and sha256 of a local file, as the manifest records them."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"size": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
+def _step_of(name: str) -> int:
+    match = NAME.match(name)
+    return int(match.group(1)) if match else -1
+
+
+def _run_of(name: str) -> str | None:
+    match = NAME.match(name)
+    return match.group(2) if match else None

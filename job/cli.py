@@ -182,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument(
         "--verify", action="store_true", help="re-read every shard and check sha256"
     )
+    prepare.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="DEST holds a dataset: write a new version beside it and replace the manifest "
+        "last (without it, a non-empty DEST is refused)",
+    )
     _add_s3_arguments(prepare)
     prepare.set_defaults(func=_prepare)
 
@@ -251,6 +257,7 @@ def _prepare(args: argparse.Namespace) -> int:
         workers=args.workers,
         seed=args.seed,
         verify=args.verify,
+        overwrite=args.overwrite,
     )
     return ExitCode.OK
 
@@ -310,7 +317,9 @@ def run_guarded(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
     except config_mod.ConfigError as e:
         return _fail(e, ExitCode.BAD_INPUT)
     except JobError as e:
-        return _fail(e, e.exit_code)
+        code = _fail(e, e.exit_code)
+        _settle_mxnet()
+        return code
     except ModuleNotFoundError as e:
         extra = EXTRAS.get((e.name or "").partition(".")[0])
         if extra is None and (e.name or "").partition(".")[0] != "horovod":
@@ -318,6 +327,31 @@ def run_guarded(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
         return _fail(missing_extra(args.command, e.name or "", extra), ExitCode.BAD_INPUT)
     except KeyboardInterrupt:
         return ExitCode.INTERRUPTED
+    except Exception as e:
+        if not _another_rank_failed(e):
+            raise
+        # This rank only saw the collective break; the rank that failed said why.
+        _settle_mxnet()
+        return _fail("stopped because another rank failed (its error is above)", ExitCode.FAILED)
+
+
+def _another_rank_failed(e: BaseException) -> bool:
+    """Horovod's way of telling a rank that a peer exited: HorovodInternalError, or an
+    MXNetError from a collective saying Horovod has been shut down."""
+    return type(e).__name__ == "HorovodInternalError" or "Horovod has been shut down" in str(e)
+
+
+def _settle_mxnet() -> None:
+    """Collect MXNet's pending asynchronous error (a collective broken by a peer's exit), so
+    it is not raised again, with a traceback, by MXNet's exit hook."""
+    if "mxnet" not in sys.modules:
+        return
+    import mxnet as mx
+
+    try:
+        mx.nd.waitall()
+    except Exception:  # noqa: BLE001 - already reported in one line; only silence it here
+        log.debug("pending MXNet error collected at exit", exc_info=True)
 
 
 def missing_extra(command: str, module: str, extra: str | None) -> str:

@@ -33,8 +33,10 @@ GROUPS = ("data", "model", "optimisation", "augmentation", "run control", "metri
 # JSON Schema patterns too (searched, hence anchored), so the chart checks the same.
 NO_CONTROL = r"^[^\x00-\x1f\x7f]*$"
 S3_URI = r"^s3://[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?(/[^\x00-\x1f\x7f]*)?$"
-S3_PREFIX = r"^s3://"
-URL = r"^(https?://[^\s/]+(/\S*)?)?$"  # empty, or http(s)://host[:port][/path]
+# Anything that starts like a URI scheme ("S3://", "s3:/", "gs://") must be a valid s3:// URI;
+# otherwise it would quietly become a local folder named "S3:".
+SCHEME = r"^[A-Za-z][A-Za-z0-9+.-]*:"
+URL = r"^(https?://[^\s/@]+(/\S*)?)?$"  # empty, or http(s)://host[:port][/path], no user@
 REGION = r"^([a-z0-9](-?[a-z0-9])*)?$"  # empty, or like us-east-1 (botocore rejects others)
 HOST = r"^[A-Za-z0-9.:_-]+$"  # an IPv4/IPv6 address or a host name
 SEED_MAX = 2**32 - 1  # numpy's seed range
@@ -60,7 +62,7 @@ class Rule:
     nonempty: bool = False  # strings: "" is not a value
     pattern: str | None = None  # strings: re.search must match (JSON Schema semantics)
     pattern_help: str = ""  # the pattern in words, for the error line
-    s3_uri: bool = False  # strings starting with s3:// must match S3_URI
+    s3_uri: bool = False  # strings that start with a scheme (SCHEME) must match S3_URI
     unique: bool = False  # lists: no item twice
 
     def bounds_text(self) -> str:
@@ -213,8 +215,14 @@ class Config:
     )
     resume: str = _opt(
         "auto",
-        "resume from the latest checkpoint in OUTPUT",
-        choices=("auto", "never"),
+        "resume from the latest checkpoint of this run in OUTPUT (never: start afresh; "
+        "force: resume even from another run's checkpoint)",
+        choices=("auto", "never", "force"),
+        group="run control",
+    )
+    resume_from: str = _uri(
+        "output of an earlier, unfinished run of the same definition: resume from its "
+        "checkpoint when OUTPUT has none yet (set by scheduled submits)",
         group="run control",
     )
     log_interval: int = _opt(
@@ -279,10 +287,25 @@ class Config:
     )
     pushgateway: str = _opt(
         "",
-        "Pushgateway URL that receives the final metrics; empty: no push",
+        "Pushgateway URL that receives the final metrics (no user:password@ in it: use the "
+        "credential files); empty: no push",
         group="metrics",
         pattern=URL,
         pattern_help="empty or an http(s):// URL",
+    )
+    pushgateway_username_file: str = _opt(
+        "",
+        "file holding the Pushgateway basic-auth user name (a mounted Secret)",
+        group="metrics",
+        pattern=NO_CONTROL,
+        pattern_help="free of control characters",
+    )
+    pushgateway_password_file: str = _opt(
+        "",
+        "file holding the Pushgateway basic-auth password (a mounted Secret)",
+        group="metrics",
+        pattern=NO_CONTROL,
+        pattern_help="free of control characters",
     )
     pushgateway_job: str = _opt(
         "finetune-job",
@@ -344,6 +367,11 @@ class Config:
             raise ConfigError(
                 f"config key 'data' is required ({_given_as('data')}) unless synthetic is true"
             )
+        if bool(self.pushgateway_username_file) != bool(self.pushgateway_password_file):
+            raise ConfigError(
+                "config keys 'pushgateway_username_file' and 'pushgateway_password_file' "
+                "go together: give both or neither"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML types (tuples as lists), loadable again as a config file."""
@@ -353,6 +381,13 @@ class Config:
 
 
 FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Config)}
+
+
+# Keys that hold a URL or URI: credentials in them would be copied into every log line,
+# checkpoint and summary that records the config, so they are refused, and never echoed.
+URL_KEYS = tuple(
+    k for k, f in FIELDS.items() if f.metadata["rule"].pattern == URL or f.metadata["rule"].s3_uri
+)
 _HINTS = typing.get_type_hints(Config)
 
 
@@ -463,6 +498,12 @@ def _scalar(key: str, kind: type, value: Any, source: str) -> Any:
 def _check_rule(key: str, value: Any, source: str) -> None:
     r = rule(key)
     where = f"config key '{key}' from {source}"
+    if key in URL_KEYS and _has_userinfo(value):
+        raise ConfigError(
+            f"{where}: must not hold credentials (user:password@ in the URL; the value is not "
+            "repeated here); use pushgateway_username_file/pushgateway_password_file or the "
+            "AWS credential chain"
+        )
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{where}: must be a finite number, got {value!r}")
     if isinstance(value, int | float) and not isinstance(value, bool):
@@ -475,11 +516,17 @@ def _check_rule(key: str, value: Any, source: str) -> None:
         raise ConfigError(f"{where}: must not be empty, got ''")
     if r.pattern and not re.search(r.pattern, value):
         raise ConfigError(f"{where}: must be {r.pattern_help}, got {value!r}")
-    if r.s3_uri and re.search(S3_PREFIX, value) and not re.search(S3_URI, value):
+    if r.s3_uri and re.search(SCHEME, value) and not re.search(S3_URI, value):
         raise ConfigError(
-            f"{where}: must be an s3://BUCKET/KEY URI with a valid bucket name "
-            f"(up to 63 of a-z 0-9 . -), got {value!r}"
+            f"{where}: must be a local path or an s3://BUCKET/KEY URI with a valid bucket name "
+            f"(up to 63 of a-z 0-9 . -), got {value!r} (for a local path that holds ':', "
+            "start it with ./)"
         )
+
+
+def _has_userinfo(value: Any) -> bool:
+    _, sep, rest = str(value).partition("://")
+    return bool(sep) and "@" in rest.split("/", 1)[0]
 
 
 def _check_bounds(key: str, value: float, source: str, what: str = "") -> None:

@@ -48,6 +48,7 @@ class Shard:
     idx_uri: str
     count: int
     sha256: str = ""
+    size: int = -1  # bytes of the .rec, from the manifest (-1: an older manifest, unchecked)
 
 
 @dataclass(frozen=True)
@@ -134,8 +135,11 @@ def _shards(split: Any, name: str, root: str, bad: Any) -> list[Shard]:
         sha = s.get("sha256", "")
         if not isinstance(sha, str):
             raise bad(f"{where}: 'sha256' must be a string, got {sha!r}")
+        size = s.get("bytes", -1)  # absent in manifests written before sizes were recorded
+        if not _whole(size) or size < -1:
+            raise bad(f"{where}: 'bytes' must be a whole number >= 0, got {size!r}")
         paths = [_inside(root, s.get(key), f"{where} '{key}'", bad) for key in ("rec", "idx")]
-        shards.append(Shard(paths[0], paths[1], count, sha))
+        shards.append(Shard(paths[0], paths[1], count, sha, size))
     return shards
 
 
@@ -253,6 +257,7 @@ class ShardReader:
     ) -> None:
         self.storage, self.stats, self.retries, self.strict = storage, stats, retries, strict
         self._offsets: dict[str, list[int]] = {}
+        self._checked: set[str] = set()
         self._warned: set[str] = set()
 
     def offsets(self, shard: Shard) -> list[int]:
@@ -263,6 +268,30 @@ class ShardReader:
             except (StorageError, ValueError) as e:
                 raise DataError(f"{shard.idx_uri}: cannot read the shard index: {e}") from e
         return self._offsets[shard.uri]
+
+    def check_shard(self, shard: Shard) -> None:
+        """Before a shard is read: its size and its index's record count must be the
+        manifest's, else a DataError naming the shard (a dataset changed under its
+        manifest would otherwise train on a mix, with only checksum warnings)."""
+        if shard.uri in self._checked:
+            return
+        if shard.size >= 0:
+            try:
+                size = self.storage.size(shard.uri)
+            except StorageError as e:
+                raise DataError(f"{shard.uri}: cannot read the shard: {e}") from e
+            if size != shard.size:
+                raise DataError(
+                    f"{shard.uri}: {size} bytes, the manifest says {shard.size}: the shard "
+                    "does not belong to this manifest (re-run prepare with --overwrite)"
+                )
+        records = len(self.offsets(shard))
+        if records != shard.count:
+            raise DataError(
+                f"{shard.idx_uri}: indexes {records} records, the manifest says {shard.count}: "
+                "the shard does not belong to this manifest (re-run prepare with --overwrite)"
+            )
+        self._checked.add(shard.uri)
 
     def byte_range(self, piece: Piece) -> tuple[int, int | None]:
         shard = piece.shard
@@ -293,6 +322,7 @@ class ShardReader:
                         ahead.result()[1].close()
 
     def _open_piece(self, piece: Piece) -> tuple[_Attempts, IO[bytes]]:
+        self.check_shard(piece.shard)
         start, end = self.byte_range(piece)
         attempts = _Attempts(self, piece.shard, end)
         return attempts, attempts.open(start, None)

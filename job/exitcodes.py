@@ -27,12 +27,15 @@ class ExitCode(enum.IntEnum):
 MEANINGS = {
     ExitCode.OK: "done: trained, prepared, evaluated; submitted (and with `--wait`: succeeded "
     "and promoted); `status`: the job exists and has not failed",
-    ExitCode.FAILED: "failed: training diverged, a data or storage error, the MPIJob failed, "
-    "an API error",
+    ExitCode.FAILED: "failed: training diverged, a data or storage error, a shard that does not "
+    "match its manifest, a stalled step (`step_timeout`), another rank failed, the MPIJob "
+    "failed, an API error",
     ExitCode.BAD_INPUT: "bad input or usage, nothing started: unknown key, wrong type or value, "
     "missing dataset, a pretrained file that does not fit, a bad manifest or values file, "
-    "unknown job (404), name taken (409), permission denied (403), no kubeconfig, a missing "
-    "extra (`pip install 'finetune-job[train]'` or `[deploy]`)",
+    "credentials in a URL, an output that cannot be written, a checkpoint of another run "
+    "(fingerprint), `prepare` into a non-empty destination, a schedule whose last run has not "
+    "finished, unknown job (404), name taken (409), permission denied (403), no kubeconfig, "
+    "a missing extra (`pip install 'finetune-job[train]'` or `[deploy]`)",
     ExitCode.TIMED_OUT: "timed out: `--timeout` passed first (the MPIJob keeps running)",
     ExitCode.GATE_REFUSED: "the run succeeded but failed the gate (`--min-accuracy`, "
     "`--not-worse`, no usable summary.json); `latest` is unchanged",

@@ -227,10 +227,18 @@ class Metrics:
         self.gpu_memory_used.labels(self.rank).set(total - free)
         self.gpu_memory_capacity.labels(self.rank).set(total)
 
-    def push(self, url: str, success: bool, job: str = PUSH_JOB) -> None:
+    def push(
+        self,
+        url: str,
+        success: bool,
+        job: str = PUSH_JOB,
+        auth: tuple[str, str] | None = None,
+    ) -> None:
         """Replace this rank's group on a Pushgateway with the final metrics and an outcome
-        marker; a failed push is only logged (the run's outcome must not depend on it)."""
+        marker; a failed push is only logged (the run's outcome must not depend on it).
+        ``auth``: (user, password) for HTTP basic auth, from :func:`read_basic_auth`."""
         from prometheus_client import push_to_gateway
+        from prometheus_client.exposition import basic_auth_handler, default_handler
 
         if success:
             self.last_success.labels(self.rank).set_to_current_time()
@@ -242,6 +250,34 @@ class Metrics:
                 grouping_key={"rank": self.rank},
                 registry=self.registry,
                 timeout=10,
+                handler=default_handler if auth is None else _with_auth(basic_auth_handler, auth),
             )
         except OSError as e:
             log.warning("pushgateway %s: push failed: %s", url, e)
+
+
+def read_basic_auth(username_file: str, password_file: str) -> tuple[str, str] | None:
+    """Pushgateway basic-auth credentials from two mounted Secret files (None when not set).
+
+    Read once at start, so a missing file fails the run before training, naming the file
+    and never its content; a trailing newline (``echo secret > file``) is not part of it.
+    """
+    if not username_file:
+        return None
+    values = []
+    for path in (username_file, password_file):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                values.append(fh.read().rstrip("\r\n"))
+        except OSError as e:
+            raise InputError(f"pushgateway credentials file {path}: {e.strerror}") from e
+    return values[0], values[1]
+
+
+def _with_auth(handler: Any, auth: tuple[str, str]) -> Any:
+    """prometheus-client's ``basic_auth_handler`` bound to ``auth``."""
+
+    def handle(url: str, method: str, timeout: Any, headers: Any, data: bytes) -> Any:
+        return handler(url, method, timeout, headers, data, auth[0], auth[1])
+
+    return handle

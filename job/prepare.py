@@ -4,7 +4,15 @@ Layout written under DEST (local or ``s3://``)::
 
     train/part-00000.rec  train/part-00000.idx  ...
     val/part-00000.rec    val/part-00000.idx    ...
-    manifest.json         classes, counts, shards with sha256 (written last)
+    manifest.json         classes, counts, shards with bytes, record count and sha256
+
+A live dataset is never changed in place: ``prepare`` refuses a destination that holds
+anything, unless ``--overwrite``. That writes a new version's shards under new names
+(``train/part-<version>-00000.rec``) beside the old ones and replaces the manifest last, so
+a reader sees the old dataset or the new one, never a mix; an interrupted overwrite leaves
+the old dataset as it was. The shards of the version before the one replaced (and of
+interrupted overwrites) are deleted then; the replaced version's stay for runs still
+reading it.
 
 Images are resized so the shorter side is ``resize`` (small images are enlarged; nothing is
 cropped) and re-encoded as JPEG, in parallel over the cores. The train/val split is
@@ -22,7 +30,9 @@ import math
 import multiprocessing
 import os
 import random
+import secrets
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,6 +132,7 @@ def prepare(
     seed: int = 0,
     verify: bool = False,
     max_pixels: int = MAX_PIXELS,
+    overwrite: bool = False,
 ) -> dict:
     if resize < 16 or shard_size < 1 or not 1 <= quality <= 100 or max_pixels < 1:
         raise InputError(
@@ -131,6 +142,17 @@ def prepare(
     classes, items = list_images(src)
     splits = split(items, val_fraction, seed)
     storage.check_bucket(dest)  # fail now, not after encoding the first shard
+    existing = storage.list(dest)
+    if existing and not overwrite:
+        raise InputError(
+            f"prepare: {dest} is not empty ({len(existing)} files, e.g. {existing[0]}); a "
+            "dataset is never changed in place: pass --overwrite to write a new version "
+            "beside it (the manifest is replaced last)"
+        )
+    previous = _previous_shards(dest, storage) if existing else set()
+    # A new version's shards get names no reader of the old manifest can be using.
+    version = f"{time.strftime('%Y%m%d%H%M%S', time.gmtime())}{secrets.token_hex(2)}"
+    prefix = f"part-{version}-" if existing else "part-"
     manifest: dict = {
         "version": 1,
         "classes": classes,
@@ -148,7 +170,11 @@ def prepare(
             jobs = [(i.path, resize, quality, max_pixels) for i in splits[name]]
             encoded = pool.imap(encode, jobs, chunksize=8)
             shards, skipped = _write_split(
-                name, splits[name], encoded, dest, storage, tmp, shard_size
+                name,
+                splits[name],
+                encoded,
+                _ShardWriter(name, dest, storage, tmp, prefix),
+                shard_size,
             )
             manifest["splits"][name] = {"count": sum(s["count"] for s in shards), "shards": shards}
             for path, skip in skipped:
@@ -159,6 +185,8 @@ def prepare(
         verify_dataset(dest, manifest, storage)
     # The manifest goes last: a reader never sees a half-written dataset.
     storage.write_bytes(st.join(dest, MANIFEST), json.dumps(manifest, indent=1).encode())
+    if existing:
+        _delete_unreferenced(dest, storage, previous | _shard_files(manifest))
     log.info(
         "prepare: %s → %s: %d classes, %d train / %d val images in %d shards; "
         "%d files skipped, %d of them over --max-pixels %d",
@@ -175,11 +203,42 @@ def prepare(
     return manifest
 
 
+def _shard_files(manifest: dict) -> set[str]:
+    """The .rec/.idx paths (relative to the dataset root) a manifest refers to."""
+    return {
+        shard[kind]
+        for split_ in manifest["splits"].values()
+        for shard in split_["shards"]
+        for kind in ("rec", "idx")
+    }
+
+
+def _previous_shards(dest: str, storage: Storage) -> set[str]:
+    """The shard files of the manifest about to be replaced (none if there is no valid one)."""
+    uri = st.join(dest, MANIFEST)
+    if not storage.exists(uri):
+        return set()
+    try:
+        return _shard_files(json.loads(storage.read_bytes(uri)))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        log.warning("prepare: %s is not a valid manifest; replacing it", uri)
+        return set()
+
+
+def _delete_unreferenced(dest: str, storage: Storage, keep: set[str]) -> None:
+    """Delete shard files under the split folders that neither the new nor the replaced
+    manifest names: older versions and interrupted overwrites."""
+    for name in SPLITS:
+        for uri in storage.list(st.join(dest, name)):
+            rel = name + "/" + uri[len(st.join(dest, name)) :].strip("/")
+            if rel.endswith((".rec", ".idx")) and rel not in keep:
+                storage.delete(uri)
+
+
 def _write_split(
-    name: str, items: list[Item], encoded, dest: str, storage: Storage, tmp: str, shard_size: int
+    name: str, items: list[Item], encoded, writer: _ShardWriter, shard_size: int
 ) -> tuple[list[dict], list[tuple[str, Skip]]]:
     """Pack one split's encoded images into shards; returns (shards, skipped files)."""
-    writer = _ShardWriter(name, dest, storage, tmp)
     skipped: list[tuple[str, Skip]] = []
     for item, jpeg in zip(items, encoded, strict=True):
         if isinstance(jpeg, Skip):
@@ -196,8 +255,8 @@ class _ShardWriter:
     """Writes records into a local ``.rec``/``.idx`` pair; ``finish`` uploads it as the next
     shard of the split and starts a new one."""
 
-    def __init__(self, split: str, dest: str, storage: Storage, tmp: str) -> None:
-        self.split, self.dest, self.storage = split, dest, storage
+    def __init__(self, split: str, dest: str, storage: Storage, tmp: str, prefix: str) -> None:
+        self.split, self.dest, self.storage, self.prefix = split, dest, storage, prefix
         self.rec, self.idx = os.path.join(tmp, "part.rec"), os.path.join(tmp, "part.idx")
         self.shards: list[dict] = []
         self.count = 0
@@ -218,7 +277,7 @@ class _ShardWriter:
             return
         self._writer.close()
         self._writer = None
-        shard = f"{self.split}/part-{len(self.shards):05d}"
+        shard = f"{self.split}/{self.prefix}{len(self.shards):05d}"
         self.shards.append(
             {
                 "rec": shard + ".rec",

@@ -127,29 +127,60 @@ def latest_accuracy(storage: Storage, root: str, pointer: dict[str, Any] | None)
     return metric(pointer, join(root, LATEST))
 
 
-def promote(storage: Storage, root: str, run: str, accuracy: float) -> dict[str, Any]:
-    """Point ``<root>/latest`` at ``run``'s model; returns the pointer written."""
+def promote(
+    storage: Storage, root: str, run: str, accuracy: float, version: str | None
+) -> dict[str, Any] | None:
+    """Point ``<root>/latest`` at ``run``'s model if ``latest`` is still at ``version``
+    (None: still absent); returns the pointer written, or None when another run promoted
+    itself in between."""
     pointer = {"run": run, "model": join(run_output(root, run), MODEL), METRIC: accuracy}
-    storage.write_bytes(join(root, LATEST), (json.dumps(pointer, indent=2) + "\n").encode())
-    return pointer
+    data = (json.dumps(pointer, indent=2) + "\n").encode()
+    return pointer if storage.put_if(join(root, LATEST), data, version) else None
+
+
+def _read_latest_versioned(storage: Storage, root: str) -> tuple[dict[str, Any] | None, str | None]:
+    uri = join(root, LATEST)
+    data, version = storage.read_versioned(uri)
+    if data is None:
+        return None, None
+    try:
+        doc = json.loads(data)
+    except ValueError as e:
+        raise InputError(f"latest pointer {uri} is not valid JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise InputError(f"latest pointer {uri} must hold a JSON object")
+    return doc, version
 
 
 def finish_run(
-    storage: Storage, root: str, run: str, gate: Gate
+    storage: Storage, root: str, run: str, gate: Gate, attempts: int = 10
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Gate a succeeded run and promote it; returns (summary, pointer).
+
+    The gate judges against the ``latest`` it read, and the write succeeds only if
+    ``latest`` is still that one (compare-and-swap); when another run got there first, it
+    reads and judges again, so two runs finishing together cannot both pass on the same
+    old ``latest`` and leave the worse one promoted.
 
     Raises GateError (the summary is attached as ``.summary``) when the run does not pass.
     """
     summary = read_summary(storage, run_output(root, run))
     accuracy = metric(summary, join(run_output(root, run), SUMMARY))
-    why = gate.rejects(
-        accuracy,
-        latest_accuracy(storage, root, read_latest(storage, root)) if gate.not_worse else None,
+    for _ in range(attempts):
+        pointer, version = _read_latest_versioned(storage, root)
+        why = gate.rejects(
+            accuracy, latest_accuracy(storage, root, pointer) if gate.not_worse else None
+        )
+        if why:
+            raise GateError(f"run {run}: {why}; {join(root, LATEST)} left unchanged", summary)
+        written = promote(storage, root, run, accuracy, version)
+        if written is not None:
+            return summary, written
+    raise GateError(
+        f"run {run}: {join(root, LATEST)} kept changing under {attempts} promotion attempts; "
+        "left unchanged",
+        summary,
     )
-    if why:
-        raise GateError(f"run {run}: {why}; {join(root, LATEST)} left unchanged", summary)
-    return summary, promote(storage, root, run, accuracy)
 
 
 def resolve_pretrained(uri: str, storage: Storage, *, if_missing: str | None = None) -> str:

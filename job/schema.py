@@ -57,7 +57,7 @@ def property_schema(name: str) -> dict[str, Any]:
     if rule.pattern:
         prop["pattern"] = rule.pattern
     if rule.s3_uri:
-        prop["if"] = {"pattern": c.S3_PREFIX}
+        prop["if"] = {"pattern": c.SCHEME}
         prop["then"] = {"pattern": c.S3_URI}
     return prop
 
@@ -116,7 +116,8 @@ def _allowed(name: str) -> str:
     if typing.get_origin(kind) is tuple:
         words = f"a list of integers {rule.bounds_text()}, each once"
     if rule.pattern and rule.pattern_help:
-        words = rule.pattern_help + ("; s3:// needs a valid bucket" if rule.s3_uri else "")
+        scheme = "; a scheme must be s3:// with a valid bucket" if rule.s3_uri else ""
+        words = rule.pattern_help + scheme
     if rule.nonempty:
         words = f"not empty; {words}"
     return words or "text"

@@ -9,6 +9,7 @@ web identity), so AWS, MinIO, Ceph and test servers all work.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -214,7 +215,9 @@ class Storage:
                 if failures >= self.s3_settings.max_attempts:
                     raise
 
-    def write_bytes(self, uri: str, data: bytes) -> None:
+    def write_bytes(self, uri: str, data: bytes, durable: bool = False) -> None:
+        """Write ``uri`` whole, in one step. ``durable``: a local file and its folder entry
+        are on disk (fsynced) when this returns; an S3 PUT always is."""
         if is_s3(uri):
             bucket, key = split_s3(uri)
             with self._errors(uri, "PUT"):
@@ -223,6 +226,110 @@ class Storage:
         with self._atomic_local(uri) as tmp:
             with open(tmp, "wb") as fh:
                 fh.write(data)
+                if durable:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+        if durable:
+            _fsync_dir(os.path.dirname(os.path.abspath(uri)))
+
+    def read_versioned(self, uri: str) -> tuple[bytes | None, str | None]:
+        """(content, version tag) of ``uri``, or (None, None) when it does not exist: the
+        tag to give :meth:`put_if`. On S3 the tag is the ETag of the very bytes returned."""
+        if not is_s3(uri):
+            try:
+                with open(uri, "rb") as fh:
+                    data = fh.read()
+            except FileNotFoundError:
+                return None, None
+            except OSError as e:
+                raise StorageError(f"{uri}: {e.strerror}") from e
+            return data, hashlib.sha256(data).hexdigest()
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        with self._errors(uri, "GET"):
+            try:
+                got = self.client.get_object(Bucket=bucket, Key=key)
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return None, None
+                raise
+            return got["Body"].read(), str(got["ETag"])
+
+    def put_if(self, uri: str, data: bytes, version: str | None) -> bool:
+        """Compare-and-swap: write ``uri`` only if it is still at ``version`` (a tag from
+        :meth:`read_versioned`; None: only if it does not exist yet). False when someone
+        else wrote it in between: re-read and decide again.
+
+        S3 conditional writes: ``If-Match: <ETag>``, or ``If-None-Match: *`` for the first;
+        412 (or 409, a concurrent conditional write) is the lost race. Local files: the
+        same under an exclusive lock on ``<uri>.lock``."""
+        if not is_s3(uri):
+            return self._put_if_local(uri, data, version)
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        condition = {"IfMatch": version} if version is not None else {"IfNoneMatch": "*"}
+        with self._errors(uri, "conditional PUT"):
+            try:
+                self.client.put_object(Bucket=bucket, Key=key, Body=data, **condition)
+            except ClientError as e:
+                status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                code = e.response.get("Error", {}).get("Code")
+                if status in (409, 412) or code in (
+                    "PreconditionFailed",
+                    "ConditionalRequestConflict",
+                ):
+                    return False
+                raise
+        return True
+
+    def _put_if_local(self, uri: str, data: bytes, version: str | None) -> bool:
+        import fcntl
+
+        os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
+        try:
+            with open(uri + ".lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+                if self.read_versioned(uri)[1] != version:
+                    return False
+                self.write_bytes(uri, data, durable=True)
+        except OSError as e:
+            raise StorageError(f"{uri}: conditional write failed: {e.strerror}") from e
+        return True
+
+    def probe_writable(self, folder: str) -> None:
+        """Prove that ``folder`` takes writes: write a small probe object, then delete it.
+        A StorageError names the folder and what failed."""
+        import secrets
+
+        probe = join(folder, f".finetune-write-probe-{secrets.token_hex(4)}")
+        try:
+            self.write_bytes(probe, b"probe\n")
+            self.delete(probe)
+        except StorageError as e:
+            raise StorageError(f"output {folder} is not writable: {e}") from e
+        except OSError as e:
+            raise StorageError(f"output {folder} is not writable: {e.strerror or e}") from e
+
+    def sync(self, folder: str) -> None:
+        """Make a local folder durable: every file below it, then the folders, then its
+        parent's entry for it (a rename or create is durable only once its folder is).
+        Nothing to do on S3, whose PUT returns once the object is stored."""
+        if is_s3(folder):
+            return
+        try:
+            for root, _, files in os.walk(folder, topdown=False):
+                for name in files:
+                    fd = os.open(os.path.join(root, name), os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                _fsync_dir(root)
+            _fsync_dir(os.path.dirname(os.path.abspath(folder)))
+        except OSError as e:
+            raise StorageError(f"{folder}: fsync failed: {e.strerror}") from e
 
     def upload(self, local_path: str, uri: str) -> None:
         """Copy a local file to ``uri`` (multipart and parallel for large S3 objects)."""
@@ -274,6 +381,16 @@ class Storage:
                 uris += [f"s3://{bucket}/{o['Key']}" for o in page.get("Contents", [])]
         return sorted(uris)
 
+    def delete(self, uri: str) -> None:
+        """Delete one object or file (gone already is fine)."""
+        if not is_s3(uri):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(uri)
+            return
+        bucket, key = split_s3(uri)
+        with self._errors(uri, "DELETE"):
+            self.client.delete_object(Bucket=bucket, Key=key)
+
     def delete_prefix(self, prefix: str) -> None:
         if not is_s3(prefix):
             shutil.rmtree(prefix, ignore_errors=True)
@@ -319,6 +436,14 @@ class Storage:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _client_error(e: Any, uri: str) -> str:

@@ -24,16 +24,16 @@ import mxnet as mx
 import numpy as np
 from mxnet import autograd, gluon
 
-from job import __version__, distributed, model, watchdog
+from job import __version__, distributed, fingerprint, model, watchdog
 from job import storage as st
 from job.augment import Jitter
 from job.checkpoint import Checkpointer, Progress
 from job.config import Config
 from job.data import DataStats, Loader, LoaderSettings, SyntheticLoader, load_dataset, to_ndarray
 from job.distributed import Dist
-from job.errors import DivergedError, PreemptedError
+from job.errors import DivergedError, InputError, PreemptedError
 from job.evaluate import count_correct
-from job.metrics import Metrics
+from job.metrics import Metrics, read_basic_auth
 from job.progress import ProgressLog
 from job.storage import S3Settings, Storage
 from job.watchdog import Watchdog
@@ -106,7 +106,8 @@ class Run:
 
     ``train``/``val`` yield batches, ``dist`` is the distributed backend (Horovod, or one
     process), ``metrics`` the Prometheus sink, ``storage`` where outputs go, ``watchdog``
-    the step watchdog. A unit test passes in-memory ones.
+    the step watchdog, ``fingerprint`` what makes the run this run. A unit test passes
+    in-memory ones.
     """
 
     def __init__(
@@ -124,6 +125,7 @@ class Run:
         stats: DataStats | None = None,
         stop: threading.Event | None = None,
         watchdog: Watchdog | None = None,
+        fingerprint: dict[str, Any] | None = None,
     ) -> None:
         self.cfg, self.dist, self.ctx = cfg, dist, dist.context()
         self.net, self.trainer = net, trainer
@@ -133,6 +135,9 @@ class Run:
         self.stop_requested = stop or threading.Event()  # SIGTERM; acted on at a step boundary
         self.watchdog = watchdog or Watchdog(0)
         self.checkpointer = Checkpointer(storage, cfg.output, cfg.keep_checkpoints)
+        # What makes this run this run (job.fingerprint): saved with every checkpoint and
+        # compared before one is resumed.
+        self.fingerprint = fingerprint or {}
         self.loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
         # ResNet v2 starts with a parameter-free BatchNorm on the input; MXNet updates its
         # running stats in backward, which only happens when the input asks for a gradient.
@@ -141,16 +146,31 @@ class Run:
         # among the last of a step: once it is written, the step is done.
         self.last_updated = next(p for p in net.collect_params().values() if p.grad_req != "null")
         self.progress = Progress(workers=dist.size)
+        self.resumed_from: str | None = None  # the checkpoint folder this run continued
         self._next_epoch: tuple[int, Iterator[Any]] | None = None
         self.log = ProgressLog(enabled=dist.is_primary, fmt=cfg.log_format, stream=sys.stderr)
 
     def resume(self) -> None:
-        if self.cfg.resume != "auto":
+        if self.cfg.resume == "never":
             return
-        folder = self.checkpointer.latest()
-        if folder is None:
+        # A checkpoint of another run (other model, classes, data or hyper-parameters) is
+        # refused before anything is loaded, unless the operator forces it.
+        check = None if self.cfg.resume == "force" else self._check_fingerprint
+        restored = self.checkpointer.restore(
+            self.net, self.trainer, self.ctx, warn=self.dist.is_primary, check=check
+        )
+        if restored is None and self.cfg.resume_from:
+            # An earlier attempt of this run (a failed scheduled run) left its checkpoints
+            # in another output: continue from there, under the same fingerprint check.
+            earlier = Checkpointer(self.storage, self.cfg.resume_from, self.cfg.keep_checkpoints)
+            restored = earlier.restore(
+                self.net, self.trainer, self.ctx, warn=self.dist.is_primary, check=check
+            )
+            self.checkpointer.run_id = earlier.run_id
+        if restored is None:
             return
-        self.progress, _ = self.checkpointer.load(folder, self.net, self.trainer, self.ctx)
+        folder, self.progress, _ = restored
+        self.resumed_from = folder
         if not self.progress.workers:  # written before checkpoints counted images
             self.progress.workers = self.dist.size
             self.progress.images = self.progress.batch * self.cfg.batch_size * self.dist.size
@@ -165,6 +185,9 @@ class Run:
             p.step,
             moved if p.workers not in (0, self.dist.size) else "",
         )
+
+    def _check_fingerprint(self, state: dict[str, Any], folder: str) -> None:
+        fingerprint.check(state, self.fingerprint, folder)
 
     # The loop: epochs of steps, an evaluation and a checkpoint after each epoch.
     def fit(self) -> None:
@@ -371,7 +394,9 @@ class Run:
             return
         self.watchdog.phase = watchdog.CHECKPOINT
         started = time.perf_counter()
-        folder = self.checkpointer.save(self.net, self.trainer, self.progress, self.cfg.to_dict())
+        folder = self.checkpointer.save(
+            self.net, self.trainer, self.progress, self.cfg.to_dict(), self.fingerprint
+        )
         self.metrics.checkpointed(time.perf_counter() - started)
         self.watchdog.checkpoint = folder
         self.watchdog.beat(step=False)  # a checkpoint is progress too
@@ -417,6 +442,7 @@ class Run:
             "params_sha256_per_rank": digests,
             "peak_rss_bytes_per_rank": peak_rss,
             "history": history,
+            "resumed_from": self.resumed_from,
             "config": cfg.to_dict(),
             "version": __version__,
         }
@@ -461,6 +487,7 @@ def build(
     stats = DataStats()
     metrics.watch_data(stats)
     train_data, val_data, classes = build_data(cfg, dist, storage, stats)
+    run_fingerprint = fingerprint.of_run(cfg, classes, fingerprint.manifest_digest(cfg, storage))
     net = model.build(cfg, len(classes), ctx, storage)
     # Run the first forward in training mode before the broadcast: an inference-mode
     # first pass leaves MKLDNN layouts that the broadcast cannot read.
@@ -490,6 +517,7 @@ def build(
         stats=stats,
         stop=stop,
         watchdog=dog,
+        fingerprint=run_fingerprint,
     )
 
 
@@ -537,6 +565,22 @@ def _mean(values: list[float]) -> float | None:
     return round(float(np.mean(values)), 2) if values else None
 
 
+def check_output(cfg: Config, dist: Dist, storage: Storage) -> None:
+    """Before any work: rank 0 writes and deletes a probe object in the output, and every
+    rank learns the outcome, so all stop together with the same one line (no rank is left
+    waiting in a collective for a rank that already exited)."""
+    problem: str | None = None
+    if dist.is_primary:
+        try:
+            storage.probe_writable(cfg.output)
+        except st.StorageError as e:
+            problem = str(e)
+    if dist.size > 1:
+        problem = dist.allgather_object(problem, "output_probe")[0]
+    if problem is not None:
+        raise InputError(problem)
+
+
 def run(cfg: Config) -> dict[str, Any] | None:
     """Build the parts (Horovod, storage, metrics, data, model) and train; the runbook's
     entrypoint on every rank."""
@@ -555,7 +599,9 @@ def run(cfg: Config) -> dict[str, Any] | None:
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     run_: Run | None = None
     outcome = "failed"
+    push_auth: tuple[str, str] | None = None
     try:
+        push_auth = read_basic_auth(cfg.pushgateway_username_file, cfg.pushgateway_password_file)
         if cfg.metrics_port:
             port = metrics.serve(cfg.metrics_address, cfg.metrics_port + dist.local_rank)
             log.info("metrics on http://%s:%d/metrics", cfg.metrics_address, port)
@@ -568,6 +614,7 @@ def run(cfg: Config) -> dict[str, Any] | None:
             }
         )
         storage = Storage(S3Settings.from_config(cfg.to_dict()))
+        check_output(cfg, dist, storage)
         run_ = build(cfg, dist, storage, metrics, stop, dog)
         dog.beat(step=False)
         if dist.is_primary:
@@ -587,8 +634,12 @@ def run(cfg: Config) -> dict[str, Any] | None:
     finally:
         dog.stop()
         signal.signal(signal.SIGTERM, previous)
-        if cfg.pushgateway and outcome != "preempted":
-            metrics.push(cfg.pushgateway, outcome == "succeeded", job=cfg.pushgateway_job)
+        # No push without the credentials the config asked for (they failed to read).
+        authed = push_auth is not None or not cfg.pushgateway_username_file
+        if cfg.pushgateway and outcome != "preempted" and authed:
+            metrics.push(
+                cfg.pushgateway, outcome == "succeeded", job=cfg.pushgateway_job, auth=push_auth
+            )
         metrics.close()
         if run_ is not None:
             run_.close()

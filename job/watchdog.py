@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import IO
 
-EXIT_STALLED = 1  # "training failed"; the line says why
+from job.exitcodes import ExitCode
 
 # Phases, as the line names them. Collective phases wait on other ranks: when one of them
 # times out, the stalled rank is another one.
@@ -130,4 +130,4 @@ class Watchdog:
             stream.write(self.message() + "\n")
             stream.flush()
         finally:
-            self._exit(EXIT_STALLED)
+            self._exit(ExitCode.FAILED)  # the line says why

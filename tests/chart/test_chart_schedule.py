@@ -126,9 +126,8 @@ def test_role_grants_exactly_what_submitting_needs(helm):
         for resource in rule["resources"]
         for verb in rule["verbs"]
     }
-    expected = {
-        ("kubeflow.org", "mpijobs", v) for v in ("create", "get", "list", "watch", "delete")
-    }
+    # no delete: only cronJob.deleteAfter needs it (test_chart_security)
+    expected = {("kubeflow.org", "mpijobs", v) for v in ("create", "get", "list", "watch")}
     expected |= {("", "pods", v) for v in ("get", "list", "watch")}
     expected |= {("", "pods/log", "get"), ("", "configmaps", "create")}
     expected |= {("", "events", v) for v in ("list", "watch")}

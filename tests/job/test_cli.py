@@ -154,7 +154,7 @@ def test_train_help_groups_every_option_by_its_field_group(capsys):
 def test_train_help_shows_choices_real_defaults_variables_and_required(capsys):
     out = " ".join(_help(capsys, "train").split())  # argparse wraps lines anywhere
     assert "one of: cosine, step; default: cosine [FINETUNE_LR_SCHEDULE]" in out
-    assert "one of: auto, never; default: auto [FINETUNE_RESUME]" in out
+    assert "one of: auto, never, force; default: auto [FINETUNE_RESUME]" in out
     assert "one of: text, json; default: text" in out
     assert "resnet152_v2; default: resnet18_v2 [FINETUNE_MODEL]" in out
     assert "default: 30,60,90 [FINETUNE_LR_STEPS]" in out

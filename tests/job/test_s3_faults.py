@@ -156,7 +156,7 @@ def test_a_connection_that_stays_down_is_a_data_error_naming_shard_and_byte(
 
 def corrupt_copy(tiny_dataset, dest):
     """The dataset with shard 0's record 3 unframed, shard 1 cut 10 bytes into record 20
-    and shard 2's record 7 holding bytes that are no image; the manifest is unchanged."""
+    and shard 2's record 7 holding bytes that are no image; the manifest keeps its digests."""
     shutil.copytree(tiny_dataset, dest)
     manifest = json.load(open(os.path.join(dest, "manifest.json")))
     shards = manifest["splits"]["train"]["shards"]
@@ -171,6 +171,10 @@ def corrupt_copy(tiny_dataset, dest):
     open(path, "wb").write(data)
     path, data, offsets = load(1)
     open(path, "wb").write(data[: offsets[20] + 10])
+    # A shard cut short inside its last records, with a manifest that agrees on its size (a
+    # size the manifest does not know is refused before reading: test_immutable_dataset).
+    shards[1]["bytes"] = offsets[20] + 10
+    json.dump(manifest, open(os.path.join(dest, "manifest.json"), "w"))
     path, data, offsets = load(2)
     image_at = offsets[7] + 8 + 24  # frame header, then the IRHeader, then the JPEG
     length = struct.unpack_from("<I", data, offsets[7] + 4)[0] - 24

@@ -105,15 +105,20 @@ def test_train_with_outputs_on_s3_then_resume_with_more_epochs(s3_dataset, s3_se
     storage = Storage(S3Settings(endpoint_url=s3_server))
     first = train.run(config(root, out, s3_server, epochs=1))
     names = {uri[len(out) + 1 :] for uri in storage.list(out)}
+    first_ckpt = (
+        "checkpoints/" + json.loads(storage.read_bytes(f"{out}/checkpoints/latest"))["checkpoint"]
+    )
+    assert first_ckpt.startswith("checkpoints/step-00000012-")
     assert {
         "model.params",
         "model-symbol.json",
         "model-0000.params",
         "summary.json",
         "checkpoints/latest",
-        "checkpoints/step-00000012/model.params",
-        "checkpoints/step-00000012/trainer.states",
-        "checkpoints/step-00000012/state.json",
+        f"{first_ckpt}/model.params",
+        f"{first_ckpt}/trainer.states",
+        f"{first_ckpt}/state.json",
+        f"{first_ckpt}/checkpoint.json",
     } <= names
     assert json.loads(storage.read_bytes(f"{out}/summary.json"))["epochs"] == 1
 
@@ -121,7 +126,7 @@ def test_train_with_outputs_on_s3_then_resume_with_more_epochs(s3_dataset, s3_se
     assert [h["epoch"] for h in second["history"]] == [1, 2]
     assert second["history"][0] == first["history"][0]  # epoch 1 was not trained again
     pointer = json.loads(storage.read_bytes(f"{out}/checkpoints/latest"))
-    assert pointer == {"checkpoint": "step-00000024"}
+    assert pointer["checkpoint"] == first_ckpt.replace("step-00000012", "step-00000024")[12:]
     assert json.loads(storage.read_bytes(f"{out}/summary.json"))["epochs"] == 2
 
     result = evaluate_export(root, out, storage)  # the exported model, read back from S3
@@ -150,7 +155,8 @@ def test_two_horovod_workers_train_from_s3_to_s3(
     digests = summary["params_sha256_per_rank"]
     assert len(digests) == 2 and digests[0] == digests[1]
     assert storage.exists(f"{out}/model-symbol.json") and storage.exists(f"{out}/model.params")
-    assert storage.exists(f"{out}/checkpoints/step-00000012/model.params")  # 6 steps × 2 epochs
+    pointer = json.loads(storage.read_bytes(f"{out}/checkpoints/latest"))
+    assert pointer["checkpoint"].startswith("step-00000012-")  # 6 steps × 2 epochs
     assert os.environ.get("AWS_ENDPOINT_URL") is None  # only the workers got it
 
 

@@ -113,10 +113,12 @@ def test_checkpoint_loads_exactly_what_was_saved(tiny_dataset, tmp_path):
 def test_old_checkpoints_are_pruned(tiny_dataset, tmp_path):
     out = str(tmp_path / "run")
     train.run(config(tiny_dataset, out, epochs=4, keep_checkpoints=2))
-    names = sorted(os.listdir(os.path.join(out, "checkpoints")))
-    assert names == ["latest", "step-00000036", "step-00000048"]  # 12 steps an epoch
     pointer = json.load(open(os.path.join(out, "checkpoints", "latest")))
-    assert pointer["checkpoint"] == "step-00000048"
+    run_id = pointer["run_id"]
+    names = sorted(os.listdir(os.path.join(out, "checkpoints")))
+    # 12 steps an epoch; folders carry the run's id
+    assert names == ["latest", f"step-00000036-{run_id}", f"step-00000048-{run_id}"]
+    assert pointer["checkpoint"] == f"step-00000048-{run_id}"
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(

@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from job import distributed, watchdog
+from job.exitcodes import ExitCode
 from job.watchdog import Watchdog
 
 
@@ -66,7 +67,7 @@ def test_it_fires_once_no_step_completed_for_the_timeout_and_not_before():
     assert exits == []
     clock.now += 1
     w._watch_once()
-    assert exits == [watchdog.EXIT_STALLED]
+    assert exits == [ExitCode.FAILED]
     assert stream.getvalue().count("\n") == 1
 
 

@@ -112,6 +112,32 @@ do not inherit a pod's environment: every name here is also forwarded with `-x`.
 {{- define "finetune-job.env" -}}
 - name: OMP_NUM_THREADS
   value: {{ include "finetune-job.ompNumThreads" . | quote }}
+{{- with include "finetune-job.s3Env" . | trim }}
+{{ . }}
+{{- end }}
+{{- if .Values.metrics.pushgatewayAuth.existingSecret }}
+- name: FINETUNE_PUSHGATEWAY_USERNAME_FILE
+  value: {{ printf "%s/username" (include "finetune-job.pushgatewayAuthPath" .) | quote }}
+- name: FINETUNE_PUSHGATEWAY_PASSWORD_FILE
+  value: {{ printf "%s/password" (include "finetune-job.pushgatewayAuthPath" .) | quote }}
+{{- end }}
+{{- if .Values.cudaCache.enabled }}
+- name: CUDA_CACHE_PATH
+  value: {{ .Values.cudaCache.path | quote }}
+- name: CUDA_CACHE_MAXSIZE
+  value: {{ .Values.cudaCache.maxSize | int64 | quote }}
+{{- end }}
+{{- with .Values.env }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+S3 endpoint, region and keys, as a YAML list (empty when none is set): the one place the
+launcher, the workers and the scheduled submit pod get their S3 access from. A web identity
+comes from the ServiceAccount instead ("finetune-job.serviceAccountAnnotations").
+*/}}
+{{- define "finetune-job.s3Env" -}}
 {{- with .Values.s3.endpoint }}
 - name: AWS_ENDPOINT_URL
   value: {{ . | quote }}
@@ -132,14 +158,15 @@ do not inherit a pod's environment: every name here is also forwarded with `-x`.
       name: {{ . }}
       key: AWS_SECRET_ACCESS_KEY
 {{- end }}
-{{- if .Values.cudaCache.enabled }}
-- name: CUDA_CACHE_PATH
-  value: {{ .Values.cudaCache.path | quote }}
-- name: CUDA_CACHE_MAXSIZE
-  value: {{ .Values.cudaCache.maxSize | int64 | quote }}
 {{- end }}
-{{- with .Values.env }}
-{{ toYaml . }}
+
+{{/*
+Annotations of the ServiceAccounts of the job pods and of the submit pod (cloud identity,
+e.g. eks.amazonaws.com/role-arn): both reach the same S3.
+*/}}
+{{- define "finetune-job.serviceAccountAnnotations" -}}
+{{- with .Values.serviceAccount.annotations }}
+{{- toYaml . }}
 {{- end }}
 {{- end }}
 
@@ -196,6 +223,17 @@ Call with (dict "root" $ "worker" true).
     medium: Memory
     sizeLimit: {{ $v.workers.shmSize }}
 {{- end }}
+{{- with and .worker $v.metrics.pushgatewayAuth.existingSecret }}
+- name: pushgateway-auth
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0440  # read by the non-root user through fsGroup
+    items:
+      - key: {{ $v.metrics.pushgatewayAuth.usernameKey }}
+        path: username
+      - key: {{ $v.metrics.pushgatewayAuth.passwordKey }}
+        path: password
+{{- end }}
 {{- if and .worker $v.cudaCache.enabled }}
 - name: cuda-cache
   {{- toYaml (required "cudaCache.enabled needs cudaCache.volume, a volume source such as persistentVolumeClaim" ($v.cudaCache.volume | default nil)) | nindent 2 }}
@@ -203,6 +241,13 @@ Call with (dict "root" $ "worker" true).
 {{- with $v.extraVolumes }}
 {{ toYaml . }}
 {{- end }}
+{{- end }}
+
+{{/*
+Where the workers see the Pushgateway's basic-auth Secret (files username and password).
+*/}}
+{{- define "finetune-job.pushgatewayAuthPath" -}}
+/var/run/secrets/finetune-job/pushgateway
 {{- end }}
 
 {{- define "finetune-job.volumeMounts" -}}
@@ -213,6 +258,11 @@ Call with (dict "root" $ "worker" true).
 {{- if and .worker $v.workers.shmSize }}
 - name: dshm
   mountPath: /dev/shm
+{{- end }}
+{{- if and .worker $v.metrics.pushgatewayAuth.existingSecret }}
+- name: pushgateway-auth
+  mountPath: {{ include "finetune-job.pushgatewayAuthPath" .root }}
+  readOnly: true
 {{- end }}
 {{- if and .worker $v.cudaCache.enabled }}
 - name: cuda-cache

@@ -1,0 +1,123 @@
+"""A resume continues only the same run: model, classes, dataset and the hyper-parameters
+that define the run must match the checkpoint's fingerprint, unless ``--resume force``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from job import fingerprint, train
+from job.config import FIELDS, Config
+from job.errors import InputError
+
+
+def config(output: str, **kw) -> Config:
+    base = dict(
+        synthetic=True,
+        synthetic_classes=3,
+        synthetic_images=16,
+        output=output,
+        pretrained="none",
+        model="resnet18_v1",
+        image_size=32,
+        batch_size=8,
+        epochs=1,
+        metrics_port=0,
+        data_workers=1,
+    )
+    base.update(kw)
+    return Config(**base)
+
+
+def test_every_config_key_is_either_part_of_the_fingerprint_or_left_out_on_purpose():
+    run, other = set(fingerprint.RUN_KEYS), set(fingerprint.NOT_RUN_KEYS)
+    assert not run & other
+    assert run | other == set(FIELDS)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> str:
+    """One epoch of a small synthetic run; copied by each test that resumes it."""
+    out = str(tmp_path_factory.mktemp("fingerprint") / "run")
+    train.run(config(out))
+    return out
+
+
+@pytest.fixture
+def output(trained, tmp_path) -> str:
+    out = str(tmp_path / "run")
+    shutil.copytree(trained, out)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"lr": 0.02}, "lr"),
+        ({"seed": 1}, "seed"),
+        ({"synthetic_classes": 4}, "classes"),  # the class list is compared first
+        ({"model": "resnet18_v2"}, "model"),
+        ({"batch_size": 4}, "batch_size"),
+    ],
+    ids=["lr", "seed", "classes", "model", "batch_size"],
+)
+def test_a_resume_with_another_fingerprint_is_refused_naming_the_first_key(output, change, key):
+    with pytest.raises(InputError, match=rf"belongs to another run: '{key}' was .*, now "):
+        train.run(config(output, epochs=2, **change))
+    assert json.load(open(os.path.join(output, "summary.json")))["epochs"] == 1  # untouched
+
+
+def test_another_dataset_is_another_run(tiny_dataset, tmp_path):
+    data = str(tmp_path / "ds")
+    shutil.copytree(tiny_dataset, data)
+    out = str(tmp_path / "run")
+    kw = dict(synthetic=False, data=data, model="resnet18_v2")
+    train.run(config(out, **kw))
+    manifest = os.path.join(data, "manifest.json")
+    doc = json.load(open(manifest))
+    json.dump(doc, open(manifest, "w"), indent=4)  # same classes, other bytes
+    with pytest.raises(InputError, match="'manifest_sha256' was"):
+        train.run(config(out, epochs=2, **kw))
+
+
+def test_the_same_run_with_more_epochs_and_other_run_control_keys_resumes(output):
+    first = json.load(open(os.path.join(output, "summary.json")))
+    assert first["resumed_from"] is None
+    summary = train.run(config(output, epochs=2, log_interval=1, keep_checkpoints=1, tta=True))
+    assert [h["epoch"] for h in summary["history"]] == [1, 2]
+    assert summary["resumed_from"].startswith(os.path.join(output, "checkpoints", "step-"))
+
+
+def test_resume_force_resumes_another_runs_checkpoint(output):
+    before = json.load(open(os.path.join(output, "summary.json")))["history"]
+    summary = train.run(config(output, epochs=2, lr=0.02, resume="force"))
+    assert summary["history"][0] == before[0]  # epoch 1 came from the checkpoint
+
+
+@pytest.mark.slow
+def test_the_command_exits_2_with_one_line_and_no_traceback(output, launch_env):
+    cmd = [
+        *("finetune-job", "train", "--synthetic", "--synthetic-classes", "3"),
+        *("--synthetic-images", "16", "--pretrained", "none", "--model", "resnet18_v1"),
+        *("--image-size", "32", "--batch-size", "8", "--epochs", "2", "--metrics-port", "0"),
+        *("--lr", "0.5", "--output", output),
+    ]
+    proc = subprocess.run(cmd, env=launch_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [errors[0]] and "'lr' was 0.01, now 0.5" in errors[0]
+
+
+def test_resume_from_another_output_checks_the_fingerprint_too(output, tmp_path):
+    other = str(tmp_path / "next")
+    with pytest.raises(InputError, match="'lr' was 0.01, now 0.02"):
+        train.run(config(other, epochs=2, lr=0.02, resume_from=output))
+    summary = train.run(config(other, epochs=2, resume_from=output))
+    assert summary["resumed_from"].startswith(os.path.join(output, "checkpoints", "step-"))
+    assert [h["epoch"] for h in summary["history"]] == [1, 2]
+    assert os.path.exists(os.path.join(other, "summary.json"))
