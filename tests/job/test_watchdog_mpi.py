@@ -186,8 +186,9 @@ def test_a_worker_that_never_joins_fails_the_launch_with_one_line(
 def test_a_stall_during_evaluation_ends_the_job_and_a_rerun_resumes(
     launchers, launch_env, tiny_dataset, flags, tmp_path
 ):
-    """The validation shard becomes a pipe nobody writes to (a hung network filesystem):
-    every rank blocks reading it in epoch 2's evaluation."""
+    """The validation shard's index becomes a pipe nobody writes to (a hung network
+    filesystem): every rank blocks reading it in epoch 2's evaluation. (The .rec keeps its
+    size, which is checked against the manifest before the index is read.)"""
     data, out = str(tmp_path / "data"), str(tmp_path / "out")
     shutil.copytree(tiny_dataset, data)
     finishes(train(launchers, data, out, job_flags(epochs=1)), launch_env)
@@ -195,7 +196,7 @@ def test_a_stall_during_evaluation_ends_the_job_and_a_rerun_resumes(
     assert progress["epoch"] == 1
 
     manifest = json.load(open(os.path.join(data, "manifest.json")))
-    shard = os.path.join(data, manifest["splits"]["val"]["shards"][0]["rec"])
+    shard = os.path.join(data, manifest["splits"]["val"]["shards"][0]["idx"])
     os.rename(shard, shard + ".real")
     os.mkfifo(shard)
     cmd = train(launchers, data, out, flags)
