@@ -69,12 +69,17 @@ install: $(VENV)/.installed  ## apt packages, .venv, MXNet, Horovod (cached whee
 demo: install  ## fine-tune on a generated dataset with 2 Horovod workers
 	$(BIN)/python -m job.demo
 
+# Tests not marked slow run in 2 processes (one file at a time each, so a file's fixtures are
+# set up once); the slow ones (several training processes each) run one at a time after them.
+FAST_TESTS := -m "not slow" -n 2 --dist loadfile
+
 test: install  ## the whole test suite (slow tests included)
 	$(MAKE) --no-print-directory apt EXTRA_APT="$(TEST_APT_PACKAGES)"
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(FAST_TESTS)
+	$(BIN)/python -m pytest -m slow
 
 test-fast: install  ## the test suite without tests marked slow
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest $(FAST_TESTS)
 
 lint: install  ## ruff and mypy
 	$(BIN)/ruff check job deploy tests benchmarks

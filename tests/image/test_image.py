@@ -33,7 +33,6 @@ from pathlib import Path
 
 import pytest
 from podman_tools import BASE_IMAGE, CPU_BUILD_ARGS, DOCKERFILE, ROOT, RUN_FLAGS
-from podman_tools import podman_env as _podman_env
 from podman_tools import run as _run
 
 # --------------------------------------------------------------------------------------------
@@ -438,17 +437,16 @@ def test_stopping_a_worker_pod_checkpoints_its_training(
         _run(["podman", "rm", "-f", "-t", "0", name], podman, check=False)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_gpu_flavour_resolves_in_buildah() -> None:
+def test_gpu_flavour_resolves_in_buildah(podman: dict[str, str]) -> None:
     """buildah, given no build arguments, starts from the CUDA devel image.
 
     The NVIDIA base images cannot be pulled here (no registry), so `--pull=never` ends the
     build at that first FROM. buildah checks instructions only as it runs them; the grammar and
     the shell of every RUN are hadolint's part (test_hadolint_clean).
     """
-    if shutil.which("podman") is None:
-        pytest.skip("podman not installed (the slow image tests install it)")
-    env = _podman_env()
+    env = podman
     tag = "localhost/finetune-job:gpu-parse-check"
     proc = _run(
         [
