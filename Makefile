@@ -14,7 +14,8 @@ HOROVOD_FLAGS := HOROVOD_WITH_MXNET=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 \
 HOROVOD_KEY := $(shell echo "$(HOROVOD) $(HOROVOD_FLAGS) mxnet-1.9.1 $$($(PYTHON) -c 'import sys;print(sys.version_info[:2])' 2>/dev/null)" | sha256sum | cut -c1-12)
 HOROVOD_DIR := $(WHEEL_CACHE)/horovod-$(HOROVOD)-$(HOROVOD_KEY)
 APT_PACKAGES := build-essential cmake openmpi-bin libopenmpi-dev
-TEST_APT_PACKAGES := prometheus prometheus-pushgateway
+# chromium: headless screenshots of report.html in the tests.
+TEST_APT_PACKAGES := prometheus prometheus-pushgateway chromium
 
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1

@@ -157,6 +157,14 @@ def register(sub: Any) -> None:
         help="gate: val_top1 must not be below the current latest's",
     )
     p.add_argument(
+        "--max-class-drop",
+        type=float,
+        default=None,
+        metavar="X",
+        help="gate: no class's recall may drop more than X vs latest's eval.json "
+        "(default: training.max_class_drop; 0: off)",
+    )
+    p.add_argument(
         "--delete-after",
         action="store_true",
         help="delete the MPIJob once it ended and its logs are saved",
@@ -360,6 +368,9 @@ def _note(msg: str) -> None:
 @guarded
 def submit(args: argparse.Namespace) -> int:
     _bounds(args)  # bad input, found before anything is submitted
+    drop = args.max_class_drop
+    if drop is not None and not 0 <= drop <= 1:  # not-a-number fails this too
+        raise BadInputError(f"--max-class-drop must be a recall drop in [0, 1] (got {drop:g})")
     rendered = _rendered(args)
     storage = _storage(rendered)
     client = None if args.dry_run else _client(args)
@@ -392,7 +403,11 @@ def submit(args: argparse.Namespace) -> int:
         print(run.name)  # stdout: the name alone; with --wait, stdout is the summary JSON
         return ExitCode.OK
     root = str(rendered.training["output"])
-    return _wait_and_gate(args, client, storage, root, run)
+    max_drop = args.max_class_drop
+    if max_drop is None:  # the CronJob's form: the chart's training values carry it
+        max_drop = float(rendered.training.get("max_class_drop") or 0.0)
+    gate = registry.Gate(args.min_accuracy, args.not_worse, max_drop)
+    return _wait_and_gate(args, client, storage, root, run, gate)
 
 
 def _single_flight(args: argparse.Namespace, client: Any, storage: Any) -> tuple[str, str] | None:
@@ -407,7 +422,12 @@ def _single_flight(args: argparse.Namespace, client: Any, storage: Any) -> tuple
 
 
 def _wait_and_gate(
-    args: argparse.Namespace, client: Any, storage: Any, root: str, run: manifest.Run
+    args: argparse.Namespace,
+    client: Any,
+    storage: Any,
+    root: str,
+    run: manifest.Run,
+    gate: registry.Gate,
 ) -> int:
     deadline = time.monotonic() + args.timeout
     if args.follow:
@@ -433,7 +453,6 @@ def _wait_and_gate(
         raise
     _save_logs(client, storage, run)
     _cleanup(args, client, run.name)
-    gate = registry.Gate(min_accuracy=args.min_accuracy, not_worse=args.not_worse)
     try:
         summary, pointer = registry.finish_run(storage, root, run.name, gate)
     except GateError as e:

@@ -23,6 +23,7 @@ the ``[deploy]`` extra (kubernetes); a missing one is named in one line.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -67,6 +68,21 @@ SRC holds one folder per class, each with JPEG/PNG images.
 """
 EVALUATE_EXAMPLE = """example:
   finetune-job evaluate --data ./ds --model ./out --tta
+  finetune-job evaluate --data ./ds --model ./out --format json --output ./out/eval.json
+"""
+PREDICT_EXAMPLE = """example:
+  finetune-job predict --model ./out photos/ --output predictions.jsonl
+  finetune-job predict --model s3://bucket/runs/r1 s3://bucket/inbox/ --engine onnx --top-k 3
+  finetune-job predict --model ./out ./ds --split val --format csv --output val.csv
+
+SOURCE: an image file, a folder (recursive), a dataset root written by prepare, or an
+s3:// prefix. One JSONL line per image; unreadable images get an "error" field.
+"""
+EXPORT_EXAMPLE = """example:
+  finetune-job export --onnx ./out
+  finetune-job export --onnx s3://bucket/runs/r1 --onnx-preprocess
+
+Writes MODEL_DIR/model.onnx (checked against the MXNet export) and MODEL_DIR/triton/.
 """
 
 
@@ -204,12 +220,66 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--batch-size", metavar="N", type=bounded(int, 1, 4096), default=64, help="images per batch"
     )
+    evaluate.add_argument(
+        "--format", default="text", choices=("text", "json"), help="json: the eval.json document"
+    )
+    evaluate.add_argument("--output", help="also write the eval.json document here")
+    evaluate.add_argument(
+        "--worst",
+        metavar="N",
+        type=bounded(int, 0, 10_000),
+        default=16,
+        help="highest-confidence mistakes to list",
+    )
     _add_s3_arguments(evaluate)
     evaluate.set_defaults(func=_evaluate)
+
+    predict = sub.add_parser(
+        "predict",
+        help="batch predictions of an exported model (JSONL or CSV)",
+        epilog=PREDICT_EXAMPLE,
+        formatter_class=fmt,
+    )
+    predict.add_argument("--model", required=True, help="a training run's OUTPUT")
+    predict.add_argument("sources", nargs="+", metavar="SOURCE", help="images to predict")
+    predict.add_argument("--output", help="file (local or s3://); default: stdout")
+    predict.add_argument("--format", default="jsonl", choices=("jsonl", "csv"))
+    predict.add_argument(
+        "--top-k",
+        metavar="K",
+        type=bounded(int, 1, 1000),
+        default=5,
+        help="classes per image (default 5)",
+    )
+    predict.add_argument("--engine", default="mxnet", choices=("mxnet", "onnx"))
+    predict.add_argument("--tta", action="store_true", help="mean softmax of five crops")
+    predict.add_argument(
+        "--batch-size", metavar="N", type=bounded(int, 1, 4096), default=32, help="images per batch"
+    )
+    predict.add_argument(
+        "--split", default="val", choices=("train", "val"), help="split of a dataset SOURCE"
+    )
+    _add_s3_arguments(predict)
+    predict.set_defaults(func=_predict)
+
+    export = sub.add_parser(
+        "export",
+        help="ONNX model and Triton repository for a finished run",
+        epilog=EXPORT_EXAMPLE,
+        formatter_class=fmt,
+    )
+    export.add_argument("--onnx", required=True, metavar="MODEL_DIR", help="a run's OUTPUT")
+    config_mod.add_arguments(export, EXPORT_KEYS)
+    _add_s3_arguments(export)
+    export.set_defaults(func=_export)
 
     _register_deploy(sub)
     parser._commands = sub.choices  # for usage errors naming the command
     return parser
+
+
+# The flags of `export` that are train's Config keys too: the same rules and defaults.
+EXPORT_KEYS = ("onnx_preprocess", "triton_model_name", "triton_max_batch_size")
 
 
 def _add_s3_arguments(parser: argparse.ArgumentParser) -> None:
@@ -269,12 +339,60 @@ def _evaluate(args: argparse.Namespace) -> int:
     config_mod.check_uri("evaluate --data", args.data)
     config_mod.check_uri("evaluate --model", args.model)
     storage = _s3_storage(args)
-    result = evaluate.evaluate_export(
-        args.data, args.model, storage, split=args.split, tta=args.tta, batch_size=args.batch_size
+    doc = evaluate.evaluate_export(
+        args.data,
+        args.model,
+        storage,
+        split=args.split,
+        tta=args.tta,
+        batch_size=args.batch_size,
+        worst=args.worst,
     )
-    print(
-        " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
+    text = json.dumps(doc, indent=1)
+    if args.output:
+        storage.write_bytes(args.output, text.encode())
+    if args.format == "json":
+        print(text)
+    else:
+        keys = ("images", "top1", "top5", "top1_tta", "ece")
+        print(" ".join(f"{k}={doc[k]:.4f}" if isinstance(doc[k], float) else f"{k}={doc[k]}"
+                       for k in keys if k in doc))  # fmt: skip
+    return ExitCode.OK
+
+
+def _predict(args: argparse.Namespace) -> int:
+    _set_thread_defaults(0)
+    from job import predict
+
+    predict.predict(
+        args.model,
+        args.sources,
+        _s3_storage(args),
+        output=args.output,
+        fmt=args.format,
+        top_k=args.top_k,
+        engine=args.engine,
+        tta=args.tta,
+        batch_size=args.batch_size,
+        split=args.split,
+        progress=sys.stderr if sys.stderr.isatty() else None,
     )
+    return ExitCode.OK
+
+
+def _export(args: argparse.Namespace) -> int:
+    _set_thread_defaults(0)
+    from job import outputs
+
+    keys = config_mod.flag_values(vars(args), EXPORT_KEYS)
+    check = outputs.export_run(
+        args.onnx,
+        _s3_storage(args),
+        preprocess=keys["onnx_preprocess"],
+        name=keys["triton_model_name"],
+        max_batch_size=keys["triton_max_batch_size"],
+    )
+    print(" ".join(f"{k}={v}" for k, v in check.items()))
     return ExitCode.OK
 
 

@@ -26,7 +26,16 @@ import yaml
 
 ENV_PREFIX = "FINETUNE_"
 MODELS = tuple(f"resnet{d}_v{v}" for v in (1, 2) for d in (18, 34, 50, 101, 152))
-GROUPS = ("data", "model", "optimisation", "augmentation", "run control", "metrics", "S3")
+GROUPS = (
+    "data",
+    "model",
+    "optimisation",
+    "augmentation",
+    "run control",
+    "outputs",
+    "metrics",
+    "S3",
+)
 
 # Strings that name files or prefixes: no control characters (a newline in a path is always
 # a pasting mistake), and an s3:// URI needs a bucket name S3 accepts. The patterns are
@@ -269,6 +278,43 @@ class Config:
         group="run control",
         minimum=0,
         maximum=7 * 86400,
+    )
+    # What the run hands over (OUTPUT/: model, model.onnx, triton/, eval.json, report.html).
+    export: str = _opt(
+        "best",
+        "epoch to export: best validation top-1 (ties: later) or last",
+        choices=("best", "last"),
+        group="outputs",
+    )
+    onnx: bool = _opt(True, "also write model.onnx and a Triton model repository", group="outputs")
+    onnx_preprocess: bool = _opt(
+        False,
+        "also a uint8 RGB NHWC → softmax ONNX/Triton variant for clients sending pixels",
+        group="outputs",
+    )
+    triton_model_name: str = _opt(
+        "finetune",
+        "model name in OUTPUT/triton/",
+        group="outputs",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$",
+        pattern_help="a name of letters, digits, _ and - (not starting with a digit or -)",
+    )
+    triton_max_batch_size: int = _opt(
+        64, "max_batch_size of the Triton model config", group="outputs", minimum=1, maximum=65536
+    )
+    eval_worst: int = _opt(
+        16,
+        "highest-confidence mistakes listed in eval.json and the report",
+        group="outputs",
+        minimum=0,
+        maximum=10_000,
+    )
+    max_class_drop: float = _opt(
+        0.0,
+        "promotion gate: largest allowed drop of any class's recall vs latest; 0: off",
+        group="outputs",
+        minimum=0,
+        maximum=1,
     )
     # Metrics.
     metrics_port: int = _opt(

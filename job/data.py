@@ -240,6 +240,7 @@ class Sample:
     jpeg: bytes
     shard: str
     offset: int
+    id: int = -1  # the record header's id: the image's index in the manifest's split files
 
 
 class ShardReader:
@@ -497,6 +498,7 @@ class Batch:
     label: np.ndarray  # (B,) float32
     valid: int  # rows that hold real images (the rest pad a short last eval batch)
     five: np.ndarray | None = None  # (B, 5, 3, S, S) for test-time augmentation
+    ids: np.ndarray | None = None  # (B,) record ids (evaluation batches only)
 
 
 class Loader:
@@ -576,7 +578,7 @@ class Loader:
                 label = float(np.ravel(header.label)[0])  # a scalar, or the first of a vector
                 self._check_label(label, piece, record)
                 yielded += 1
-                yield Sample(int(label), jpeg, piece.shard.uri, record.offset)
+                yield Sample(int(label), jpeg, piece.shard.uri, record.offset, int(header.id))
             if not self.train:
                 return
             if not yielded:
@@ -666,6 +668,7 @@ class Loader:
             np.zeros(b, np.float32),
             0,
             self._buffers.get((b, 5, 3, size, size)) if five else None,
+            None if self.train else np.full(b, -1, np.int64),
         )
         return _Pending(batch, (self.s.seed, epoch, self.rank, step), np.zeros(b, bool))
 
@@ -683,6 +686,8 @@ class Loader:
         if batch.valid < len(filled):  # eval's short last batch: real rows first, zeros after
             order = np.argsort(~filled, kind="stable")
             batch.data, batch.label = batch.data[order], batch.label[order]
+            if batch.ids is not None:
+                batch.ids = batch.ids[order]
             batch.data[batch.valid :] = 0
             batch.label[batch.valid :] = 0
             if batch.five is not None:
@@ -696,6 +701,8 @@ class Loader:
             self.stats.corrupt(Corruption(sample.shard, sample.offset, "image does not decode"))
             return False
         batch.label[slot] = sample.label
+        if batch.ids is not None:
+            batch.ids[slot] = sample.id
         if self.train:
             augment.train_sample(
                 img,

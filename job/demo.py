@@ -6,7 +6,9 @@
 2. Start an S3 server on loopback and ``finetune-job prepare`` both datasets into it.
 3. Pretrain a source model on the source classes (2 Horovod workers under ``horovodrun``).
 4. Fine-tune it on the few target images, and train the same network from scratch on them.
-5. Print the table of target accuracy: fine-tuned vs from scratch.
+5. Print the table of target accuracy: fine-tuned vs from scratch, and write
+   ``comparison.html``: both runs' learning curves on one set of axes (each run also wrote
+   its own ``report.html``).
 
 ``python -m job.demo --help`` lists the knobs; the defaults run in a few minutes on 2 cores.
 """
@@ -274,7 +276,17 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:
             server.stop()
     _print_table(results, time.time() - started)
+    _write_comparison(results, os.path.join(work, "comparison.html"))
     return 0
+
+
+def _write_comparison(results: dict[str, dict], path: str) -> None:
+    from job import report
+
+    title = f"Target classes ({', '.join(TARGET_SHAPES)}): fine-tuned vs from scratch"
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(report.comparison_html(results, title))
+    print(f"comparison report: {path}; each run's own report.html is in its output")
 
 
 def _start_s3():  # type: ignore[no-untyped-def]

@@ -4,6 +4,8 @@ Layout written under DEST (local or ``s3://``)::
 
     train/part-00000.rec  train/part-00000.idx  ...
     val/part-00000.rec    val/part-00000.idx    ...
+    train/files.txt       the split's image files (relative to SRC), line i = record id i
+    val/files.txt
     manifest.json         classes, counts, shards with bytes, record count and sha256
 
 A live dataset is never changed in place: ``prepare`` refuses a destination that holds
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MAX_PIXELS = 50_000_000
 MANIFEST = "manifest.json"
+FILES_STEM = "files"  # <split>/files.txt, or files-<version>.txt after an overwrite
 SPLITS = ("train", "val")
 
 
@@ -153,6 +156,7 @@ def prepare(
     # A new version's shards get names no reader of the old manifest can be using.
     version = f"{time.strftime('%Y%m%d%H%M%S', time.gmtime())}{secrets.token_hex(2)}"
     prefix = f"part-{version}-" if existing else "part-"
+    suffix = f"-{version}" if existing else ""
     manifest: dict = {
         "version": 1,
         "classes": classes,
@@ -169,14 +173,24 @@ def prepare(
         for name in SPLITS:
             jobs = [(i.path, resize, quality, max_pixels) for i in splits[name]]
             encoded = pool.imap(encode, jobs, chunksize=8)
-            shards, skipped = _write_split(
+            shards, skipped, files = _write_split(
                 name,
                 splits[name],
                 encoded,
                 _ShardWriter(name, dest, storage, tmp, prefix),
                 shard_size,
             )
-            manifest["splits"][name] = {"count": sum(s["count"] for s in shards), "shards": shards}
+            # A record's header id is a line of this file: evaluation names images by it.
+            # A file of its own, so the manifest every rank reads stays small; versioned
+            # like the shards, so an overwrite never changes what an older manifest names.
+            listing = "".join(os.path.relpath(f, src) + "\n" for f in files)
+            files_name = f"{name}/{FILES_STEM}{suffix}.txt"
+            storage.write_bytes(st.join(dest, files_name), listing.encode())
+            manifest["splits"][name] = {
+                "count": sum(s["count"] for s in shards),
+                "shards": shards,
+                "files": files_name,
+            }
             for path, skip in skipped:
                 log.warning("prepare: skipped %s: %s", path, skip.reason)
                 manifest["skipped_files"].append(path)
@@ -204,12 +218,12 @@ def prepare(
 
 
 def _shard_files(manifest: dict) -> set[str]:
-    """The .rec/.idx paths (relative to the dataset root) a manifest refers to."""
-    return {
-        shard[kind]
-        for split_ in manifest["splits"].values()
-        for shard in split_["shards"]
-        for kind in ("rec", "idx")
+    """The .rec/.idx paths and file listings (relative to the dataset root) a manifest
+    refers to."""
+    splits = manifest["splits"].values()
+    listings = {split_["files"] for split_ in splits if "files" in split_}
+    return listings | {
+        shard[kind] for split_ in splits for shard in split_["shards"] for kind in ("rec", "idx")
     }
 
 
@@ -231,24 +245,27 @@ def _delete_unreferenced(dest: str, storage: Storage, keep: set[str]) -> None:
     for name in SPLITS:
         for uri in storage.list(st.join(dest, name)):
             rel = name + "/" + uri[len(st.join(dest, name)) :].strip("/")
-            if rel.endswith((".rec", ".idx")) and rel not in keep:
+            if rel.endswith((".rec", ".idx", ".txt")) and rel not in keep:
                 storage.delete(uri)
 
 
 def _write_split(
     name: str, items: list[Item], encoded, writer: _ShardWriter, shard_size: int
-) -> tuple[list[dict], list[tuple[str, Skip]]]:
-    """Pack one split's encoded images into shards; returns (shards, skipped files)."""
+) -> tuple[list[dict], list[tuple[str, Skip]], list[str]]:
+    """Pack one split's encoded images into shards; returns (shards, skipped files, written
+    files in record-id order)."""
     skipped: list[tuple[str, Skip]] = []
+    written: list[str] = []
     for item, jpeg in zip(items, encoded, strict=True):
         if isinstance(jpeg, Skip):
             skipped.append((item.path, jpeg))
             continue
-        writer.add(item.label, jpeg)
+        writer.add(item.label, jpeg, len(written))
+        written.append(item.path)
         if writer.count == shard_size:
             writer.finish()
     writer.finish()
-    return writer.shards, skipped
+    return writer.shards, skipped, written
 
 
 class _ShardWriter:
@@ -262,13 +279,13 @@ class _ShardWriter:
         self.count = 0
         self._writer: Any = None
 
-    def add(self, label: int, jpeg: bytes) -> None:
+    def add(self, label: int, jpeg: bytes, record_id: int) -> None:
         from mxnet import recordio
 
         if self._writer is None:
             self._writer = recordio.MXIndexedRecordIO(self.idx, self.rec, "w")
             self.count = 0
-        header = recordio.IRHeader(0, float(label), self.count, 0)
+        header = recordio.IRHeader(0, float(label), record_id, 0)
         self._writer.write_idx(self.count, recordio.pack(header, jpeg))
         self.count += 1
 

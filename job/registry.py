@@ -6,7 +6,8 @@ Layout under an output root (local path or ``s3://``)::
     <root>/latest                  {"run": NAME, "model": ".../model.params", "val_top1": X}
 
 After a run succeeds, ``finish_run`` reads its ``summary.json`` and, only if it passes the
-gate (``min_accuracy`` on ``val_top1``; optionally not worse than the current ``latest``),
+gate (``min_accuracy`` on ``val_top1``; optionally not worse than the current ``latest``;
+optionally no class's recall in ``eval.json`` down by more than ``max_class_drop``),
 rewrites ``latest`` -- the last write of the run, so a bad or unfinished run never becomes
 ``latest``. A later run given ``--pretrained <root>/latest`` starts from that model:
 ``resolve_pretrained`` turns the pointer into the model's URI.
@@ -32,6 +33,7 @@ from job.storage import Storage, StorageError, join
 RUNS_DIR = "runs"
 LATEST = "latest"
 SUMMARY = "summary.json"
+EVAL = "eval.json"
 MODEL = "model.params"
 METRIC = "val_top1"
 # A run name is also the MPIJob's name: the MPI Operator derives `<name>-worker-<i>` pod
@@ -107,6 +109,7 @@ class Gate:
 
     min_accuracy: float | None = None
     not_worse: bool = False
+    max_class_drop: float = 0.0  # 0: off; else no class's recall may fall more than this
 
     def rejects(self, accuracy: float, latest_accuracy: float | None) -> str | None:
         """Why a run with ``accuracy`` fails the gate, or None when it passes."""
@@ -171,6 +174,7 @@ def finish_run(
         why = gate.rejects(
             accuracy, latest_accuracy(storage, root, pointer) if gate.not_worse else None
         )
+        why = why or class_drops(storage, root, run, pointer, gate.max_class_drop)
         if why:
             raise GateError(f"run {run}: {why}; {join(root, LATEST)} left unchanged", summary)
         written = promote(storage, root, run, accuracy, version)
@@ -181,6 +185,48 @@ def finish_run(
         "left unchanged",
         summary,
     )
+
+
+def class_drops(
+    storage: Storage, root: str, run: str, pointer: dict[str, Any] | None, max_drop: float
+) -> str | None:
+    """Why ``run`` fails the per-class gate against the eval.json of the run ``pointer``
+    (the current latest) names, or None.
+
+    Off when ``max_drop`` is 0, before any latest, or when either run has no eval.json (a
+    run without a validation split cannot be compared per class).
+    """
+    latest_run = pointer.get("run") if pointer and max_drop > 0 else None
+    if not isinstance(latest_run, str) or not latest_run:
+        return None
+    new_uri = join(run_output(root, run), EVAL)
+    old_uri = join(run_output(root, latest_run), EVAL)
+    if not (storage.exists(new_uri) and storage.exists(old_uri)):
+        return None
+    drops = recall_drops(
+        _read_json(storage, new_uri, EVAL), _read_json(storage, old_uri, EVAL), max_drop
+    )
+    if not drops:
+        return None
+    worst = ", ".join(f"{c} {old:.3f} -> {new:.3f}" for c, old, new in drops)
+    return f"recall dropped by more than --max-class-drop {max_drop:g} vs {latest_run}: {worst}"
+
+
+def recall_drops(
+    new: dict[str, Any], old: dict[str, Any], max_drop: float
+) -> list[tuple[str, float, float]]:
+    """Classes whose recall fell by more than ``max_drop`` from ``old`` to ``new`` eval.json
+    documents: (class, old recall, new recall). Classes are matched by name; one that is
+    new, or had no images before, cannot have dropped."""
+    before = {c["class"]: c for c in old.get("per_class", [])}
+    drops = []
+    for row in new.get("per_class", []):
+        was = before.get(row["class"])
+        if was is None or not was.get("count"):
+            continue
+        if was["recall"] - row["recall"] > max_drop + 1e-12:
+            drops.append((row["class"], float(was["recall"]), float(row["recall"])))
+    return drops
 
 
 def resolve_pretrained(uri: str, storage: Storage, *, if_missing: str | None = None) -> str:

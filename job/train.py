@@ -13,7 +13,6 @@ import os
 import resource
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -34,6 +33,7 @@ from job.distributed import Dist
 from job.errors import DivergedError, InputError, PreemptedError
 from job.evaluate import count_correct
 from job.metrics import Metrics, read_basic_auth
+from job.outputs import RunOutputs
 from job.progress import ProgressLog
 from job.storage import S3Settings, Storage
 from job.watchdog import Watchdog
@@ -138,6 +138,9 @@ class Run:
         # What makes this run this run (job.fingerprint): saved with every checkpoint and
         # compared before one is resumed.
         self.fingerprint = fingerprint or {}
+        # What the run hands over; rank 0 evaluates the export alone, each batch progress.
+        self.outputs = RunOutputs(cfg, storage, beat=lambda: self.watchdog.beat(step=False))
+        self.lr = 0.0  # of the last step
         self.loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
         # ResNet v2 starts with a parameter-free BatchNorm on the input; MXNet updates its
         # running stats in backward, which only happens when the input asks for a gradient.
@@ -209,10 +212,13 @@ class Run:
                 "train_top1": round(acc, 5),
                 "images_per_second": round(images / max(seconds, 1e-9), 2),
                 "train_seconds": round(seconds, 2),
+                "lr": float(f"{self.lr:.6g}"),  # of the epoch's last step
             }
             record.update(self.evaluate())
             record["seconds"] = round(time.perf_counter() - epoch_started, 2)
             p.history.append(record)
+            if self.dist.is_primary:  # history.csv, and the best epoch's parameters
+                self.outputs.epoch_done(self.net, p.history)
             p.best_val_top1 = max(p.best_val_top1, record.get("val_top1", -1.0))
             p.epoch, p.batch, p.images, p.workers = p.epoch + 1, 0, 0, self.dist.size
             self.log.epoch(record, cfg.epochs)
@@ -241,6 +247,7 @@ class Run:
             position = epoch + p.images / epoch_images
             lr = lr_at(position, cfg, self.dist.size, global_batch / epoch_images)
             self.trainer.set_learning_rate(lr)
+            self.lr = lr
             sampled = (p.batch + 1) % cfg.log_interval == 0 or p.batch + 1 == steps
             stop = False
             if sampled:  # the previous step finishes first, so this one is timed alone
@@ -423,8 +430,9 @@ class Run:
         if not self.dist.is_primary:
             return None
         history = self.progress.history
-        last = history[-1] if history else {}
         cfg = self.cfg
+        exported = self.outputs.choose_epoch(self.net, history, self.ctx)  # export: best|last
+        last = next((h for h in history if h["epoch"] == exported), {})
         summary = {
             "model": cfg.model,
             "classes": self.classes,
@@ -433,7 +441,9 @@ class Run:
             "epochs": cfg.epochs,
             "workers": self.dist.size,
             "global_batch_size": cfg.batch_size * self.dist.size,
-            "val_top1": last.get("val_top1"),
+            "exported_epoch": exported,
+            "val_top1": last.get("val_top1"),  # of the exported epoch: what the gate judges
+            "last_val_top1": history[-1].get("val_top1") if history else None,
             "best_val_top1": self.progress.best_val_top1,
             "train_images_per_second": _mean([h["images_per_second"] for h in history]),
             "wall_seconds": round(wall_seconds, 2),
@@ -448,22 +458,13 @@ class Run:
         }
         if cfg.tta:
             summary["val_top1_tta"] = last.get("val_top1_tta")
-        self.watchdog.phase = watchdog.CHECKPOINT
+        self.watchdog.phase = watchdog.EXPORT
         self.export(summary)
         return summary
 
     def export(self, summary: dict[str, Any]) -> None:
-        out = self.cfg.output
-        with tempfile.TemporaryDirectory(prefix="finetune-export-") as tmp:
-            self.net.export(os.path.join(tmp, "model"), epoch=0)
-            self.net.save_parameters(os.path.join(tmp, "model.params"))
-            for name in ("model-symbol.json", "model-0000.params", "model.params"):
-                self.storage.upload(os.path.join(tmp, name), st.join(out, name))
-        # The summary goes last: its presence means the outputs are complete.
-        self.storage.write_bytes(
-            st.join(out, "summary.json"), json.dumps(summary, indent=1).encode()
-        )
-        log.info("exported model and summary to %s", out)
+        """Model files, ONNX, Triton repository, eval.json, report; summary.json last."""
+        self.outputs.hand_over(self.net, self.classes, summary, self.ctx)
 
 
 CORRUPT_RECORDS_COUNTS = (

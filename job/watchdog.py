@@ -37,6 +37,7 @@ ALLREDUCE = "allreduce"
 EVALUATION = "evaluation"
 EVALUATION_ALLREDUCE = "evaluation (the allreduce of its results)"
 CHECKPOINT = "checkpoint"
+EXPORT = "export (rank 0 exports, checks and evaluates the model)"
 NONE_YET = "none yet"
 COLLECTIVE = {STARTUP, BROADCAST, ALLREDUCE, EVALUATION_ALLREDUCE}
 

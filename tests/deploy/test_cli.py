@@ -457,3 +457,51 @@ def test_bad_start_timeouts_are_bad_input(api, submit_args, capsys, value):
     assert err.splitlines() == [err.splitlines()[-1]]  # one line
     assert err.startswith("finetune-job: error: --start-timeout must be")
     assert not api.objects  # nothing submitted
+
+
+def write_run(val_top1: float, recalls: dict[str, float]):
+    """A scripted step: the run writes summary.json and a per-class eval.json."""
+
+    def act(api, ns, name):
+        write_summary(val_top1)(api, ns, name)
+        out = Path(
+            api.objects[("mpijobs", ns, name)]["metadata"]["annotations"][c.OUTPUT_ANNOTATION]
+        )
+        per_class = [{"class": k, "count": 5, "recall": r} for k, r in recalls.items()]
+        (out / "eval.json").write_text(json.dumps({"per_class": per_class}))
+
+    return act
+
+
+@pytest.mark.parametrize(
+    ("flags", "code"),
+    [
+        (["--values", "DROP"], ExitCode.GATE_REFUSED),  # from the values, as the CronJob
+        (["--max-class-drop", "0.2"], ExitCode.GATE_REFUSED),
+        (["--values", "DROP", "--max-class-drop", "0"], 0),  # the flag wins
+        ([], 0),  # off by default
+    ],
+    ids=["values", "flag", "flag-overrides-values", "default-off"],
+)
+def test_a_run_that_loses_one_class_is_not_promoted(
+    api, submit_args, tmp_path, capsys, flags, code
+):
+    api.script([(0.05, write_run(0.8, {"cat": 0.9, "dog": 0.7})), (0.1, succeeded())])
+    assert run(*submit_args, "--wait", "--timeout", "5") == 0
+    first = json.loads((tmp_path / "flowers" / "latest").read_text())
+    api.script([(0.05, write_run(0.85, {"cat": 0.6, "dog": 1.0})), (0.1, succeeded())])
+    capsys.readouterr()
+    drop = tmp_path / "drop.yaml"  # a values file: --set would make 0.2 a string
+    drop.write_text("training:\n  max_class_drop: 0.2\n")
+    flags = [str(drop) if f == "DROP" else f for f in flags]
+    assert run(*submit_args, *flags, "--wait", "--timeout", "5", "--not-worse") == code
+    err = capsys.readouterr().err
+    latest = json.loads((tmp_path / "flowers" / "latest").read_text())
+    if code:
+        assert (
+            "recall dropped by more than --max-class-drop 0.2" in err
+            and "cat 0.900 -> 0.600" in err
+        )
+        assert latest == first
+    else:
+        assert latest["run"] != first["run"]

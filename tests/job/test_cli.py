@@ -17,7 +17,8 @@ def finetune(*args, env=None):
 
 
 @pytest.mark.parametrize(
-    "command", ["train", "prepare", "evaluate", "submit", "status", "logs", "delete"]
+    "command",
+    ["train", "prepare", "evaluate", "predict", "export", "submit", "status", "logs", "delete"],
 )
 def test_every_command_has_help_with_an_example(command, capsys):
     with pytest.raises(SystemExit) as info:

@@ -12,6 +12,7 @@ import pytest
 
 from job import registry
 from job.errors import GateError, InputError
+from job.exitcodes import ExitCode
 from job.storage import Storage
 
 
@@ -156,3 +157,103 @@ def test_run_names(prefix, expected_start):
 def test_run_names_differ_within_one_second():
     names = {registry.run_name("ft", NOW) for _ in range(50)}
     assert len(names) == 50
+
+
+def set_latest(storage: Storage, root: Path, run: str, accuracy: float) -> None:
+    """Point latest at ``run``, whatever it points at now."""
+    _, version = storage.read_versioned(str(root / "latest"))
+    assert registry.promote(storage, str(root), run, accuracy, version) is not None
+
+
+def write_eval(root: Path, run: str, recalls: dict[str, float]) -> None:
+    per_class = [{"class": c, "count": 10, "recall": r} for c, r in recalls.items()]
+    (root / "runs" / run / "eval.json").write_text(json.dumps({"per_class": per_class}))
+
+
+def test_a_run_that_gains_overall_but_loses_one_class_leaves_latest_alone(tmp_path):
+    storage = Storage()
+    write_run(tmp_path, "r1", 0.80)
+    write_eval(tmp_path, "r1", {"cat": 0.9, "dog": 0.7, "fox": 0.8})
+    registry.finish_run(storage, str(tmp_path), "r1", registry.Gate())
+    write_run(tmp_path, "r2", 0.85)
+    write_eval(tmp_path, "r2", {"cat": 0.65, "dog": 0.95, "fox": 0.95})
+    gate = registry.Gate(not_worse=True, max_class_drop=0.2)
+    with pytest.raises(
+        GateError,
+        match=r"run r2: recall dropped by more than --max-class-drop 0.2 vs r1: "
+        r"cat 0.900 -> 0.650; .*latest left unchanged",
+    ):
+        registry.finish_run(storage, str(tmp_path), "r2", gate)
+    assert json.loads((tmp_path / "latest").read_text())["run"] == "r1"
+    # A wider limit, or the per-class gate off, lets the same run through.
+    for passing in (registry.Gate(max_class_drop=0.3), registry.Gate(not_worse=True)):
+        assert registry.finish_run(storage, str(tmp_path), "r2", passing)[1]["run"] == "r2"
+        set_latest(storage, tmp_path, "r1", 0.8)
+
+
+def test_the_per_class_gate_is_off_without_eval_files(tmp_path):
+    storage = Storage()
+    write_run(tmp_path, "r1", 0.8)
+    registry.finish_run(storage, str(tmp_path), "r1", registry.Gate())
+    write_run(tmp_path, "r2", 0.8)
+    write_eval(tmp_path, "r2", {"cat": 0.0})
+    gate = registry.Gate(max_class_drop=0.01)
+    assert registry.finish_run(storage, str(tmp_path), "r2", gate)[1]["run"] == "r2"
+
+
+def every_image_with_every_label(dataset: str, dest: Path) -> str:
+    """A copy of ``dataset`` whose validation split holds each image once per class label:
+    any model predicts one class per image, so the recalls of the classes sum to exactly 1
+    and at least one class's recall is at most 1/3 (3 classes)."""
+    import shutil
+
+    from mxnet import recordio
+
+    from job.prepare import sha256_file
+
+    shutil.copytree(dataset, dest)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    jpegs = []
+    for shard in manifest["splits"]["val"]["shards"]:
+        rec = recordio.MXIndexedRecordIO(str(dest / shard["idx"]), str(dest / shard["rec"]), "r")
+        jpegs += [recordio.unpack(rec.read_idx(k))[1] for k in sorted(rec.keys)]
+        rec.close()
+    rec_path, idx_path = dest / "val" / "all.rec", dest / "val" / "all.idx"
+    writer = recordio.MXIndexedRecordIO(str(idx_path), str(rec_path), "w")
+    files = []
+    for label, name in enumerate(manifest["classes"]):
+        for k, jpeg in enumerate(jpegs):
+            header = recordio.IRHeader(0, float(label), len(files), 0)
+            writer.write_idx(len(files), recordio.pack(header, jpeg))
+            files.append(f"{name}/copy-{k}.jpg")
+    writer.close()
+    shard = {"rec": "val/all.rec", "idx": "val/all.idx", "count": len(files),
+             "bytes": rec_path.stat().st_size, "sha256": sha256_file(str(rec_path))}  # fmt: skip
+    (dest / "val" / "files.txt").write_text("".join(f + "\n" for f in files))
+    manifest["splits"]["val"] = {"count": len(files), "shards": [shard], "files": "val/files.txt"}
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    return str(dest)
+
+
+def test_a_real_run_that_loses_a_class_past_the_limit_is_not_promoted(tiny_dataset, tmp_path):
+    from job import train
+    from job.config import Config
+
+    data = every_image_with_every_label(tiny_dataset, tmp_path / "ds")
+    root = tmp_path / "root"
+    train.run(
+        Config(data=data, output=str(root / "runs" / "r2"), pretrained="none", image_size=32,
+               batch_size=8, epochs=1, metrics_port=0, data_workers=2, onnx=False)
+    )  # fmt: skip
+    doc = json.loads((root / "runs" / "r2" / "eval.json").read_text())
+    recalls = [c["recall"] for c in doc["per_class"]]
+    assert sum(recalls) == pytest.approx(1.0, abs=1e-5) and min(recalls) <= 1 / 3 + 1e-5
+    # The current latest: a run that got every class right.
+    write_run(root, "r1", 0.1)
+    write_eval(root, "r1", {c["class"]: 1.0 for c in doc["per_class"]})
+    set_latest(Storage(), root, "r1", 0.1)
+    before = (root / "latest").read_bytes()
+    with pytest.raises(GateError, match="recall dropped by more than --max-class-drop 0.6") as e:
+        registry.finish_run(Storage(), str(root), "r2", registry.Gate(max_class_drop=0.6))
+    assert e.value.exit_code == ExitCode.GATE_REFUSED
+    assert (root / "latest").read_bytes() == before

@@ -130,7 +130,7 @@ def test_train_with_outputs_on_s3_then_resume_with_more_epochs(s3_dataset, s3_se
     assert json.loads(storage.read_bytes(f"{out}/summary.json"))["epochs"] == 2
 
     result = evaluate_export(root, out, storage)  # the exported model, read back from S3
-    assert result["split_images"] == 24 and 0 <= result["top1"] <= 1
+    assert result["images"] == 24 and 0 <= result["top1"] <= 1
 
 
 @pytest.mark.slow
@@ -157,6 +157,11 @@ def test_two_horovod_workers_train_from_s3_to_s3(
     assert storage.exists(f"{out}/model-symbol.json") and storage.exists(f"{out}/model.params")
     pointer = json.loads(storage.read_bytes(f"{out}/checkpoints/latest"))
     assert pointer["checkpoint"].startswith("step-00000012-")  # 6 steps × 2 epochs
+    # Rank 0's hand-over, read from and written to S3: ONNX checked, eval of the whole val split.
+    assert summary["onnx"]["max_abs_diff"] <= 1e-4
+    assert json.loads(storage.read_bytes(f"{out}/eval.json"))["images"] == 24
+    for name in ("model.onnx", "triton/finetune/config.pbtxt", "report.html", "history.csv"):
+        assert storage.exists(f"{out}/{name}"), name
     assert os.environ.get("AWS_ENDPOINT_URL") is None  # only the workers got it
 
 
