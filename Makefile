@@ -15,7 +15,8 @@ HOROVOD_KEY := $(shell echo "$(HOROVOD) $(HOROVOD_FLAGS) mxnet-1.9.1 $$($(PYTHON
 HOROVOD_DIR := $(WHEEL_CACHE)/horovod-$(HOROVOD)-$(HOROVOD_KEY)
 APT_PACKAGES := build-essential cmake openmpi-bin libopenmpi-dev
 # chromium: headless screenshots of report.html in the tests.
-TEST_APT_PACKAGES := prometheus prometheus-pushgateway chromium
+# docker-registry: a local OCI registry the chart package test pushes to and pulls from.
+TEST_APT_PACKAGES := prometheus prometheus-pushgateway chromium docker-registry
 
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
@@ -29,7 +30,7 @@ CPU_BUILDER ?= debian:bookworm
 CPU_ARGS    := --build-arg BASE_IMAGE=$(CPU_BASE) --build-arg BUILDER_IMAGE=$(CPU_BUILDER) \
                --build-arg MXNET_PACKAGE=mxnet==1.9.1 --build-arg HOROVOD_GPU_OPERATIONS=
 
-.PHONY: help install apt demo test test-fast lint schema bench image image-test clean
+.PHONY: help install apt demo test test-fast lint schema bench image image-test chart-docs examples chart-package clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -83,9 +84,9 @@ test-fast: install  ## the test suite without tests marked slow
 	$(BIN)/python -m pytest $(FAST_TESTS)
 
 lint: install  ## ruff and mypy
-	$(BIN)/ruff check job deploy tests benchmarks
-	$(BIN)/ruff format --check job deploy tests benchmarks
-	$(BIN)/mypy job deploy
+	$(BIN)/ruff check job deploy tests benchmarks charts examples
+	$(BIN)/ruff format --check job deploy tests benchmarks charts examples
+	$(BIN)/mypy job deploy charts/chartdoc.py
 
 schema: install  ## regenerate the chart's values.schema.json training block from job/config.py
 	$(BIN)/python -m job.schema
@@ -102,5 +103,17 @@ image:  ## build the image with podman: FLAVOUR=gpu (default) or cpu; IMAGE_BUIL
 image-test: install  ## lint the Dockerfile; build the CPU image on a debootstrapped base and train in it
 	$(BIN)/python -m pytest tests/image -v
 
+chart-docs: install  ## regenerate charts/finetune-job/README.md from Chart.yaml and values.yaml
+	$(BIN)/python charts/chartdoc.py
+
+examples: install  ## regenerate examples/katib-experiment.yaml from the chart
+	$(BIN)/python examples/katib_experiment.py
+
+HELM ?= helm
+chart-package: install  ## check the chart README is current, then `helm package` it into dist/
+	$(BIN)/python charts/chartdoc.py --check
+	$(HELM) lint --strict charts/finetune-job
+	$(HELM) package charts/finetune-job --destination dist
+
 clean:  ## remove the venv and build output (the Horovod wheel cache stays)
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache

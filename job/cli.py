@@ -32,6 +32,7 @@ from typing import NoReturn
 
 import job
 from job import config as config_mod
+from job import logs
 from job.exitcodes import ExitCode
 
 log = logging.getLogger("finetune_job")
@@ -303,6 +304,7 @@ def _register_deploy(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
 
 def _train(args: argparse.Namespace) -> int:
     cfg = config_mod.load(vars(args))
+    logs.configure(cfg.log_format)
     _set_thread_defaults(cfg.threads)
     from job import train
 
@@ -414,10 +416,7 @@ def _set_thread_defaults(threads: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.getLogger("botocore").setLevel(logging.WARNING)  # not its credential chatter
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
-    )
+    logs.configure("text")  # train switches to its config's log_format once it is known
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, --version, or a usage error already printed in one line
@@ -486,7 +485,11 @@ def missing_extra(command: str, module: str, extra: str | None) -> str:
 
 
 def _fail(e: object, code: int) -> int:
-    print(f"finetune-job: error: {e}", file=sys.stderr)
+    """The one error line: plain text, or a JSON object when the logs are JSON."""
+    if logs.active_format() == "json":
+        log.error(str(e), extra={"event": "error"})
+    else:
+        print(f"finetune-job: error: {e}", file=sys.stderr)
     return code
 
 

@@ -361,6 +361,10 @@ class Config:
         pattern=NO_CONTROL,
         pattern_help="free of control characters",
     )
+    metrics_file: str = _uri(
+        "write the run's Kubeflow Pipelines metrics JSON here at the end (path or s3://)",
+        group="metrics",
+    )
     # S3 (credentials come from the standard AWS chain, never from here).
     s3_endpoint_url: str = _opt(
         "",

@@ -6,9 +6,10 @@ its registry to the Pushgateway (when configured) under the grouping key
 for jobs that finish between scrapes.
 
 Names follow Prometheus practice: prefix ``finetune_``, base units (``_seconds``,
-``_bytes``), ``_total`` counters, ratios 0–1. Every series carries ``rank``; the only other
-labels are ``split`` (accuracy) and ``phase`` (step phases). Throughput is
-``rate(finetune_images_total[1m])``, not a gauge.
+``_bytes``), ``_total`` counters, ratios 0–1. Every ``finetune_*`` series carries ``rank``;
+the only other labels are ``split`` (accuracy) and ``phase`` (step phases). The standard
+``process_*`` series (prometheus-client's process collector) describe the worker process.
+Throughput is ``rate(finetune_images_total[1m])``, not a gauge.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
@@ -168,6 +169,21 @@ class Metrics:
             rank_,
             registry=r,
         )
+        self.progress = Gauge(
+            "finetune_progress_ratio",
+            "Share of the run's training steps done, 0-1 (all epochs).",
+            rank_,
+            registry=r,
+        )
+        self.eta = Gauge(
+            "finetune_eta_seconds",
+            "Estimated seconds until the run's last step, at the pace measured so far "
+            "(NaN until two reports measured it).",
+            rank_,
+            registry=r,
+        )
+        # The standard process_* series (CPU seconds, resident memory, open fds, start time).
+        ProcessCollector(registry=r)
         self._server: Any = None
 
     def watch_data(self, stats: Any) -> None:
@@ -207,6 +223,10 @@ class Metrics:
         self.step_seconds.labels(self.rank).observe(data_s + compute_s + allreduce_s)
         for phase, seconds in zip(PHASES, (data_s, compute_s, allreduce_s), strict=True):
             self.phase_seconds.labels(self.rank, phase).observe(seconds)
+
+    def set_progress(self, ratio: float, eta_seconds: float | None) -> None:
+        self.progress.labels(self.rank).set(ratio)
+        self.eta.labels(self.rank).set(float("nan") if eta_seconds is None else eta_seconds)
 
     def set_accuracy(self, split: str, value: float) -> None:
         if split not in SPLITS:

@@ -21,6 +21,8 @@ cropped) and re-encoded as JPEG, in parallel over the cores. The train/val split
 deterministic for a seed. An unreadable image file is skipped and named in the log. So is
 an image whose header claims more than ``max_pixels`` pixels (50 MP by default): it is never
 decoded, so a decompression bomb cannot take the machine's memory.
+Progress (images/s, ETA) is redrawn in place on a terminal and logged every 30 s otherwise;
+the last line gives every class's train/val counts.
 """
 
 from __future__ import annotations
@@ -33,10 +35,11 @@ import multiprocessing
 import os
 import random
 import secrets
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import cv2
 import imagesize
@@ -44,6 +47,7 @@ import imagesize
 from job import storage as st
 from job.augment import resize_shorter
 from job.errors import InputError
+from job.progress import CountProgress
 from job.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -136,6 +140,7 @@ def prepare(
     verify: bool = False,
     max_pixels: int = MAX_PIXELS,
     overwrite: bool = False,
+    progress_stream: IO[str] | None = None,
 ) -> dict:
     if resize < 16 or shard_size < 1 or not 1 <= quality <= 100 or max_pixels < 1:
         raise InputError(
@@ -169,6 +174,8 @@ def prepare(
     }
     workers = workers or os.cpu_count() or 1
     ctx = multiprocessing.get_context("fork")
+    stream = progress_stream or sys.stderr
+    progress = CountProgress(len(items), "images", stream, lambda t: log.info("prepare: %s", t))
     with ctx.Pool(workers) as pool, tempfile.TemporaryDirectory(prefix="finetune-prep-") as tmp:
         for name in SPLITS:
             jobs = [(i.path, resize, quality, max_pixels) for i in splits[name]]
@@ -179,6 +186,7 @@ def prepare(
                 encoded,
                 _ShardWriter(name, dest, storage, tmp, prefix),
                 shard_size,
+                progress,
             )
             # A record's header id is a line of this file: evaluation names images by it.
             # A file of its own, so the manifest every rank reads stays small; versioned
@@ -195,6 +203,7 @@ def prepare(
                 log.warning("prepare: skipped %s: %s", path, skip.reason)
                 manifest["skipped_files"].append(path)
                 manifest["skipped_over_max_pixels"] += skip.too_large
+    progress.finish()
     if verify:
         verify_dataset(dest, manifest, storage)
     # The manifest goes last: a reader never sees a half-written dataset.
@@ -214,7 +223,20 @@ def prepare(
         manifest["skipped_over_max_pixels"],
         max_pixels,
     )
+    log.info("prepare: images per class: %s", class_counts(classes, splits, manifest))
     return manifest
+
+
+def class_counts(classes: list[str], splits: dict[str, list[Item]], manifest: dict) -> str:
+    """``cat 40 train / 8 val, dog ...``: what each class holds once skipped files are out."""
+    skipped = set(manifest["skipped_files"])
+    parts = []
+    for label, name in enumerate(classes):
+        counts = [
+            sum(1 for i in splits[s] if i.label == label and i.path not in skipped) for s in SPLITS
+        ]
+        parts.append(f"{name} {counts[0]} train / {counts[1]} val")
+    return ", ".join(parts)
 
 
 def _shard_files(manifest: dict) -> set[str]:
@@ -250,13 +272,19 @@ def _delete_unreferenced(dest: str, storage: Storage, keep: set[str]) -> None:
 
 
 def _write_split(
-    name: str, items: list[Item], encoded, writer: _ShardWriter, shard_size: int
+    name: str,
+    items: list[Item],
+    encoded,
+    writer: _ShardWriter,
+    shard_size: int,
+    progress: CountProgress,
 ) -> tuple[list[dict], list[tuple[str, Skip]], list[str]]:
     """Pack one split's encoded images into shards; returns (shards, skipped files, written
     files in record-id order)."""
     skipped: list[tuple[str, Skip]] = []
     written: list[str] = []
     for item, jpeg in zip(items, encoded, strict=True):
+        progress.advance()
         if isinstance(jpeg, Skip):
             skipped.append((item.path, jpeg))
             continue

@@ -23,7 +23,7 @@ import mxnet as mx
 import numpy as np
 from mxnet import autograd, gluon
 
-from job import __version__, distributed, fingerprint, model, watchdog
+from job import __version__, distributed, fingerprint, model, pipeline_metrics, watchdog
 from job import storage as st
 from job.augment import Jitter
 from job.checkpoint import Checkpointer, Progress
@@ -151,7 +151,12 @@ class Run:
         self.progress = Progress(workers=dist.size)
         self.resumed_from: str | None = None  # the checkpoint folder this run continued
         self._next_epoch: tuple[int, Iterator[Any]] | None = None
-        self.log = ProgressLog(enabled=dist.is_primary, fmt=cfg.log_format, stream=sys.stderr)
+        self.log = ProgressLog(
+            enabled=dist.is_primary,
+            fmt=cfg.log_format,
+            stream=sys.stderr,
+            on_progress=metrics.set_progress,
+        )
 
     def resume(self) -> None:
         if self.cfg.resume == "never":
@@ -623,6 +628,9 @@ def run(cfg: Config) -> dict[str, Any] | None:
         run_.resume()
         run_.fit()
         summary = run_.finish(time.perf_counter() - started)
+        if summary is not None and cfg.metrics_file:
+            pipeline_metrics.write(cfg.metrics_file, summary, run_.storage)
+            log.info("pipeline metrics written to %s", cfg.metrics_file)
         outcome = "succeeded"
         return summary
     except PreemptedError:

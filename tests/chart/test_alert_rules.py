@@ -106,3 +106,27 @@ def test_the_dashboard_charts_what_the_issue_asks_for():
     assert "sum by (phase)" in breakdown["targets"][0]["expr"]
     errors = panels["Data errors per second by rank"]
     assert all("sum by (rank)" in t["expr"] for t in errors["targets"])
+
+
+def github_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives a Markdown file's headings (lower case, punctuation dropped,
+    spaces to dashes)."""
+    headings = re.findall(r"^#+ (.+)$", markdown, re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_every_alert_has_a_runbook_url_to_a_readme_section():
+    readme = (CHART.parents[1] / "README.md").read_text()
+    anchors = github_anchors(readme)
+    (group,) = yaml.safe_load(ALERTS.read_text())["groups"]
+    for rule in group["rules"]:
+        url = rule["annotations"]["runbook_url"]
+        page, anchor = url.split("#")
+        assert page.endswith("/README.md"), url
+        assert anchor == rule["alert"].lower() and anchor in anchors, url
+
+
+def test_aggregating_alerts_keep_the_run():
+    for name, expr in rule_exprs().items():
+        for by in re.findall(r"by \(([^)]*)\)", expr):
+            assert "run" in [label.strip() for label in by.split(",")], (name, by)

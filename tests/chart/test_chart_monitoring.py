@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 import yaml
-from chart_tools import CHART, by_kind, one, render, replica_container
+from chart_tools import CHART, HelmError, by_kind, one, render, replica_container
 
 ALERTS = CHART / "files" / "alerts.yaml"
 DASHBOARD = CHART / "files" / "dashboard.json"
@@ -139,3 +139,46 @@ def test_dashboard_charts_every_metric_with_its_labels():
     assert len(ids) == len(set(ids))
     variables = {v["name"] for v in dashboard["templating"]["list"]}
     assert {"datasource", "namespace", "job"} <= variables
+
+
+def test_podmonitor_tells_runs_apart_and_takes_its_scrape_settings_from_values(helm):
+    drop = {"sourceLabels": ["__name__"], "regex": "finetune_step_phase_seconds_bucket"}
+    drop["action"] = "drop"
+    node = {"sourceLabels": ["__meta_kubernetes_pod_node_name"], "targetLabel": "node"}
+    metrics = {
+        "podMonitor": {
+            "enabled": True,
+            "namespace": "monitoring",
+            "scrapeTimeout": "5s",
+            "relabelings": [node],
+            "metricRelabelings": [drop],
+        }
+    }
+    monitor = one(render(helm, values(metrics=metrics), namespace="train"), "PodMonitor")
+    assert monitor["metadata"]["namespace"] == "monitoring"
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["train"]}  # the pods' one
+    assert monitor["spec"]["podTargetLabels"] == [
+        "finetune-job/run",
+        "training.kubeflow.org/job-name",
+    ]
+    for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+        assert endpoint["scrapeTimeout"] == "5s"
+        run, extra = endpoint["relabelings"]
+        assert run["targetLabel"] == "run"
+        # The MPI Operator's job-name pod label, as Prometheus' service discovery names it.
+        assert run["sourceLabels"] == ["__meta_kubernetes_pod_label_training_kubeflow_org_job_name"]
+        assert extra == node
+        assert endpoint["metricRelabelings"] == [drop]
+
+
+def test_podmonitor_defaults_to_the_release_namespace(helm):
+    metrics = {"podMonitor": {"enabled": True}}
+    monitor = one(render(helm, values(metrics=metrics), namespace="train"), "PodMonitor")
+    assert "namespace" not in monitor["metadata"]  # helm install -n puts it there
+    assert "metricRelabelings" not in monitor["spec"]["podMetricsEndpoints"][0]
+
+
+def test_podmonitor_rejects_an_unknown_relabel_field(helm):
+    bad = {"podMonitor": {"enabled": True, "relabelings": [{"target_label": "x"}]}}
+    with pytest.raises(HelmError, match="target_label"):
+        render(helm, values(metrics=bad))

@@ -61,6 +61,8 @@ def served():
 
 def test_names_types_and_labels_follow_prometheus_practice():
     for family in fed().registry.collect():
+        if family.name.startswith("process_"):  # prometheus-client's own collector
+            continue
         assert family.name.startswith("finetune_"), family.name
         assert family.documentation.strip(), family.name
         for s in family.samples:
@@ -241,3 +243,18 @@ def test_promtool_flags_a_badly_named_metric():
     )
     proc = promtool("check", "metrics", stdin=bad)
     assert proc.returncode != 0 and "_total" in proc.stdout + proc.stderr
+
+
+def test_progress_gauges_and_the_standard_process_collector():
+    m = fed()
+    m.set_progress(0.1, None)
+    samples = {s.name: s.value for family in m.registry.collect() for s in family.samples}
+    assert samples["finetune_eta_seconds"] != samples["finetune_eta_seconds"]  # NaN: unknown yet
+    m.set_progress(0.25, 90.0)
+    samples = {s.name: s.value for family in m.registry.collect() for s in family.samples}
+    assert samples["finetune_progress_ratio"] == 0.25
+    assert samples["finetune_eta_seconds"] == 90.0
+    # The standard process_* series of this very process (Linux /proc).
+    assert samples["process_resident_memory_bytes"] > 0
+    assert samples["process_cpu_seconds_total"] > 0
+    assert samples["process_start_time_seconds"] > 1.6e9

@@ -263,8 +263,10 @@ def test_rank_0_logs_json_lines(run):
     for line in lines:
         tag, _, text = line.partition("<stderr>:")
         if text.startswith("{"):
-            assert tag == "[1,0]", line  # only rank 0 logs progress
-            progress.append(json.loads(text))
+            entry = json.loads(text)  # every log line is JSON, progress or not
+            if entry.get("event") in ("step", "epoch"):
+                assert tag == "[1,0]", line  # only rank 0 logs progress
+                progress.append(entry)
     steps = [p for p in progress if p["event"] == "step"]
     epochs = [p for p in progress if p["event"] == "epoch"]
     assert [e["epoch"] for e in epochs] == [1, 2]

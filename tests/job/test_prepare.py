@@ -106,3 +106,28 @@ def test_bad_source_folders_are_named(tmp_path, layout, message):
 def test_missing_source_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="is not a folder"):
         prepare(str(tmp_path / "nope"), str(tmp_path / "out"), Storage())
+
+
+def test_ends_with_per_class_counts_without_skipped_files(tmp_path, caplog):
+    import io
+    import logging
+
+    src = tmp_path / "src"
+    for name, count in (("a", 3), ("b", 5)):
+        (src / name).mkdir(parents=True)
+        for i in range(count):
+            cv2.imwrite(str(src / name / f"{i}.jpg"), np.zeros((20, 20, 3), np.uint8))
+    (src / "a" / "broken.jpg").write_bytes(b"not a jpeg")
+    caplog.set_level(logging.INFO, logger="job.prepare")
+    shown = io.StringIO()  # not a terminal: no bar, lines only every 30 s
+    dest = str(tmp_path / "ds")
+    prepare(str(src), dest, Storage(), resize=16, val_fraction=0.2, progress_stream=shown)
+    assert shown.getvalue() == ""
+    last = [r.getMessage() for r in caplog.records if r.name == "job.prepare"][-1]
+    # a: 4 files (1 unreadable) -> 1 val + 2 train or 2 + 1; b: 5 -> 1 val, 4 train
+    assert last.startswith("prepare: images per class: a ")
+    counts = dict(
+        (part.split()[0], (int(part.split()[1]), int(part.split()[4])))
+        for part in last.split(": ", 2)[2].split(", ")
+    )
+    assert sum(counts["a"]) == 3 and counts["b"] == (4, 1)
