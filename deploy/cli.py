@@ -1,4 +1,5 @@
-"""``finetune-job submit | wait | status | logs | delete | list``: MPIJobs from pipelines.
+"""``finetune-job submit | wait | status | logs | delete | list``: runs (MPIJobs or TrainJobs)
+from pipelines.
 
 ``job.cli`` calls :func:`register` to add these subcommands to ``finetune-job``. Nothing
 here imports the kubernetes package until a subcommand talks to a cluster.
@@ -81,7 +82,7 @@ def register(sub: Any) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser(
         "submit",
-        help="submit a fine-tuning MPIJob (and wait for it)",
+        help="submit a fine-tuning run, an MPIJob or a TrainJob (and wait for it)",
         epilog=SUBMIT_EXAMPLE + exit_codes_epilog(),
         formatter_class=fmt,
     )
@@ -89,8 +90,9 @@ def register(sub: Any) -> None:
         "--from-manifest",
         default="",
         metavar="FILE",
-        help="the MPIJob and its config ConfigMap as Helm rendered them: `helm template` "
-        "output, multi-document YAML ('-': standard input)",
+        help="the run as Helm rendered it (the MPIJob and its config ConfigMap, or the "
+        "TrainJob with its TrainingRuntime): `helm template` output, multi-document YAML "
+        "('-': standard input)",
     )
     p.add_argument(
         "--values",
@@ -184,11 +186,11 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser(
         "wait",
-        help="wait until an MPIJob ends (fail early when its pods cannot start)",
+        help="wait until a run ends (fail early when its pods cannot start)",
         epilog=WAIT_EXAMPLE,
         formatter_class=fmt,
     )
-    p.add_argument("name", help="MPIJob name")
+    p.add_argument("name", help="run name (an MPIJob or a TrainJob)")
     p.add_argument(
         "--timeout",
         type=float,
@@ -202,19 +204,19 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser(
         "status",
-        help="phase and conditions of an MPIJob",
+        help="phase and conditions of a run",
         epilog=STATUS_EXAMPLE,
         formatter_class=fmt,
     )
-    p.add_argument("name", help="MPIJob name")
+    p.add_argument("name", help="run name (an MPIJob or a TrainJob)")
     p.add_argument("--output", "-o", choices=("text", "json"), default="text")
     _cluster_args(p)
     p.set_defaults(func=status)
 
     p = sub.add_parser(
-        "logs", help="the launcher's log of an MPIJob", epilog=LOGS_EXAMPLE, formatter_class=fmt
+        "logs", help="the launcher's log of a run", epilog=LOGS_EXAMPLE, formatter_class=fmt
     )
-    p.add_argument("name", help="MPIJob name")
+    p.add_argument("name", help="run name (an MPIJob or a TrainJob)")
     p.add_argument("--follow", action="store_true", help="stream until the launcher ends")
     p.add_argument(
         "--previous",
@@ -242,17 +244,17 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser(
         "delete",
-        help="delete an MPIJob (its pods and ConfigMap go with it)",
+        help="delete a run (its pods and ConfigMap go with it)",
         epilog=DELETE_EXAMPLE,
         formatter_class=fmt,
     )
-    p.add_argument("name", help="MPIJob name")
+    p.add_argument("name", help="run name (an MPIJob or a TrainJob)")
     _cluster_args(p)
     p.set_defaults(func=delete)
 
     p = sub.add_parser(
         "list",
-        help="this chart's MPIJobs in the namespace",
+        help="this chart's runs (MPIJobs and TrainJobs) in the namespace",
         epilog=LIST_EXAMPLE,
         formatter_class=fmt,
     )
@@ -393,12 +395,13 @@ def submit(args: argparse.Namespace) -> int:
         resume_from=resume_from,
     )
     if args.wait or args.follow:  # the run stops by itself when this submit gives up
-        schedule_mod.cap_deadline(run.mpijob, args.timeout)
+        schedule_mod.cap_deadline(run.job, args.timeout)
     if client is None:
-        print(yaml.safe_dump_all([run.mpijob, run.config_map], sort_keys=False), end="")
+        objects = [run.job] + ([run.config_map] if run.config_map else [])
+        print(yaml.safe_dump_all(objects, sort_keys=False), end="")
         return ExitCode.OK
-    client.submit(run.mpijob, run.config_map)
-    _note(f"submitted MPIJob {client.namespace}/{run.name}; output {run.output}")
+    client.submit(run.job, run.config_map)
+    _note(f"submitted {run.job['kind']} {client.namespace}/{run.name}; output {run.output}")
     if not (args.wait or args.follow):
         print(run.name)  # stdout: the name alone; with --wait, stdout is the summary JSON
         return ExitCode.OK
@@ -437,13 +440,14 @@ def _wait_and_gate(
         client.wait(
             run.name,
             max(0.0, deadline - time.monotonic()),
-            on_change=lambda s: _note(f"MPIJob {s.describe()}"),
+            on_change=lambda s: _note(f"{s.kind} {s.describe()}"),
             stuck=_bounds(args),
         )
     except JobTimeoutError as e:
-        left = run.mpijob["spec"].get("runPolicy", {}).get("activeDeadlineSeconds")
+        left = schedule_mod.cap_deadline(run.job, args.timeout)  # as submitted
         raise JobTimeoutError(
-            f"{e}; left running: MPIJob {client.namespace}/{run.name} (output {run.output}), "
+            f"{e}; left running: {run.job['kind']} {client.namespace}/{run.name} "
+            f"(output {run.output}), "
             f"ungated; its activeDeadlineSeconds {left} stops it at the latest; "
             f"`finetune-job delete {run.name}` stops it now"
         ) from e
@@ -488,7 +492,7 @@ def wait(args: argparse.Namespace) -> int:
     state = client.wait(
         args.name,
         args.timeout,
-        on_change=lambda s: _note(f"MPIJob {s.describe()}"),
+        on_change=lambda s: _note(f"{s.kind} {s.describe()}"),
         stuck=_bounds(args),
     )
     print(state.describe())
@@ -576,12 +580,12 @@ def _header(pod: str, attempt: int, attempts: int) -> str:
 def delete(args: argparse.Namespace) -> int:
     client = _client(args)
     client.delete(args.name)
-    _note(f"deleted MPIJob {client.namespace}/{args.name}")
+    _note(f"deleted {client.kind_of(args.name).name} {client.namespace}/{args.name}")
     return ExitCode.OK
 
 
 LIST_COLUMNS = ("NAME", "PHASE", "SCHEDULE", "CREATED")
-WIDE_COLUMNS = (*LIST_COLUMNS, "COMPLETED", "REASON", "OUTPUT")
+WIDE_COLUMNS = (*LIST_COLUMNS, "COMPLETED", "REASON", "OUTPUT", "KIND")
 
 
 @guarded
@@ -592,11 +596,13 @@ def list_jobs(args: argparse.Namespace) -> int:
         print(json.dumps([s.to_dict() for s in states], indent=2))
         return ExitCode.OK
     if not states:  # as kubectl: a note on stderr, stdout stays empty
-        _note(f"no MPIJobs in namespace {client.namespace} match {args.selector}")
+        _note(f"no MPIJobs or TrainJobs in namespace {client.namespace} match {args.selector}")
         return ExitCode.OK
     columns = WIDE_COLUMNS if args.output == "wide" else LIST_COLUMNS
     rows = [
-        (s.name, s.phase, s.schedule, s.created, s.completed, s.reason, s.output)[: len(columns)]
+        (s.name, s.phase, s.schedule, s.created, s.completed, s.reason, s.output, s.kind)[
+            : len(columns)
+        ]
         for s in states
     ]
     print(_table(columns, rows))

@@ -17,7 +17,7 @@ Example::
 
     client = MPIJobClient(namespace="ml")           # in-cluster, else ~/.kube/config
     run = manifest.build_run(manifest.read("flowers.yaml"), schedule="nightly")  # helm template
-    client.submit(run.mpijob, run.config_map)
+    client.submit(run.job, run.config_map)
     state = client.wait(run.name, timeout=6 * 3600)  # JobFailedError / JobTimeoutError
     for line in client.logs(run.name):              # follow=True: as it is written
         print(line)
@@ -39,6 +39,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
 from deploy import constants as c
+from deploy import kinds
 from deploy.errors import (
     ApiError,
     BadInputError,
@@ -50,12 +51,12 @@ from deploy.errors import (
     from_api,
     server_message,
 )
+from deploy.kinds import Kind
 from deploy.status import JobState, Problem, StuckBounds, StuckTracker, job_state, pod_problems
 from deploy.watches import ERROR, RELIST, Feed, Item
 
 log = logging.getLogger("finetune_job.deploy")
 
-MPIJOB = f"{c.PLURAL}.{c.GROUP}"
 SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
@@ -91,7 +92,9 @@ def load_api_client(
 
 
 class MPIJobClient:
-    """The MPIJobs of one namespace, through one API client made once."""
+    """The runs (MPIJobs or TrainJobs, ``deploy.kinds``) of one namespace, through one API
+    client made once. ``kind`` fixes the kind; by default a run's kind is found by looking it
+    up (MPIJob first), and ``submit`` takes the object's."""
 
     def __init__(
         self,
@@ -102,6 +105,7 @@ class MPIJobClient:
         in_cluster: bool | None = None,
         api_client: k8s.ApiClient | None = None,
         request_timeout: float = 30.0,
+        kind: Kind | None = None,
     ) -> None:
         if api_client is None:
             api_client, default_ns = load_api_client(kubeconfig, context, in_cluster)
@@ -112,6 +116,7 @@ class MPIJobClient:
         self.custom = k8s.CustomObjectsApi(api_client)
         self.core = k8s.CoreV1Api(api_client)
         self.request_timeout = request_timeout
+        self.kind = kind
 
     def _ref(self, name: str) -> str:
         return f"{self.namespace}/{name}"
@@ -132,24 +137,26 @@ class MPIJobClient:
             ) from e
 
     # ---- submit / get / list / delete -----------------------------------------------------
-    def submit(self, mpijob: dict[str, Any], config_map: dict[str, Any] | None = None) -> JobState:
-        """Create the MPIJob, then its training-config ConfigMap owned by it.
+    def submit(self, job: dict[str, Any], config_map: dict[str, Any] | None = None) -> JobState:
+        """Create the run (an MPIJob or a TrainJob), then its training-config ConfigMap
+        owned by it.
 
-        The ConfigMap carries an ownerReference to the MPIJob, so deleting the job (or its
+        The ConfigMap carries an ownerReference to the run, so deleting the run (or its
         TTL) garbage-collects it; the pods wait for the volume until it exists. If the
-        ConfigMap cannot be created the MPIJob is deleted again, so nothing half-made stays.
+        ConfigMap cannot be created the run is deleted again, so nothing half-made stays.
         """
-        name = mpijob["metadata"]["name"]
+        kind = self.kind = kinds.of(job)
+        name = job["metadata"]["name"]
         created = self._call(
             "create",
-            MPIJOB,
+            kind.resource,
             name,
             self.custom.create_namespaced_custom_object,
-            c.GROUP,
-            c.VERSION,
+            kind.group,
+            kind.version,
             self.namespace,
-            c.PLURAL,
-            mpijob,
+            kind.plural,
+            job,
         )
         if config_map is not None:
             owned = dict(
@@ -158,8 +165,8 @@ class MPIJobClient:
                     config_map["metadata"],
                     ownerReferences=[
                         {
-                            "apiVersion": c.API_VERSION,
-                            "kind": c.KIND,
+                            "apiVersion": kind.api_version,
+                            "kind": kind.name,
                             "name": name,
                             "uid": created["metadata"]["uid"],
                             "controller": True,
@@ -180,63 +187,100 @@ class MPIJobClient:
             except Exception:
                 self._delete_quietly(name)
                 raise
-        log.info("submitted MPIJob %s", self._ref(name))
+        log.info("submitted %s %s", kind.name, self._ref(name))
         return job_state(created)
 
     def _delete_quietly(self, name: str) -> None:
         try:
             self.delete(name)
         except Exception as e:  # the original error matters more; say what is left behind
-            log.warning("could not delete MPIJob %s after a failed submit: %s", self._ref(name), e)
+            log.warning(
+                "could not delete %s %s after a failed submit: %s",
+                self._kind_name(),
+                self._ref(name),
+                e,
+            )
 
     def get(self, name: str) -> dict[str, Any]:
-        obj: dict[str, Any] = self._call(
-            "get",
-            MPIJOB,
-            name,
-            self.custom.get_namespaced_custom_object,
-            c.GROUP,
-            c.VERSION,
-            self.namespace,
-            c.PLURAL,
-            name,
-        )
-        return obj
+        """The run as the API returns it; its kind is learnt on the way (MPIJob first)."""
+        missing: NotFoundError | None = None
+        for kind in (self.kind,) if self.kind else kinds.KINDS:
+            try:
+                obj: dict[str, Any] = self._call(
+                    "get",
+                    kind.resource,
+                    name,
+                    self.custom.get_namespaced_custom_object,
+                    kind.group,
+                    kind.version,
+                    self.namespace,
+                    kind.plural,
+                    name,
+                )
+            except NotFoundError as e:
+                missing = missing or e
+                continue
+            self.kind = kind
+            return obj
+        assert missing is not None
+        raise missing
+
+    def kind_of(self, name: str) -> Kind:
+        """The kind of run ``name`` (one GET when the client does not know it yet)."""
+        if self.kind is None:
+            self.get(name)
+        assert self.kind is not None
+        return self.kind
+
+    def _kind_name(self) -> str:
+        return self.kind.name if self.kind else "run"
 
     def status(self, name: str) -> JobState:
         return job_state(self.get(name))
 
     def list_jobs(self, label_selector: str = f"{c.NAME_LABEL}={c.APP_NAME}") -> list[JobState]:
-        """This chart's MPIJobs in the namespace, oldest first."""
-        doc = self._call(
-            "list",
-            MPIJOB,
-            "",
-            self.custom.list_namespaced_custom_object,
-            c.GROUP,
-            c.VERSION,
-            self.namespace,
-            c.PLURAL,
-            label_selector=label_selector,
-        )
-        states = [job_state(item) for item in doc.get("items", [])]
+        """This chart's runs in the namespace (both kinds, unless the client has one), oldest
+        first. A kind whose CRD is not installed has none."""
+        chosen = (self.kind,) if self.kind else kinds.KINDS
+        states: list[JobState] = []
+        missing: list[NotFoundError] = []
+        for kind in chosen:
+            try:
+                doc = self._call(
+                    "list",
+                    kind.resource,
+                    "",
+                    self.custom.list_namespaced_custom_object,
+                    kind.group,
+                    kind.version,
+                    self.namespace,
+                    kind.plural,
+                    label_selector=label_selector,
+                )
+            except NotFoundError as e:  # that kind's CRD is not installed
+                missing.append(e)
+                continue
+            states += [job_state(item) for item in doc.get("items", [])]
+        if len(missing) == len(chosen):
+            raise missing[0]
         return sorted(states, key=lambda s: (s.created, s.name))
 
     def delete(self, name: str) -> None:
-        """Delete the MPIJob; its pods and ConfigMaps go with it (background cascade)."""
+        """Delete the run; its pods and ConfigMaps go with it (background cascade)."""
+        kind = self.kind_of(name)
         self._call(
             "delete",
-            MPIJOB,
+            kind.resource,
             name,
             self.custom.delete_namespaced_custom_object,
-            c.GROUP,
-            c.VERSION,
+            kind.group,
+            kind.version,
             self.namespace,
-            c.PLURAL,
+            kind.plural,
             name,
             propagation_policy="Background",
         )
-        log.info("deleted MPIJob %s", self._ref(name))
+        log.info("deleted %s %s", kind.name, self._ref(name))
 
     # ---- wait -----------------------------------------------------------------------------
     def wait(
@@ -246,7 +290,7 @@ class MPIJobClient:
         on_change: Callable[[JobState], None] | None = None,
         stuck: StuckBounds | None = None,
     ) -> JobState:
-        """Block until the MPIJob succeeds; returns its final state.
+        """Block until the run succeeds; returns its final state.
 
         Raises JobFailedError when it fails; JobStuckError (a JobFailedError) when one of its
         pods cannot start for longer than ``stuck`` allows (default: :class:`StuckBounds`);
@@ -258,12 +302,12 @@ class MPIJobClient:
         )
         if state is None:
             raise JobTimeoutError(
-                f"MPIJob {self._ref(name)} did not finish within "
+                f"{self._kind_name()} {self._ref(name)} did not finish within "
                 f"{round(timeout, 1):g} s (still running; "
                 f"`finetune-job delete {name}` stops it)"
             )
         if state.failed:
-            raise JobFailedError(f"MPIJob {state.describe()}", state)
+            raise JobFailedError(f"{state.kind} {state.describe()}", state)
         return state
 
     def watch_until(
@@ -275,15 +319,16 @@ class MPIJobClient:
         stuck: StuckBounds | None = None,
         tracker: StuckTracker | None = None,
     ) -> JobState | None:
-        """Watch the MPIJob (and its pods) until ``done(state)``; None once ``deadline`` passes.
+        """Watch the run (and its pods) until ``done(state)``; None once ``deadline`` passes.
 
         The run's pods and the namespace's Warning events are watched too, so a run that
         cannot start fails with JobStuckError instead of waiting out the deadline. ``done``
         is asked after every change, so it may look at ``tracker.pods`` too.
         """
+        kind = self.kind_of(name)
         bounds = StuckBounds() if stuck is None else stuck
         watch_pods = tracker is not None or bounds.start > 0 or bounds.unschedulable > 0
-        tracker = tracker or StuckTracker(name, bounds)
+        tracker = tracker or StuckTracker(name, bounds, kind)
         with Feed(self.request_timeout) as feed:
             self._start_watches(feed, name, watch_pods=watch_pods)
             state: JobState | None = None
@@ -308,13 +353,14 @@ class MPIJobClient:
                     state = self._take(name, item, state, tracker)
 
     def _start_watches(self, feed: Feed, name: str, watch_pods: bool) -> None:
+        kind = self.kind_of(name)
         feed.watch(
             "job",
             self.custom.list_namespaced_custom_object,
-            c.GROUP,
-            c.VERSION,
+            kind.group,
+            kind.version,
             self.namespace,
-            c.PLURAL,
+            kind.plural,
             field_selector=f"metadata.name={name}",
         )
         if not watch_pods:
@@ -323,7 +369,7 @@ class MPIJobClient:
             "pods",
             self.core.list_namespaced_pod,
             self.namespace,
-            label_selector=f"{c.OPERATOR_JOB_NAME_LABEL}={name}",
+            label_selector=kind.run_pods(name),
         )
         # Pods that could not be created exist only as events (on the launcher Job, on the
         # MPIJob); Warning events of the namespace are few, and filtered by the tracker.
@@ -341,10 +387,12 @@ class MPIJobClient:
         elif item.source == "job":
             if item.type == RELIST:
                 if not item.obj:
-                    raise NotFoundError(f"MPIJob {self._ref(name)} not found")
+                    raise NotFoundError(f"{self._kind_name()} {self._ref(name)} not found")
                 return job_state(item.obj[0])
             if item.type == "DELETED":
-                raise NotFoundError(f"MPIJob {self._ref(name)} was deleted while waiting")
+                raise NotFoundError(
+                    f"{self._kind_name()} {self._ref(name)} was deleted while waiting"
+                )
             return job_state(item.obj)
         elif item.source == "pods":
             if item.type == RELIST:
@@ -357,9 +405,9 @@ class MPIJobClient:
         return state
 
     def _watch_failed(self, name: str, item: Item) -> None:
-        """The MPIJob's watch failing ends the wait; the pods' or events' only warns."""
+        """The run's watch failing ends the wait; the pods' or events' only warns."""
         e = item.obj
-        resource = {"job": MPIJOB}.get(item.source, item.source)
+        resource = self.kind_of(name).resource if item.source == "job" else item.source
         if isinstance(e, ApiException):
             err: DeployError = from_api(e, "watch", resource, self.namespace, name)
         elif isinstance(e, urllib3.exceptions.HTTPError):
@@ -375,7 +423,7 @@ class MPIJobClient:
 
     def _stuck(self, name: str, problem: Problem, bound: float) -> JobStuckError:
         return JobStuckError(
-            f"MPIJob {self._ref(name)} cannot start: {problem.describe(bound)} "
+            f"{self._kind_name()} {self._ref(name)} cannot start: {problem.describe(bound)} "
             f"(the job is left as it is; `finetune-job delete {name}` removes it)",
             namespace=self.namespace,
             name=name,
@@ -388,7 +436,7 @@ class MPIJobClient:
 
     def problems(self, name: str) -> list[Problem]:
         """What keeps the run's pods from starting right now (no time bound applied)."""
-        pods = self._pods(name, f"{c.OPERATOR_JOB_NAME_LABEL}={name}")
+        pods = self._pods(name, self.kind_of(name).run_pods(name))
         return [p for pod in pods for p in pod_problems(pod)]
 
     # ---- logs -----------------------------------------------------------------------------
@@ -413,7 +461,7 @@ class MPIJobClient:
         """The job's launcher pods (one per launcher attempt), oldest first."""
         return self._pods(
             name,
-            f"{c.OPERATOR_JOB_NAME_LABEL}={name},{c.OPERATOR_JOB_ROLE_LABEL}={c.LAUNCHER_ROLE}",
+            self.kind_of(name).launcher_pods(name),
         )
 
     def launcher_pod_names(self, name: str) -> list[str]:
@@ -424,7 +472,7 @@ class MPIJobClient:
         pods = self.launcher_pods(name)
         if not pods:
             raise NotFoundError(
-                f"MPIJob {self._ref(name)} has no launcher pod (not started yet, "
+                f"{self._kind_name()} {self._ref(name)} has no launcher pod (not started yet, "
                 f"or its pods were cleaned up)"
             )
         return _pod_and_container(pods[-1])
@@ -452,12 +500,21 @@ class MPIJobClient:
         """
         deadline = time.monotonic() + timeout
         if follow and not previous:
-            state = self.watch_until(
-                name, deadline, lambda s: s.phase in (c.RUNNING, *c.TERMINAL), stuck=stuck
-            )
+            # A TrainJob has no Running condition: its launcher pod running says it.
+            kind = self.kind_of(name)
+            tracker = StuckTracker(name, StuckBounds() if stuck is None else stuck, kind)
+
+            def launcher_runs(state: JobState) -> bool:
+                return state.phase in (c.RUNNING, *c.TERMINAL) or any(
+                    (p["metadata"].get("labels") or {}).get(kind.role_label) == kind.launcher_role
+                    and (p.get("status") or {}).get("phase") in c.POD_STARTED_PHASES
+                    for p in tracker.pods.values()
+                )
+
+            state = self.watch_until(name, deadline, launcher_runs, stuck=stuck, tracker=tracker)
             if state is None:
                 raise JobTimeoutError(
-                    f"MPIJob {self._ref(name)}: the launcher did not start within "
+                    f"{self._kind_name()} {self._ref(name)}: the launcher did not start within "
                     f"{round(timeout, 1):g} s"
                 )
         pod_name, container = self._pod_container(name, pod)
@@ -497,13 +554,13 @@ class MPIJobClient:
         self, name: str, seen: set[str], deadline: float, stuck: StuckBounds | None
     ) -> str | None:
         """The next launcher pod once it runs; None when the job finished without one."""
-        tracker = StuckTracker(name, StuckBounds() if stuck is None else stuck)
+        kind = self.kind_of(name)
+        tracker = StuckTracker(name, StuckBounds() if stuck is None else stuck, kind)
 
         def started() -> bool:
             return any(
                 pod_name not in seen
-                and (p["metadata"].get("labels") or {}).get(c.OPERATOR_JOB_ROLE_LABEL)
-                == c.LAUNCHER_ROLE
+                and (p["metadata"].get("labels") or {}).get(kind.role_label) == kind.launcher_role
                 and (p.get("status") or {}).get("phase") in c.POD_STARTED_PHASES
                 for pod_name, p in tracker.pods.items()
             )
@@ -513,8 +570,8 @@ class MPIJobClient:
         )
         if state is None:
             raise JobTimeoutError(
-                f"MPIJob {self._ref(name)}: following the launcher's log took longer than "
-                f"the deadline"
+                f"{self._kind_name()} {self._ref(name)}: following the launcher's log took "
+                "longer than the deadline"
             )
         # Also after the job finished: an attempt that ran meanwhile is shown too.
         unseen = [p for p in self.launcher_pod_names(name) if p not in seen]
@@ -526,7 +583,7 @@ class MPIJobClient:
         for candidate in self.launcher_pods(name):
             if candidate["metadata"]["name"] == pod:
                 return _pod_and_container(candidate)
-        raise NotFoundError(f"MPIJob {self._ref(name)} has no launcher pod {pod}")
+        raise NotFoundError(f"{self._kind_name()} {self._ref(name)} has no launcher pod {pod}")
 
     def _read_log(self, name: str, pod: str, kwargs: dict[str, Any]) -> list[str]:
         try:
@@ -541,7 +598,7 @@ class MPIJobClient:
             if e.status == 400 and kwargs.get("previous"):
                 # The API says 400 when the container never restarted: nothing to show.
                 raise NotFoundError(
-                    f"launcher pod {self._ref(pod)} of MPIJob {name} has no previous "
+                    f"launcher pod {self._ref(pod)} of {self._kind_name()} {name} has no previous "
                     f"container (it did not restart): {server_message(e)}"
                 ) from e
             raise from_api(e, "get", "pods/log", self.namespace, pod) from e
@@ -579,17 +636,19 @@ class MPIJobClient:
                     yield line.decode("utf-8", errors="replace")
                 if time.monotonic() > deadline:
                     raise JobTimeoutError(
-                        f"MPIJob {self._ref(name)}: following the log of {pod} "
+                        f"{self._kind_name()} {self._ref(name)}: following the log of {pod} "
                         f"took longer than the deadline"
                     )
             if pending:  # the last line had no line end
                 yield pending.decode("utf-8", errors="replace")
         except urllib3.exceptions.ReadTimeoutError as e:
             raise JobTimeoutError(
-                f"MPIJob {self._ref(name)}: no log line from {pod} before the deadline"
+                f"{self._kind_name()} {self._ref(name)}: no log line from {pod} before the deadline"
             ) from e
         except urllib3.exceptions.HTTPError as e:
-            raise ApiError(f"log of {self._ref(pod)} (MPIJob {name}) broke off: {e}") from e
+            raise ApiError(
+                f"log of {self._ref(pod)} ({self._kind_name()} {name}) broke off: {e}"
+            ) from e
         finally:
             resp.release_conn()
 
@@ -597,7 +656,7 @@ class MPIJobClient:
         """Every launcher pod's log, oldest first; a header line before each when several."""
         pods = self.launcher_pod_names(name)
         if not pods:
-            raise NotFoundError(f"MPIJob {self._ref(name)} has no launcher pod")
+            raise NotFoundError(f"{self._kind_name()} {self._ref(name)} has no launcher pod")
         out = []
         for i, pod in enumerate(pods, 1):
             if len(pods) > 1:

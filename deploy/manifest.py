@@ -1,4 +1,4 @@
-"""A Helm-rendered MPIJob -> one run of it: the small patcher behind ``finetune-job submit``.
+"""A Helm-rendered MPIJob or TrainJob -> one run of it: the patcher behind ``finetune-job submit``.
 
 The chart is the only description of the MPIJob; nothing here knows its values. ``submit``
 starts from what Helm rendered (the MPIJob and the ConfigMap holding its ``config.yaml``):
@@ -19,6 +19,14 @@ starts from what Helm rendered (the MPIJob and the ConfigMap holding its ``confi
   and their ``checksum/config`` is its hash. ``MPIJobClient.submit`` creates it owned by the
   MPIJob (ownerReferences), so it is garbage-collected with it, and a run keeps the config it
   started with even when the release's values change later.
+
+A TrainJob (``launch.kind: TrainJob``) references the release's TrainingRuntime, whose pods
+mount the release's ConfigMap; Trainer lets a TrainJob change the launcher's arguments
+(``spec.trainer.args``, for the replicated job of the trainer step) but not its volumes. So a
+TrainJob run gets no ConfigMap of its own: its ``spec.trainer.args`` are the runtime's
+mpirun line plus ``--output`` (and ``--pretrained``/``--resume-from`` when set), flags that
+win over the config file. The TrainingRuntime must be installed (``helm install`` with
+``launch.kind=TrainJob``); ``helm template`` output supplies its launcher line.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from typing import Any
 import yaml
 
 from deploy import constants as c
+from deploy import kinds
 from deploy.errors import BadInputError
 from job import config as config_mod
 from job import registry
@@ -53,11 +62,13 @@ _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 @dataclass(frozen=True)
 class Rendered:
-    """The MPIJob Helm rendered and the ConfigMap its pods mount ``config.yaml`` from."""
+    """The run Helm rendered (an MPIJob, or a TrainJob with its TrainingRuntime) and the
+    ConfigMap its pods mount ``config.yaml`` from."""
 
-    mpijob: dict[str, Any]
+    job: dict[str, Any]
     config_map: dict[str, Any]
     source: str
+    runtime: dict[str, Any] | None = None  # a TrainJob's TrainingRuntime
 
     @property
     def training(self) -> dict[str, Any]:
@@ -89,7 +100,8 @@ def parse(text: str, source: str) -> Rendered:
         raise BadInputError(f"{source} is not valid YAML: {first}") from e
     if not all(isinstance(d, dict) for d in docs):
         raise BadInputError(f"{source}: every YAML document must be a Kubernetes object")
-    jobs = [d for d in docs if d.get("kind") == c.KIND and d.get("apiVersion") == c.API_VERSION]
+    wanted = {(k.name, k.api_version) for k in kinds.KINDS}
+    jobs = [d for d in docs if (d.get("kind"), d.get("apiVersion")) in wanted]
     if not jobs:
         inner = [
             d["data"][MANIFEST_KEY]
@@ -98,33 +110,64 @@ def parse(text: str, source: str) -> Rendered:
         ]
         if len(inner) == 1:
             return parse(inner[0], f"{source} ({MANIFEST_KEY})")
-        raise BadInputError(f"{source} holds no {c.API_VERSION} {c.KIND} (rendered by the chart?)")
+        raise BadInputError(
+            f"{source} holds no {c.API_VERSION} {c.KIND} or {kinds.TRAINJOB.api_version} "
+            f"{kinds.TRAINJOB.name} (rendered by the chart?)"
+        )
     if len(jobs) > 1:
-        names = ", ".join(str(j.get("metadata", {}).get("name")) for j in jobs)
-        raise BadInputError(f"{source} holds {len(jobs)} MPIJobs ({names}); submit takes one")
-    mpijob = jobs[0]
-    name = config_map_name(mpijob, source)
+        names = ", ".join(f"{j['kind']} {j.get('metadata', {}).get('name')}" for j in jobs)
+        raise BadInputError(f"{source} holds {len(jobs)} runs ({names}); submit takes one")
+    job = jobs[0]
+    runtime = None
+    if kinds.of(job) is kinds.TRAINJOB:
+        runtime = _runtime_of(job, docs, source)
+    name = config_map_name(runtime or job, source)
     maps = [
         d
         for d in docs
         if d.get("kind") == "ConfigMap" and (d.get("metadata") or {}).get("name") == name
     ]
     if not maps:
-        raise BadInputError(f"{source} lacks the ConfigMap {name} that the MPIJob mounts")
-    return Rendered(mpijob=mpijob, config_map=maps[0], source=source)
+        raise BadInputError(f"{source} lacks the ConfigMap {name} that the {job['kind']} mounts")
+    return Rendered(job=job, config_map=maps[0], source=source, runtime=runtime)
 
 
-def config_map_name(mpijob: Mapping[str, Any], source: str) -> str:
+def _runtime_of(trainjob: Mapping[str, Any], docs: list[dict[str, Any]], source: str) -> dict:
+    ref = (trainjob.get("spec") or {}).get("runtimeRef") or {}
+    for d in docs:
+        if d.get("kind") == ref.get("kind", kinds.RUNTIME_KIND) and (d.get("metadata") or {}).get(
+            "name"
+        ) == ref.get("name"):
+            return d
+    raise BadInputError(
+        f"{source}: the TrainJob references {ref.get('kind')} {ref.get('name')}, which is not "
+        "in it (render the chart with launch.kind=TrainJob)"
+    )
+
+
+def _launcher_pod(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """The launcher's pod spec: an MPIJob's Launcher replica, a TrainingRuntime's launcher job."""
+    if obj.get("kind") == kinds.RUNTIME_KIND:
+        for replicated in obj["spec"]["template"]["spec"]["replicatedJobs"]:
+            if replicated["name"] == kinds.TRAINJOB.launcher_role:
+                pod: dict[str, Any] = replicated["template"]["spec"]["template"]["spec"]
+                return pod
+        raise KeyError(kinds.TRAINJOB.launcher_role)
+    pod = obj["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]
+    return pod
+
+
+def config_map_name(job: Mapping[str, Any], source: str) -> str:
     """The ConfigMap the launcher mounts at ``CONFIG_DIR`` (where ``--config`` points)."""
     try:
-        pod = mpijob["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]
+        pod = _launcher_pod(job)
         (container,) = pod["containers"][:1]
         mount = next(m for m in container["volumeMounts"] if m["mountPath"] == c.CONFIG_DIR)
         volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
         return str(volume["configMap"]["name"])
     except (KeyError, TypeError, ValueError, StopIteration) as e:
         raise BadInputError(
-            f"{source}: the MPIJob's launcher mounts no ConfigMap at {c.CONFIG_DIR}"
+            f"{source}: the {job.get('kind')}'s launcher mounts no ConfigMap at {c.CONFIG_DIR}"
         ) from e
 
 
@@ -191,7 +234,7 @@ def s3_endpoint_and_region(rendered: Rendered) -> tuple[str, str]:
     training = rendered.training
     env = {
         e.get("name"): e.get("value")
-        for e in _launcher(rendered.mpijob).get("env") or []
+        for e in _launcher(rendered.runtime or rendered.job).get("env") or []
         if isinstance(e, dict) and isinstance(e.get("value"), str)
     }
     endpoint = str(training.get("s3_endpoint_url") or env.get("AWS_ENDPOINT_URL") or "")
@@ -199,10 +242,8 @@ def s3_endpoint_and_region(rendered: Rendered) -> tuple[str, str]:
     return endpoint, region
 
 
-def _launcher(mpijob: Mapping[str, Any]) -> dict[str, Any]:
-    container: dict[str, Any] = mpijob["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"][
-        "containers"
-    ][0]
+def _launcher(job: Mapping[str, Any]) -> dict[str, Any]:
+    container: dict[str, Any] = _launcher_pod(job)["containers"][0]
     return container
 
 
@@ -233,8 +274,8 @@ def check_training(training: Mapping[str, Any]) -> None:
 class Run:
     name: str
     output: str
-    mpijob: dict[str, Any]
-    config_map: dict[str, Any]
+    job: dict[str, Any]  # the MPIJob or TrainJob to create
+    config_map: dict[str, Any] | None  # its own ConfigMap (MPIJob runs)
 
 
 def build_run(
@@ -259,7 +300,7 @@ def build_run(
     root = str(training.get("output") or "")
     if not root:
         raise BadInputError("values training.output (the output root) is required")
-    name = registry.run_name(prefix or rendered.mpijob["metadata"]["name"], now, rng)
+    name = registry.run_name(prefix or rendered.job["metadata"]["name"], now, rng)
     output = registry.run_output(root, name)
     training = {**training, "output": output}
     if pretrained is not None:
@@ -267,15 +308,24 @@ def build_run(
     if resume_from is not None:
         training["resume_from"] = resume_from
     check_training(training)
-    text = config_yaml(training)
     labels = {
         c.MANAGED_BY_LABEL: c.MANAGED_BY,
         c.RUN_LABEL: name,
         c.SCHEDULE_LABEL: label_value(schedule) or c.MANUAL_SCHEDULE,
     }
+    if rendered.runtime is not None:
+        flags = {"output": output, "pretrained": pretrained, "resume_from": resume_from}
+        args = list(_launcher(rendered.runtime).get("args") or [])
+        for key, value in flags.items():
+            if value is not None:
+                args += [config_mod.flag(key), str(value)]
+        job = patch_trainjob(rendered.job, name=name, labels=labels, output=output, args=args)
+        job["metadata"] = _metadata(job["metadata"], name, labels, namespace)
+        return Run(name=name, output=output, job=job, config_map=None)
+    text = config_yaml(training)
     config_map = _name(name + CONFIG_MAP_SUFFIX)
-    mpijob = patch_mpijob(
-        rendered.mpijob,
+    job = patch_mpijob(
+        rendered.job,
         name=name,
         labels=labels,
         output=output,
@@ -287,7 +337,27 @@ def build_run(
     cm = copy.deepcopy(rendered.config_map)
     cm["metadata"] = _metadata(cm["metadata"], config_map, labels, namespace)
     cm["data"] = {**(cm.get("data") or {}), c.CONFIG_KEY: text}
-    return Run(name=name, output=output, mpijob=mpijob, config_map=cm)
+    return Run(name=name, output=output, job=job, config_map=cm)
+
+
+def patch_trainjob(
+    trainjob: Mapping[str, Any],
+    *,
+    name: str,
+    labels: Mapping[str, str],
+    output: str,
+    args: list[str],
+) -> dict[str, Any]:
+    """The rendered TrainJob with the run's name, labels, output annotation and launcher
+    arguments (``spec.trainer.args``)."""
+    job = copy.deepcopy(dict(trainjob))
+    job["metadata"] = _metadata(job["metadata"], name, labels, None)
+    job["metadata"]["annotations"] = {
+        **(job["metadata"].get("annotations") or {}),
+        c.OUTPUT_ANNOTATION: output,
+    }
+    job["spec"].setdefault("trainer", {})["args"] = args
+    return job
 
 
 def patch_mpijob(

@@ -15,6 +15,7 @@ import json
 from typing import Any
 
 from deploy import constants as c
+from deploy import kinds
 from deploy.errors import BadInputError
 from job.storage import Storage, StorageError, join
 
@@ -34,9 +35,12 @@ def refuse_overlap(client: Any, schedule: str) -> None:
         )
 
 
-def cap_deadline(mpijob: dict[str, Any], timeout: float) -> int:
-    """Set ``runPolicy.activeDeadlineSeconds`` to at most ``timeout``; returns it."""
-    policy = mpijob["spec"].setdefault("runPolicy", {})
+def cap_deadline(job: dict[str, Any], timeout: float) -> int:
+    """Set the run's active deadline (an MPIJob's ``runPolicy.activeDeadlineSeconds``, a
+    TrainJob's ``spec.activeDeadlineSeconds``) to at most ``timeout``; returns it."""
+    policy = (
+        job["spec"] if kinds.of(job) is kinds.TRAINJOB else job["spec"].setdefault("runPolicy", {})
+    )
     current = policy.get("activeDeadlineSeconds")
     deadline = max(1, int(timeout))
     if current is None or int(current) > deadline:

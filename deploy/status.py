@@ -16,6 +16,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from deploy import constants as c
+from deploy import kinds
+from deploy.kinds import Kind
 
 # First True condition in this order decides the phase: terminal ones win over transient.
 _PRECEDENCE = (c.FAILED, c.SUCCEEDED, c.SUSPENDED, c.RESTARTING, c.RUNNING, c.CREATED)
@@ -43,6 +45,7 @@ class JobState:
     message: str = ""
     conditions: tuple[Condition, ...] = ()
     output: str = ""
+    kind: str = c.KIND  # MPIJob or TrainJob (deploy.kinds)
     run: str = ""
     schedule: str = ""
     created: str = ""
@@ -74,6 +77,7 @@ class JobState:
         return {
             "namespace": self.namespace,
             "name": self.name,
+            "kind": self.kind,
             "phase": self.phase,
             "reason": self.reason,
             "message": self.message,
@@ -87,10 +91,12 @@ class JobState:
 
 
 def conditions(obj: dict[str, Any]) -> tuple[Condition, ...]:
+    """The object's conditions, their types as phases (a TrainJob's Complete is Succeeded)."""
     raw = ((obj.get("status") or {}).get("conditions")) or []
+    phases = kinds.of(obj).phases
     return tuple(
         Condition(
-            type=str(d.get("type", "")),
+            type=phases.get(str(d.get("type", "")), str(d.get("type", ""))),
             status=str(d.get("status", "")),
             reason=str(d.get("reason") or ""),
             message=str(d.get("message") or ""),
@@ -111,7 +117,7 @@ def phase_of(conds: tuple[Condition, ...]) -> Condition | None:
 
 
 def job_state(obj: dict[str, Any]) -> JobState:
-    """Interpret an MPIJob object (as the API returns it)."""
+    """Interpret an MPIJob or TrainJob object (as the API returns it)."""
     meta = obj.get("metadata") or {}
     labels = meta.get("labels") or {}
     status = obj.get("status") or {}
@@ -125,6 +131,7 @@ def job_state(obj: dict[str, Any]) -> JobState:
         message=deciding.message if deciding else "",
         conditions=conds,
         output=str((meta.get("annotations") or {}).get(c.OUTPUT_ANNOTATION, "")),
+        kind=kinds.of(obj).name,
         run=str(labels.get(c.RUN_LABEL, "")),
         schedule=str(labels.get(c.SCHEDULE_LABEL, "")),
         created=str(meta.get("creationTimestamp") or ""),
@@ -250,9 +257,10 @@ class StuckTracker:
     ``overdue(now)`` names the first problem that has lasted longer than its bound.
     """
 
-    def __init__(self, name: str, bounds: StuckBounds) -> None:
+    def __init__(self, name: str, bounds: StuckBounds, kind: Kind = kinds.MPIJOB) -> None:
         self.name = name
         self.bounds = bounds
+        self.kind = kind
         self.pods: dict[str, dict[str, Any]] = {}
         self.problems: dict[tuple[str, ...], tuple[float, Problem, str]] = {}
         self.pull_errors: dict[tuple[str, ...], str] = {}
@@ -290,7 +298,7 @@ class StuckTracker:
     def _clear_created(self, pod: dict[str, Any]) -> None:
         """A pod of a role exists since an event said it could not be created: fixed."""
         meta = pod.get("metadata") or {}
-        role = str((meta.get("labels") or {}).get(c.OPERATOR_JOB_ROLE_LABEL) or "")
+        role = str((meta.get("labels") or {}).get(self.kind.role_label) or "")
         created = str(meta.get("creationTimestamp") or "")
         self._drop(
             lambda key, origin: (
@@ -307,7 +315,7 @@ class StuckTracker:
             return
         when = event_time(event)
         if problem.key[0] == "create" and any(
-            str((p["metadata"].get("labels") or {}).get(c.OPERATOR_JOB_ROLE_LABEL) or "")
+            str((p["metadata"].get("labels") or {}).get(self.kind.role_label) or "")
             == problem.key[1]
             and str(p["metadata"].get("creationTimestamp") or "") >= when
             for p in self.pods.values()
@@ -324,14 +332,16 @@ class StuckTracker:
         obj = event.get("involvedObject") or {}
         kind, name, reason = obj.get("kind"), str(obj.get("name") or ""), event.get("reason")
         message = one_line(event.get("message"))
-        launcher_job = self.name + c.LAUNCHER_JOB_SUFFIX
+        run = self.kind
+        launcher_job = self.name + run.launcher_job_suffix
         if kind == c.JOB_KIND and name == launcher_job and reason == c.FAILED_CREATE:
             return Problem(
-                ("create", c.LAUNCHER_ROLE, ""), START, f"{c.JOB_KIND} {name}", reason, message
+                ("create", run.launcher_role, ""), START, f"{c.JOB_KIND} {name}", reason, message
             )
-        if kind == c.KIND and name == self.name and reason == c.OPERATOR_FAILED:
+        failed = run.controller_failed_event
+        if kind == run.name and name == self.name and failed and reason == failed:
             return Problem(
-                ("create", c.WORKER_ROLE, ""), START, f"{c.KIND} {name}", reason, message
+                ("create", run.worker_role, ""), START, f"{run.name} {name}", reason, message
             )
         if kind == c.POD_KIND and reason == c.FAILED_MOUNT and self._ours(name):
             subject = f"pod {name}"

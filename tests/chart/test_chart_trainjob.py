@@ -152,3 +152,10 @@ def test_validation_rejects_misspelt_trainer_fields(helm):
     trainjob["spec"]["trainer"]["nodes"] = 2
     with pytest.raises(AssertionError, match="nodes"):
         validate_trainer(trainjob)
+
+
+def test_the_runtime_is_installed_without_a_run_for_submits_runs(helm):
+    """runOnInstall=false: no TrainJob, but the TrainingRuntime that submit's runs reference."""
+    docs = render(helm, values(runOnInstall=False))
+    assert not by_kind(docs, "TrainJob")
+    validate_trainer(one(docs, "TrainingRuntime"))

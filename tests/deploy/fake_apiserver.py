@@ -8,6 +8,10 @@ Kubernetes implementation; it serves only:
   list (``labelSelector``, ``fieldSelector=metadata.name=``), watch (``?watch=true``: chunked
   JSON lines from ``resourceVersion``, ending after ``timeoutSeconds``), delete (cascades to
   the ConfigMaps it owns and its pods, as the garbage collector would);
+- ``/apis/trainer.kubeflow.org/v1alpha1/namespaces/{ns}/trainjobs[/{name}]``: the same for
+  TrainJobs, whose conditions are Trainer's (Created, Complete, Failed; no Running) and
+  whose pods carry JobSet's labels (``jobset.sigs.k8s.io/jobset-name``,
+  ``jobset.sigs.k8s.io/replicatedjob-name``: launcher or node);
 - ``/api/v1/namespaces/{ns}/configmaps[/{name}]``: create, get;
 - ``/api/v1/namespaces/{ns}/pods``: list, watch; ``.../pods/{name}/log``: logs (``follow``,
   ``tailLines``, ``previous``: the container instance before the last restart);
@@ -44,11 +48,19 @@ from urllib.parse import parse_qs, urlsplit
 
 TOKEN = "fake-token"
 MPIJOBS = "mpijobs"
+TRAINJOBS = "trainjobs"
+JOBS = (MPIJOBS, TRAINJOBS)  # the run kinds
 CONFIGMAPS = "configmaps"
 PODS = "pods"
 EVENTS = "events"
 _ROUTES = [
     (re.compile(r"^/apis/kubeflow\.org/v2beta1/namespaces/([^/]+)/(mpijobs)(?:/([^/]+))?$"), None),
+    (
+        re.compile(
+            r"^/apis/trainer\.kubeflow\.org/v1alpha1/namespaces/([^/]+)/(trainjobs)(?:/([^/]+))?$"
+        ),
+        None,
+    ),
     (re.compile(r"^/api/v1/namespaces/([^/]+)/(configmaps)(?:/([^/]+))?$"), None),
     (re.compile(r"^/api/v1/namespaces/([^/]+)/(pods)(?:/([^/]+))?$"), None),
     (re.compile(r"^/api/v1/namespaces/([^/]+)/(pods)/([^/]+)/log$"), "log"),
@@ -56,12 +68,27 @@ _ROUTES = [
 ]
 _GROUPS = {
     MPIJOBS: ("kubeflow.org", "kubeflow.org/v2beta1", "MPIJob"),
+    TRAINJOBS: ("trainer.kubeflow.org", "trainer.kubeflow.org/v1alpha1", "TrainJob"),
     CONFIGMAPS: ("", "v1", "ConfigMap"),
     PODS: ("", "v1", "Pod"),
     EVENTS: ("", "v1", "Event"),
 }
 
 Step = tuple[float, Callable[["FakeApiServer", str, str], None]]
+# The labels each controller puts on a run's pods: (run name label, role label, roles).
+POD_LABELS = {
+    MPIJOBS: ("training.kubeflow.org/job-name", "training.kubeflow.org/job-role"),
+    TRAINJOBS: ("jobset.sigs.k8s.io/jobset-name", "jobset.sigs.k8s.io/replicatedjob-name"),
+}
+# Role names (launcher, worker) and condition types as each kind spells them.
+ROLES = {
+    MPIJOBS: {"launcher": "launcher", "worker": "worker"},
+    TRAINJOBS: {"launcher": "launcher", "worker": "node"},
+}
+CONDITIONS = {
+    MPIJOBS: {},
+    TRAINJOBS: {"Succeeded": "Complete", "Running": None, "Restarting": None},
+}
 
 
 def now() -> str:
@@ -154,7 +181,8 @@ class FakeApiServer:
             self.expire_resource = resource
 
     def script(self, steps: list[Step]) -> None:
-        """Steps (delay in seconds from create, action) run for every MPIJob created."""
+        """Steps (delay in seconds from create, action) run for every run (MPIJob or
+        TrainJob) created."""
         self.steps = steps
 
     def watch_requests(self) -> list[dict[str, str]]:
@@ -196,10 +224,14 @@ class FakeApiServer:
         status: str = "True",
     ) -> None:
         with self.cond:
-            obj = copy.deepcopy(self.objects[(MPIJOBS, ns, name)])
+            resource = self.job_resource(ns, name)
+            kind = CONDITIONS[resource].get(kind, kind)
+            if kind is None:  # a condition this kind does not have
+                return
+            obj = copy.deepcopy(self.objects[(resource, ns, name)])
             conds = obj.setdefault("status", {}).setdefault("conditions", [])
             conds[:] = [c for c in conds if c["type"] != kind]
-            if kind in ("Succeeded", "Failed"):
+            if kind in ("Succeeded", "Complete", "Failed"):
                 for c in conds:
                     if c["type"] == "Running":
                         c["status"] = "False"
@@ -214,7 +246,17 @@ class FakeApiServer:
                     "lastUpdateTime": now(),
                 }
             )
-            self.put(MPIJOBS, ns, obj, "MODIFIED")
+            self.put(resource, ns, obj, "MODIFIED")
+
+    def job_resource(self, ns: str, name: str) -> str:
+        """mpijobs or trainjobs: the kind of run ``name`` (mpijobs when there is none)."""
+        return next((r for r in JOBS if (r, ns, name) in self.objects), MPIJOBS)
+
+    def pod_labels(self, ns: str, name: str, role: str) -> dict[str, str]:
+        """The labels the run's controller gives a pod of ``role`` (launcher or worker)."""
+        resource = self.job_resource(ns, name)
+        run_label, role_label = POD_LABELS[resource]
+        return {run_label: name, role_label: ROLES[resource][role]}
 
     def add_pod(
         self,
@@ -226,7 +268,8 @@ class FakeApiServer:
         status: dict[str, Any] | None = None,
         previous_logs: str | None = None,
     ) -> None:
-        container = labels.get("training.kubeflow.org/job-role", "launcher")
+        role_labels = [role for _, role in POD_LABELS.values()]
+        container = next((labels[k] for k in role_labels if k in labels), "launcher")
         pod = {
             "metadata": {"name": name, "labels": labels},
             "spec": {"containers": [{"name": container, "image": "finetune-job"}]},
@@ -272,7 +315,7 @@ class FakeApiServer:
                     lambda: self.stopping,  # noqa: B023 - evaluated right here
                     timeout=max(0.0, start + delay - time.monotonic()),
                 )
-                if self.stopping or (MPIJOBS, ns, name) not in self.objects:
+                if self.stopping or not any((r, ns, name) in self.objects for r in JOBS):
                     return
             action(self, ns, name)
 
@@ -351,7 +394,7 @@ class FakeApiServer:
                 ),
             )
         obj = self.create(resource, ns, body)
-        if resource == MPIJOBS and self.steps:
+        if resource in JOBS and self.steps:
             thread = threading.Thread(target=self._run_steps, args=(ns, name), daemon=True)
             thread.start()
         return _send(req, 201, _public(obj))
@@ -365,7 +408,8 @@ class FakeApiServer:
         # What the garbage collector would do: owned objects and the job's pods go too.
         for (res, ons, _), other in list(self.objects.items()):
             owners = [o.get("uid") for o in other["metadata"].get("ownerReferences", [])]
-            job_label = other["metadata"].get("labels", {}).get("training.kubeflow.org/job-name")
+            labels = other["metadata"].get("labels", {})
+            job_label = labels.get(POD_LABELS.get(resource, POD_LABELS[MPIJOBS])[0])
             if ons == ns and (uid in owners or (res == PODS and job_label == name)):
                 self.put(res, ons, copy.deepcopy(other), "DELETED")
         return _send(
@@ -485,12 +529,7 @@ def created() -> Callable[[FakeApiServer, str, str], None]:
 
 def running(logs: str = "") -> Callable[[FakeApiServer, str, str], None]:
     def act(api: FakeApiServer, ns: str, name: str) -> None:
-        api.add_pod(
-            ns,
-            f"{name}-launcher-x1",
-            {"training.kubeflow.org/job-name": name, "training.kubeflow.org/job-role": "launcher"},
-            logs=logs,
-        )
+        api.add_pod(ns, f"{name}-launcher-x1", api.pod_labels(ns, name, "launcher"), logs=logs)
         api.set_condition(ns, name, "Running", "MPIJobRunning", f"MPIJob {ns}/{name} is running.")
 
     return act
@@ -503,7 +542,7 @@ def launcher_pod(
     return lambda api, ns, name: api.add_pod(
         ns,
         f"{name}-launcher-{suffix}",
-        {"training.kubeflow.org/job-name": name, "training.kubeflow.org/job-role": "launcher"},
+        api.pod_labels(ns, name, "launcher"),
         logs=logs,
         phase=phase,
         previous_logs=previous_logs,
@@ -517,8 +556,7 @@ def _pod_name(name: str, role: str) -> str:
 def _ensure_pod(api: FakeApiServer, ns: str, name: str, role: str) -> str:
     pod = _pod_name(name, role)
     if (PODS, ns, pod) not in api.objects:
-        labels = {"training.kubeflow.org/job-name": name, "training.kubeflow.org/job-role": role}
-        api.add_pod(ns, pod, labels, phase="Pending")
+        api.add_pod(ns, pod, api.pod_labels(ns, name, role), phase="Pending")
     return pod
 
 

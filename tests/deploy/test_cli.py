@@ -403,7 +403,7 @@ def test_list_has_a_header_and_wide_and_json_forms(api, submit_args, kubeconfig_
     cluster = ["--kubeconfig", kubeconfig_path]
     assert run("list", *cluster) == 0
     out, err = capsys.readouterr()
-    assert out == "" and "no MPIJobs in namespace team-a" in err
+    assert out == "" and "no MPIJobs or TrainJobs in namespace team-a" in err
     assert run("list", "-o", "json", *cluster) == 0
     assert json.loads(capsys.readouterr().out) == []
     api.script([(0.0, failed("boom"))])
@@ -429,14 +429,17 @@ def test_list_has_a_header_and_wide_and_json_forms(api, submit_args, kubeconfig_
         "COMPLETED",
         "REASON",
         "OUTPUT",
+        "KIND",
     ]
     assert row.split()[5:] == [
         "BackoffLimitExceeded",
         str(Path(submit_args[-1].split("=", 1)[1]) / "runs" / name),
+        "MPIJob",
     ]
     assert run("list", "-o", "json", *cluster) == 0
     (doc,) = json.loads(capsys.readouterr().out)
     assert (doc["name"], doc["phase"], doc["schedule"]) == (name, "Failed", "nightly")
+    assert doc["kind"] == "MPIJob"
 
 
 def test_submit_follow_prints_the_launcher_log_then_the_summary(api, submit_args, capsys):

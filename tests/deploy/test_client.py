@@ -48,7 +48,7 @@ def test_bad_kubeconfig_is_bad_input(tmp_path):
 def test_submit_wait_success_logs_and_delete(api, client):
     api.script([(0.05, created()), (0.1, running("epoch 1 val_top1 0.9\n")), (0.2, succeeded())])
     run = new_run()
-    client.submit(run.mpijob, run.config_map)
+    client.submit(run.job, run.config_map)
     seen = []
     state = client.wait(run.name, timeout=5, on_change=lambda s: seen.append(s.phase))
     assert state.succeeded and state.output == run.output
@@ -67,7 +67,7 @@ def test_submit_wait_success_logs_and_delete(api, client):
 def test_failure_raises_with_reason(api, client):
     api.script([(0.05, running("Traceback ...\n")), (0.1, failed("launcher exited with 1"))])
     run = new_run()
-    client.submit(run.mpijob, run.config_map)
+    client.submit(run.job, run.config_map)
     with pytest.raises(
         JobFailedError,
         match=f"MPIJob {NS}/{run.name} Failed "
@@ -81,7 +81,7 @@ def test_failure_raises_with_reason(api, client):
 def test_timeout_names_the_job_and_leaves_it_running(api, client):
     api.script([(0.05, running())])
     run = new_run()
-    client.submit(run.mpijob, run.config_map)
+    client.submit(run.job, run.config_map)
     start = time.monotonic()
     with pytest.raises(
         JobTimeoutError, match=f"MPIJob {NS}/{run.name} did not finish within 0.6 s"
@@ -95,7 +95,7 @@ def test_watch_that_the_server_closes_is_resumed_from_the_last_version(api, clie
     api.max_watch_seconds = 0.15  # every watch "expires" quickly
     api.script([(0.05, running()), (0.6, succeeded())])
     run = new_run()
-    client.submit(run.mpijob, run.config_map)
+    client.submit(run.job, run.config_map)
     assert client.wait(run.name, timeout=5).succeeded
     watches = api.watch_requests()
     assert len(watches) >= 2  # at least one watch expired and was resumed
@@ -107,7 +107,7 @@ def test_watch_410_gone_relists_and_resumes(api, client):
     api.script([(0.05, running()), (0.3, succeeded())])
     api.expire_next_watches(1)
     run = new_run()
-    client.submit(run.mpijob, run.config_map)
+    client.submit(run.job, run.config_map)
     assert client.wait(run.name, timeout=5).succeeded
     lists = [
         q
@@ -124,18 +124,18 @@ def test_deleted_while_waiting(api, client):
         "mpijobs", ns, dict(api.objects[("mpijobs", ns, name)]), "DELETED"
     )
     run = new_run()
-    client.submit(run.mpijob, run.config_map)
+    client.submit(run.job, run.config_map)
     with pytest.raises(NotFoundError, match=f"MPIJob {NS}/{run.name} was deleted while waiting"):
         client.wait(run.name, timeout=5)
 
 
 def test_already_exists(api, client):
     run = new_run()
-    client.submit(run.mpijob, run.config_map)
+    client.submit(run.job, run.config_map)
     with pytest.raises(
         AlreadyExistsError, match=f"mpijobs.kubeflow.org {NS}/{run.name} already exists"
     ) as info:
-        client.submit(run.mpijob, run.config_map)
+        client.submit(run.job, run.config_map)
     assert info.value.exit_code == ExitCode.BAD_INPUT
     assert info.value.__cause__ is not None and info.value.__cause__.status == 409
 
@@ -149,7 +149,7 @@ def test_not_found(client, call):
 
 def test_logs_of_a_job_without_launcher(api, client):
     run = new_run()
-    client.submit(run.mpijob, run.config_map)
+    client.submit(run.job, run.config_map)
     with pytest.raises(NotFoundError, match=f"MPIJob {NS}/{run.name} has no launcher pod"):
         client.logs(run.name)
 
@@ -167,12 +167,10 @@ def test_rbac_denied_is_a_clear_message(api, client, verb, resource, call):
     api.script([(0.0, running("x\n"))])
     run = new_run()
     if call != "submit":
-        client.submit(run.mpijob, run.config_map)
+        client.submit(run.job, run.config_map)
         time.sleep(0.1)
     api.forbid(verb, resource)
-    args = {"submit": (run.mpijob, run.config_map), "wait": (run.name, 2.0), "logs": (run.name,)}[
-        call
-    ]
+    args = {"submit": (run.job, run.config_map), "wait": (run.name, 2.0), "logs": (run.name,)}[call]
     with pytest.raises(
         PermissionDeniedError,
         match=f"permission denied: cannot {verb} .*{NS}"
@@ -187,14 +185,14 @@ def test_config_map_denied_rolls_the_job_back(api, client):
     api.forbid("create", "configmaps")
     run = new_run()
     with pytest.raises(PermissionDeniedError, match=f"cannot create configmaps {NS}/{run.name}"):
-        client.submit(run.mpijob, run.config_map)
+        client.submit(run.job, run.config_map)
     assert not api.objects  # no MPIJob left waiting forever for its ConfigMap
 
 
 def test_follow_streams_the_launcher_log(api, client):
     api.script([(0.05, running("line 1\nline 2\n")), (0.2, succeeded())])
     run = new_run()
-    client.submit(run.mpijob, run.config_map)
+    client.submit(run.job, run.config_map)
     lines = client.logs(run.name, follow=True, timeout=5)
     assert next(lines) == "line 1"  # an iterator: each line as it is written
     assert list(lines) == ["line 2"]
@@ -203,8 +201,8 @@ def test_follow_streams_the_launcher_log(api, client):
 
 def test_list_only_this_charts_jobs(api, client):
     a, b = new_run("aaa"), new_run("bbb")
-    client.submit(a.mpijob, a.config_map)
-    client.submit(b.mpijob, b.config_map)
+    client.submit(a.job, a.config_map)
+    client.submit(b.job, b.config_map)
     api.create("mpijobs", NS, {"metadata": {"name": "other", "labels": {"app": "x"}}})
     assert [s.name for s in client.list_jobs()] == sorted([a.name, b.name])
 
@@ -293,7 +291,7 @@ def test_a_run_that_cannot_start_fails_naming_pod_container_and_reason(api, clie
     steps, subject, detail = STUCK[case]
     api.script([(0.0, created()), *steps])
     run = new_run()
-    client.submit(run.mpijob, run.config_map)
+    client.submit(run.job, run.config_map)
     with pytest.raises(JobStuckError) as info:
         client.wait(run.name, timeout=60, stuck=bounds_for(case))
     err = info.value
@@ -316,14 +314,14 @@ def test_a_pod_that_recovers_within_the_bound_does_not_fail_the_run(api, client)
         ]
     )
     run = new_run()
-    client.submit(run.mpijob, run.config_map)
+    client.submit(run.job, run.config_map)
     assert client.wait(run.name, timeout=30, stuck=StuckBounds(start=20)).succeeded
 
 
 def test_bounds_of_zero_wait_without_watching_pods(api, client):
     api.script([(0.05, waiting("ImagePullBackOff")), (0.2, running()), (0.3, succeeded())])
     run = new_run()
-    client.submit(run.mpijob, run.config_map)
+    client.submit(run.job, run.config_map)
     assert client.wait(run.name, timeout=30, stuck=StuckBounds(0, 0)).succeeded
     watched = {p.rsplit("/", 1)[-1] for m, p, q in api.requests if q.get("watch") == "true"}
     assert watched == {"mpijobs"}
@@ -333,7 +331,7 @@ def test_without_rights_on_events_pods_are_still_checked(api, client, caplog):
     api.forbid("list", "events")
     api.script([(0.05, waiting("ImagePullBackOff", "back-off"))])
     run = new_run()
-    client.submit(run.mpijob, run.config_map)
+    client.submit(run.job, run.config_map)
     with pytest.raises(JobStuckError, match="ImagePullBackOff"):
         client.wait(run.name, timeout=60, stuck=StuckBounds(start=0.5))
     assert "permission denied: cannot watch events" in caplog.text
@@ -342,7 +340,7 @@ def test_without_rights_on_events_pods_are_still_checked(api, client, caplog):
 def test_following_the_log_of_a_run_that_cannot_start(api, client):
     api.script([(0.05, waiting("ImagePullBackOff", "back-off"))])
     run = new_run()
-    client.submit(run.mpijob, run.config_map)
+    client.submit(run.job, run.config_map)
     with pytest.raises(JobStuckError, match=f"{run.name}-launcher-x1 container launcher"):
         client.logs(run.name, follow=True, timeout=60, stuck=StuckBounds(start=0.5))
 
@@ -350,7 +348,7 @@ def test_following_the_log_of_a_run_that_cannot_start(api, client):
 def test_errors_are_the_builtins_a_caller_catches(api, client):
     api.script([(0.05, running())])
     run = new_run()
-    client.submit(run.mpijob, run.config_map)
+    client.submit(run.job, run.config_map)
     with pytest.raises(TimeoutError, match=f"{NS}/{run.name}") as info:
         client.wait(run.name, timeout=0.3)
     assert isinstance(info.value, JobTimeoutError)
@@ -368,7 +366,7 @@ def test_logs_of_every_launcher_attempt_and_the_previous_container(api, client):
         ]
     )
     run = new_run()
-    client.submit(run.mpijob, run.config_map)
+    client.submit(run.job, run.config_map)
     deadline = time.monotonic() + 10
     while len(client.launcher_pods(run.name)) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -394,7 +392,7 @@ def test_a_pod_watch_that_expires_is_relisted_and_no_watch_outlives_the_wait(api
     api.expire_next_watches(1, resource="pods")
     api.script([(0.05, waiting("ImagePullBackOff", "back-off"))])
     run = new_run()
-    client.submit(run.mpijob, run.config_map)
+    client.submit(run.job, run.config_map)
     with pytest.raises(JobStuckError, match="ImagePullBackOff"):
         client.wait(run.name, timeout=60, stuck=StuckBounds(start=0.5))
     pod_lists = [q for m, p, q in api.requests if p.endswith("/pods") and q.get("watch") != "true"]
@@ -413,7 +411,7 @@ def test_following_goes_on_with_the_next_launcher_attempt(api, client):
         ]
     )
     run = new_run()
-    client.submit(run.mpijob, run.config_map)
+    client.submit(run.job, run.config_map)
     assert list(client.logs(run.name, follow=True, timeout=60)) == [
         "try 1",
         f"===== launcher pod {run.name}-launcher-b2 (attempt 2) =====",

@@ -38,11 +38,11 @@ def with_training(rendered: manifest.Rendered, **training) -> manifest.Rendered:
     """The same rendered objects with other config.yaml keys (as other values would give)."""
     cm = yaml.safe_load(yaml.safe_dump(rendered.config_map))
     cm["data"][c.CONFIG_KEY] = yaml.safe_dump({**rendered.training, **training})
-    return manifest.Rendered(rendered.mpijob, cm, rendered.source)
+    return manifest.Rendered(rendered.job, cm, rendered.source)
 
 
 def test_parse_finds_the_mpijob_and_the_configmap_it_mounts(rendered, docs):
-    assert rendered.mpijob == one(docs, "MPIJob")
+    assert rendered.job == one(docs, "MPIJob")
     assert rendered.config_map["metadata"]["name"] == "ft-finetune-job-training"
     assert rendered.training == {
         **TRAINING,
@@ -58,7 +58,7 @@ def test_without_an_mpijob_the_submit_configmaps_manifest_is_used(docs, rendered
     """`helm template --set runOnInstall=false` renders no MPIJob; the CronJob's copy is it."""
     scheduled_only = [d for d in docs if d["kind"] != "MPIJob"]
     got = manifest.parse(yaml.safe_dump_all(scheduled_only), "release.yaml")
-    assert got.mpijob == rendered.mpijob and got.config_map == rendered.config_map
+    assert got.job == rendered.job and got.config_map == rendered.config_map
     assert got.source == f"release.yaml ({manifest.MANIFEST_KEY})"
 
 
@@ -69,7 +69,7 @@ def test_without_an_mpijob_the_submit_configmaps_manifest_is_used(docs, rendered
             lambda ds: [d for d in ds if d["kind"] not in ("MPIJob", "ConfigMap")],
             r"x.yaml holds no kubeflow.org/v2beta1 MPIJob",
         ),
-        (lambda ds: ds + [one(ds, "MPIJob")], r"x.yaml holds 2 MPIJobs \(ft-finetune-job, "),
+        (lambda ds: ds + [one(ds, "MPIJob")], r"x.yaml holds 2 runs \(MPIJob ft-finetune-job, "),
         (
             lambda ds: [d for d in ds if d["kind"] != "ConfigMap"],
             r"x.yaml lacks the ConfigMap ft-finetune-job-training that the MPIJob mounts",
@@ -101,14 +101,14 @@ def test_run_gets_its_own_name_output_config_and_labels(rendered):
     )
     assert run.name.startswith("ft-finetune-job-20240601-030005-")
     assert run.output == f"s3://b/flowers/runs/{run.name}"
-    meta = run.mpijob["metadata"]
+    meta = run.job["metadata"]
     assert meta["name"] == run.name and meta["namespace"] == "ml"
     assert meta["labels"][c.RUN_LABEL] == run.name
     assert meta["labels"][c.SCHEDULE_LABEL] == "ft-nightly"
     assert meta["labels"][c.MANAGED_BY_LABEL] == c.MANAGED_BY
     assert meta["annotations"][c.OUTPUT_ANNOTATION] == run.output
     for role in ("Launcher", "Worker"):
-        pod = run.mpijob["spec"]["mpiReplicaSpecs"][role]["template"]
+        pod = run.job["spec"]["mpiReplicaSpecs"][role]["template"]
         assert pod["metadata"]["labels"][c.RUN_LABEL] == run.name
         assert pod["spec"]["serviceAccountName"] == "ft-finetune-job"  # the release's account
         (config_volume,) = [vol for vol in pod["spec"]["volumes"] if vol["name"] == "config"]
@@ -119,19 +119,19 @@ def test_run_gets_its_own_name_output_config_and_labels(rendered):
     config = yaml.safe_load(run.config_map["data"][c.CONFIG_KEY])
     assert config["output"] == run.output
     assert config["pretrained"] == "s3://b/flowers/runs/old/model.params"
-    validate_mpijob(run.mpijob)
+    validate_mpijob(run.job)
 
 
 def test_the_rendered_objects_are_left_alone(rendered):
-    before = yaml.safe_dump_all([rendered.mpijob, rendered.config_map])
+    before = yaml.safe_dump_all([rendered.job, rendered.config_map])
     manifest.build_run(rendered, schedule="x")
-    assert yaml.safe_dump_all([rendered.mpijob, rendered.config_map]) == before
+    assert yaml.safe_dump_all([rendered.job, rendered.config_map]) == before
 
 
 def test_the_pods_checksum_is_the_runs_config(rendered):
     run = manifest.build_run(rendered)
     text = run.config_map["data"][c.CONFIG_KEY]
-    for spec in run.mpijob["spec"]["mpiReplicaSpecs"].values():
+    for spec in run.job["spec"]["mpiReplicaSpecs"].values():
         checksum = spec["template"]["metadata"]["annotations"]["checksum/config"]
         assert checksum == hashlib.sha256(text.rstrip("\n").encode()).hexdigest()
 
@@ -155,7 +155,7 @@ def test_bad_training_values_fail_before_submit(rendered, training, match):
 
 def test_schedule_label_default_and_sanitized(rendered):
     run = manifest.build_run(rendered)
-    assert run.mpijob["metadata"]["labels"][c.SCHEDULE_LABEL] == c.MANUAL_SCHEDULE
+    assert run.job["metadata"]["labels"][c.SCHEDULE_LABEL] == c.MANUAL_SCHEDULE
     assert manifest.label_value("--Nightly run #3--") == "Nightly-run-3"
 
 
@@ -188,7 +188,7 @@ def test_the_cronjob_mounts_the_manifest_submit_reads(docs):
     ]
     assert key == manifest.MANIFEST_KEY
     got = manifest.parse(cm["data"][key], path)
-    assert got.mpijob == one(docs, "MPIJob")
+    assert got.job == one(docs, "MPIJob")
     (training_cm,) = [
         d
         for d in by_kind(docs, "ConfigMap")

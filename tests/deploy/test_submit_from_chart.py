@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 import yaml
-from chart_tools import CHART, CI_VALUES, by_kind, one, render, validate_mpijob
+from chart_tools import CHART, CI_VALUES, by_kind, one, render, validate_mpijob, validate_trainer
 
 from deploy import constants as c
 from job import cli as job_cli
@@ -249,3 +249,63 @@ def test_no_chart_says_what_to_do(capsys):
     code = submit("--chart", "", "--set", "training.epochs=2", "--dry-run")
     assert code == 2
     assert "no chart to render: give --chart" in capsys.readouterr().err
+
+
+# ---- the TrainJob target (launch.kind: TrainJob) ---------------------------------------------
+TRAINJOB_CASES = [path for path in CI_VALUES if "TrainJob" in path.read_text()]
+
+
+@pytest.mark.parametrize("path", TRAINJOB_CASES, ids=lambda p: p.name)
+def test_from_manifest_submits_the_rendered_trainjob(helm, api, kubeconfig_path, tmp_path, path):
+    """A TrainJob run: the rendered TrainJob but for the run's name, labels, output annotation
+    and launcher arguments (the runtime's mpirun line plus --output); no ConfigMap of its own,
+    as its pods mount the release's (Trainer lets a TrainJob change args, not volumes)."""
+    docs = render(helm, BASE, files=[path], release=RELEASE)
+    rendered = tmp_path / "rendered.yaml"
+    rendered.write_text(yaml.safe_dump_all(docs))
+    assert submit("--from-manifest", str(rendered), "--kubeconfig", kubeconfig_path) == 0
+    chart_job, runtime = one(docs, "TrainJob"), one(docs, "TrainingRuntime")
+    job = created(api, "trainjobs")
+    assert not [k for k in api.objects if k[0] == "configmaps"]
+    name = job["metadata"]["name"]
+    assert name.startswith(chart_job["metadata"]["name"] + "-")
+    labels = job["metadata"]["labels"]
+    assert (labels[c.RUN_LABEL], labels[c.SCHEDULE_LABEL]) == (name, c.MANUAL_SCHEDULE)
+    assert labels[c.MANAGED_BY_LABEL] == c.MANAGED_BY
+    output = f"{BASE['training']['output']}/runs/{name}"
+    assert job["metadata"]["annotations"][c.OUTPUT_ANNOTATION] == output
+    launcher = next(
+        r for r in runtime["spec"]["template"]["spec"]["replicatedJobs"] if r["name"] == "launcher"
+    )["template"]["spec"]["template"]["spec"]["containers"][0]
+    assert job["spec"]["trainer"]["args"] == [*launcher["args"], "--output", output]
+    # Everything else is as rendered.
+    same = copy.deepcopy(job)
+    for key in ("name", *SERVER_FIELDS):
+        same["metadata"].pop(key, None)
+    for key in (c.RUN_LABEL, c.SCHEDULE_LABEL, c.MANAGED_BY_LABEL):
+        same["metadata"]["labels"].pop(key)
+    del same["metadata"]["annotations"], same["spec"]["trainer"]["args"]
+    expected = copy.deepcopy(chart_job)
+    del expected["metadata"]["name"]
+    expected["metadata"]["labels"].pop(c.MANAGED_BY_LABEL)  # Helm's; the run is submit's
+    assert same == expected
+    validate_trainer({k: v for k, v in job.items() if k != "status"})
+
+
+def test_the_trainjob_runs_flags_parse_as_the_jobs_config(helm, tmp_path):
+    """The TrainJob's launcher args end in flags that the job's own parser takes, and they
+    win over the config file the runtime mounts."""
+    from deploy import manifest
+    from job import config as config_mod
+
+    path = next(iter(TRAINJOB_CASES))
+    rendered = manifest.parse(yaml.safe_dump_all(render(helm, BASE, files=[path])), "x.yaml")
+    run = manifest.build_run(rendered, pretrained="s3://b/flowers/runs/r0/model.params")
+    args = run.job["spec"]["trainer"]["args"]
+    argv = args[args.index("finetune-job") + 1 :]
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(rendered.config_map["data"][c.CONFIG_KEY])
+    argv[argv.index("--config") + 1] = str(config_file)
+    cfg = config_mod.load(vars(job_cli.build_parser().parse_args(argv)), environ={})
+    assert cfg.output == run.output
+    assert cfg.pretrained == "s3://b/flowers/runs/r0/model.params"
