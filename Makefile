@@ -91,9 +91,11 @@ lint: install  ## ruff and mypy
 schema: install  ## regenerate the chart's values.schema.json training block from job/config.py
 	$(BIN)/python -m job.schema
 
-bench: install  ## the benchmarks behind BENCHMARKS.md (P1 input pipeline; P2, P3, P5, P6 training loop)
+bench: install  ## the benchmarks behind BENCHMARKS.md (P1 input pipeline, P2-P6 loop, P7 reference loop, P8 prepare)
 	$(BIN)/python benchmarks/input_pipeline.py
 	$(BIN)/python benchmarks/loop.py all
+	$(BIN)/python benchmarks/reference_loop.py
+	$(BIN)/python benchmarks/prepare.py
 
 image:  ## build the image with podman: FLAVOUR=gpu (default) or cpu; IMAGE_BUILD_ARGS=... for more
 	@command -v podman >/dev/null || $(MAKE) --no-print-directory apt EXTRA_APT="podman buildah runc uidmap fuse-overlayfs"

@@ -11,6 +11,8 @@ so they are composed into one 3×4 matrix and applied in a single ``cv2.transfor
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -79,40 +81,90 @@ def eval_resize(image_size: int) -> int:
     return int(round(image_size / EVAL_CROP_FRACTION))
 
 
+# The hue rotation R(theta) of YIQ's chroma plane, taken back to RGB, is
+# HUE_0 + cos(theta) HUE_COS + sin(theta) HUE_SIN (R is linear in cos and sin).
+def _hue_part(rot: list[list[float]]) -> list[list[float]]:
+    return (_ITYIQ @ np.array(rot, np.float32) @ _TYIQ).astype(float).tolist()
+
+
+HUE_0 = _hue_part([[1, 0, 0], [0, 0, 0], [0, 0, 0]])
+HUE_COS = _hue_part([[0, 0, 0], [0, 1, 0], [0, 0, 1]])
+HUE_SIN = _hue_part([[0, 0, 0], [0, 0, -1], [0, 1, 0]])
+_GRAY = GRAY.astype(float).tolist()
+_JITTERS = ("brightness", "contrast", "saturation", "hue")
+_MEAN = MEAN_RGB.astype(float).tolist()
+_INV_STD = (1.0 / STD_RGB.astype(float)).tolist()
+
+
 def jitter_matrix(jitter: Jitter, mean_rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A 3×4 affine colour map (RGB in, RGB out) doing the jitters in a random order."""
-    m = np.eye(3, 4, dtype=np.float32)
-    steps = [
-        (name, amount)
-        for name, amount in (
-            ("brightness", jitter.brightness),
-            ("contrast", jitter.contrast),
-            ("saturation", jitter.saturation),
-            ("hue", jitter.hue),
-        )
-        if amount > 0
-    ]
-    for i in rng.permutation(len(steps)):
+    """A 3×4 affine colour map (RGB in, RGB out) doing the jitters in a random order.
+
+    One draw of 2n+1 uniforms from ``rng`` (n: the jitters that are on) decides the order,
+    each jitter's factor 1 ± amount and the hue angle; :func:`jitter_from_draws` builds the
+    map from them.
+    """
+    steps = _steps(jitter)
+    if not steps:
+        return np.eye(3, 4, dtype=np.float32)
+    draws = rng.random(2 * len(steps) + 1).tolist()
+    return np.array(jitter_from_draws(steps, draws, mean_rgb.tolist()), np.float32)
+
+
+def _steps(jitter: Jitter) -> list[tuple[str, float]]:
+    return [(name, getattr(jitter, name)) for name in _JITTERS if getattr(jitter, name) > 0]
+
+
+def jitter_normalize(
+    jitter: Jitter, mean_rgb: Sequence[float], rng: np.random.Generator
+) -> np.ndarray:
+    """``normalize_matrix(jitter_matrix(...))`` in one step, in plain floats: BGR in, the
+    jittered and normalised RGB out (what :func:`write_chw` applies)."""
+    steps = _steps(jitter)
+    if not steps:
+        return IDENTITY_NORMALIZE
+    m = jitter_from_draws(steps, rng.random(2 * len(steps) + 1).tolist(), list(mean_rgb))
+    return np.array(
+        [
+            [row[2] * k, row[1] * k, row[0] * k, (row[3] - mu) * k]
+            for row, mu, k in zip(m, _MEAN, _INV_STD, strict=True)
+        ],
+        np.float32,
+    )
+
+
+def jitter_from_draws(
+    steps: list[tuple[str, float]], draws: list[float], mean_rgb: list[float]
+) -> list[list[float]]:
+    """The map of :func:`jitter_matrix` from its uniforms, in plain floats: the per-sample
+    work holds the GIL, and numpy's per-call cost on 3×4 arrays is most of it.
+
+    draws[:n] order the steps (ascending), draws[n + i] gives step i's factor
+    1 + amount·(2u - 1), draws[2n] the hue angle amount·(2u - 1)·π. Brightness scales;
+    contrast blends with the mean gray of the image so far; saturation blends each pixel
+    with its gray; hue rotates the chroma plane of YIQ (as ``mx.image.HueJitterAug``).
+    """
+    n = len(steps)
+    m = [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]]
+    for i in sorted(range(n), key=lambda k: draws[k]):
         name, amount = steps[i]
-        alpha = np.float32(1 + rng.uniform(-amount, amount))
+        alpha = 1.0 + amount * (2.0 * draws[n + i] - 1.0)
         if name == "brightness":
-            step = np.eye(3, 4, dtype=np.float32) * alpha
-        elif name == "contrast":  # blend with the image's mean gray (after the steps so far)
-            mean_gray = GRAY @ (m[:, :3] @ mean_rgb + m[:, 3])
-            step = np.eye(3, 4, dtype=np.float32) * alpha
-            step[:, 3] = (1 - alpha) * mean_gray
-        elif name == "saturation":  # blend with each pixel's gray
-            step = np.zeros((3, 4), np.float32)
-            step[:, :3] = alpha * np.eye(3) + (1 - alpha) * np.outer(np.ones(3), GRAY)
-        else:  # hue: rotate the chroma plane of YIQ
-            theta = rng.uniform(-amount, amount) * np.pi
-            rot = np.array(
-                [[1, 0, 0], [0, np.cos(theta), -np.sin(theta)], [0, np.sin(theta), np.cos(theta)]],
-                np.float32,
-            )
-            step = np.zeros((3, 4), np.float32)
-            step[:, :3] = _ITYIQ @ rot @ _TYIQ
-        m = compose(step, m)
+            m = [[alpha * v for v in row] for row in m]
+        elif name == "contrast":
+            now = [sum(row[j] * mean_rgb[j] for j in range(3)) + row[3] for row in m]
+            shift = (1.0 - alpha) * sum(g * v for g, v in zip(_GRAY, now, strict=True))
+            m = [[alpha * row[0], alpha * row[1], alpha * row[2], alpha * row[3] + shift]
+                 for row in m]  # fmt: skip
+        elif name == "saturation":
+            # alpha·m + (1 - alpha)·(the gray of m's output, in every channel)
+            gray = [sum(_GRAY[r] * m[r][j] for r in range(3)) for j in range(4)]
+            m = [[alpha * row[j] + (1.0 - alpha) * gray[j] for j in range(4)] for row in m]
+        else:
+            theta = amount * (2.0 * draws[2 * n] - 1.0) * math.pi
+            c, s = math.cos(theta), math.sin(theta)
+            hue = [[HUE_0[r][k] + c * HUE_COS[r][k] + s * HUE_SIN[r][k] for k in range(3)]
+                   for r in range(3)]  # fmt: skip
+            m = [[sum(hue[r][k] * m[k][j] for k in range(3)) for j in range(4)] for r in range(3)]
     return m
 
 
@@ -135,6 +187,7 @@ def normalize_matrix(rgb_map: np.ndarray) -> np.ndarray:
 
 
 IDENTITY_NORMALIZE = normalize_matrix(np.eye(3, 4, dtype=np.float32))
+NO_JITTER = Jitter()
 
 
 def write_chw(crop_bgr: np.ndarray, matrix: np.ndarray, out: np.ndarray) -> None:
@@ -168,9 +221,9 @@ def train_sample(
     if rng.random() < flip_prob:
         crop = cv2.flip(crop, 1)
     matrix = IDENTITY_NORMALIZE
-    if jitter != Jitter():
-        mean_bgr = np.array(cv2.mean(crop)[:3], np.float32)
-        matrix = normalize_matrix(jitter_matrix(jitter, mean_bgr[::-1], rng))
+    if jitter != NO_JITTER:
+        blue, green, red = cv2.mean(crop)[:3]
+        matrix = jitter_normalize(jitter, (red, green, blue), rng)
     write_chw(crop, matrix, out)
 
 

@@ -153,3 +153,50 @@ def test_same_seed_same_sample_different_seed_differs():
     a, b = sample(img, 32, 0.5, j, seed=7), sample(img, 32, 0.5, j, seed=7)
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, sample(img, 32, 0.5, j, seed=8))
+
+
+def reference_jitter(steps, draws, mean_rgb):
+    """The jitter map composed step by step with numpy 3×4 matrices: the plain formula that
+    augment.jitter_from_draws computes in floats."""
+    n = len(steps)
+    m = np.eye(3, 4)
+    for i in np.argsort(draws[:n], kind="stable"):
+        name, amount = steps[i]
+        alpha = 1 + amount * (2 * draws[n + i] - 1)
+        step = np.eye(3, 4) * alpha
+        if name == "contrast":
+            step[:, 3] = (1 - alpha) * (augment.GRAY @ (m[:, :3] @ mean_rgb + m[:, 3]))
+        elif name == "saturation":
+            step = np.zeros((3, 4))
+            step[:, :3] = alpha * np.eye(3) + (1 - alpha) * np.outer(np.ones(3), augment.GRAY)
+        elif name == "hue":
+            theta = amount * (2 * draws[2 * n] - 1) * np.pi
+            c, s = np.cos(theta), np.sin(theta)
+            rot = np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
+            step = np.zeros((3, 4))
+            step[:, :3] = np.linalg.inv(augment._TYIQ) @ rot @ augment._TYIQ
+        m = np.hstack([step[:, :3] @ m[:, :3], (step[:, :3] @ m[:, 3] + step[:, 3])[:, None]])
+    return m
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_fast_jitter_is_the_reference_formula(seed):
+    rng = np.random.default_rng(seed)
+    jitter = Jitter(0.4, 0.4, 0.4, 0.1)
+    steps = [(k, getattr(jitter, k)) for k in ("brightness", "contrast", "saturation", "hue")]
+    draws = rng.random(2 * len(steps) + 1).tolist()
+    mean_rgb = rng.uniform(0, 255, 3)
+    fast = np.array(augment.jitter_from_draws(steps, draws, mean_rgb.tolist()))
+    # float32 constants on both sides; the maps agree to float32 precision
+    np.testing.assert_allclose(fast, reference_jitter(steps, draws, mean_rgb), rtol=1e-5, atol=1e-4)
+
+
+def test_jitter_normalize_is_the_normalised_jitter_matrix_of_bgr_input():
+    jitter = Jitter(0.4, 0.4, 0.4, 0.1)
+    mean_rgb = np.array([40.0, 120.0, 200.0])
+    for seed in range(5):
+        one = augment.jitter_normalize(jitter, mean_rgb.tolist(), np.random.default_rng(seed))
+        rgb_map = augment.jitter_matrix(
+            jitter, mean_rgb.astype(np.float32), np.random.default_rng(seed)
+        )
+        np.testing.assert_allclose(one, augment.normalize_matrix(rgb_map), rtol=1e-5, atol=1e-5)

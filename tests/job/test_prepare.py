@@ -131,3 +131,46 @@ def test_ends_with_per_class_counts_without_skipped_files(tmp_path, caplog):
         for part in last.split(": ", 2)[2].split(", ")
     )
     assert sum(counts["a"]) == 3 and counts["b"] == (4, 1)
+
+
+@pytest.mark.parametrize(
+    ("shorter", "factor"), [(2048, 8), (1500, 4), (600, 2), (511, 1), (256, 1), (100, 1)]
+)
+def test_big_jpegs_are_decoded_at_a_reduced_size_that_still_covers_the_resize(
+    tmp_path, shorter, factor
+):
+    """libjpeg's DCT scaling by the largest of 1/8, 1/4, 1/2 that keeps >= resize pixels;
+    the result has the same size as a full decode and is the same picture."""
+    import cv2
+    import numpy as np
+
+    from job.prepare import encode, reduced_decode_flag
+
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 255, (8, 12, 3), dtype=np.uint8)
+    img = cv2.resize(small, (shorter * 3 // 2, shorter), interpolation=cv2.INTER_CUBIC)
+    path = str(tmp_path / "big.jpg")
+    cv2.imwrite(path, img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    flags = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2}
+    flags.update({4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8})
+    assert reduced_decode_flag(path, shorter, 256) == flags[factor]
+    out = cv2.imdecode(np.frombuffer(encode((path, 256, 95, 10**9)), np.uint8), cv2.IMREAD_COLOR)
+    full = cv2.imread(path, cv2.IMREAD_COLOR)
+    scale = 256 / shorter
+    shape = (max(256, round(full.shape[1] * scale)), max(256, round(full.shape[0] * scale)))
+    area = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    expected = cv2.resize(full, shape, interpolation=area)
+    assert out.shape == expected.shape and min(out.shape[:2]) == 256
+    # The same smooth picture: JPEG re-encoding and DCT scaling move pixels by a few levels.
+    assert np.abs(out.astype(int) - expected.astype(int)).mean() < 4
+
+
+def test_a_png_is_decoded_whole(tmp_path):
+    import cv2
+    import numpy as np
+
+    from job.prepare import reduced_decode_flag
+
+    path = str(tmp_path / "big.png")
+    cv2.imwrite(path, np.zeros((2048, 2048, 3), np.uint8))
+    assert reduced_decode_flag(path, 2048, 256) == cv2.IMREAD_COLOR
