@@ -90,5 +90,5 @@ def test_two_workers_fine_tune_and_end_identical(
     # The export is the model: the same number of hits on the same images. evaluate prints
     # 4 decimals and summary.json holds 5, so compare at the coarser printed precision (the
     # two roundings differ by at most 0.5e-4 + 0.5e-5); one image of 24 is 0.04.
-    assert int(printed["split_images"]) == 24
+    assert int(printed["images"]) == 24
     assert float(printed["top1"]) == pytest.approx(summary["val_top1"], abs=0.55e-4)
