@@ -164,6 +164,8 @@ def render(chart_dir: Path = CHART) -> str:
             "MPIJobs with `launcherCreationPolicy`)"
         )
     lines += [
+        "- Or, with `launch.kind: TrainJob`, Kubeflow Trainer v2 (`trainer.kubeflow.org/v1alpha1`"
+        " TrainJob and TrainingRuntime) instead of the MPI Operator",
         "- Optional: the Prometheus Operator (`metrics.podMonitor`, `metrics.prometheusRule`)",
         "",
         "## Installing",
