@@ -90,6 +90,7 @@ def test_a_shorter_deadline_of_the_values_is_kept(api, submit):
     assert job["spec"]["runPolicy"]["activeDeadlineSeconds"] == 30
 
 
+@pytest.mark.slow
 def test_a_run_failed_by_an_evicted_worker_is_resumed_by_the_next_tick(api, submit, capsys):
     assert submit() == 0
     first = capsys.readouterr().out.strip()

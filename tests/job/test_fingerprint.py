@@ -71,6 +71,7 @@ def test_a_resume_with_another_fingerprint_is_refused_naming_the_first_key(outpu
     assert json.load(open(os.path.join(output, "summary.json")))["epochs"] == 1  # untouched
 
 
+@pytest.mark.slow
 def test_another_dataset_is_another_run(tiny_dataset, tmp_path):
     data = str(tmp_path / "ds")
     shutil.copytree(tiny_dataset, data)
@@ -84,6 +85,7 @@ def test_another_dataset_is_another_run(tiny_dataset, tmp_path):
         train.run(config(out, epochs=2, **kw))
 
 
+@pytest.mark.slow
 def test_the_same_run_with_more_epochs_and_other_run_control_keys_resumes(output):
     first = json.load(open(os.path.join(output, "summary.json")))
     assert first["resumed_from"] is None
@@ -92,6 +94,7 @@ def test_the_same_run_with_more_epochs_and_other_run_control_keys_resumes(output
     assert summary["resumed_from"].startswith(os.path.join(output, "checkpoints", "step-"))
 
 
+@pytest.mark.slow
 def test_resume_force_resumes_another_runs_checkpoint(output):
     before = json.load(open(os.path.join(output, "summary.json")))["history"]
     summary = train.run(config(output, epochs=2, lr=0.02, resume="force"))
@@ -113,6 +116,7 @@ def test_the_command_exits_2_with_one_line_and_no_traceback(output, launch_env):
     assert errors == [errors[0]] and "'lr' was 0.01, now 0.5" in errors[0]
 
 
+@pytest.mark.slow
 def test_resume_from_another_output_checks_the_fingerprint_too(output, tmp_path):
     other = str(tmp_path / "next")
     with pytest.raises(InputError, match="'lr' was 0.01, now 0.02"):

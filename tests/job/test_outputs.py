@@ -109,6 +109,7 @@ def test_report_is_self_contained(finished_run):
         assert f'<td class="l">{name}</td>' in page
 
 
+@pytest.mark.slow
 def test_export_onnx_command_for_an_older_run(finished_run, tmp_path, launch_env):
     out, _ = finished_run
     old = str(tmp_path / "old")
@@ -146,6 +147,7 @@ def test_best_epoch_ties_go_to_the_later_epoch():
     assert outputs.best_epoch([{"epoch": 1}]) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("export", "epoch"), [("best", 3), ("last", 4)])
 def test_the_chosen_epoch_is_exported_and_judged(
     tiny_dataset, tmp_path, monkeypatch, export, epoch

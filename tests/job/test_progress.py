@@ -136,6 +136,7 @@ def test_json_stays_json_on_a_terminal():
     assert json.loads(shown.strip())["event"] == "step"
 
 
+@pytest.mark.slow
 def test_the_command_on_a_terminal_draws_a_bar(launch_env, tmp_path):
     """`finetune-job train` with stderr on a pty: bar updates, then the epoch lines."""
     master, slave = pty.openpty()

@@ -235,6 +235,7 @@ def every_image_with_every_label(dataset: str, dest: Path) -> str:
     return str(dest)
 
 
+@pytest.mark.slow
 def test_a_real_run_that_loses_a_class_past_the_limit_is_not_promoted(tiny_dataset, tmp_path):
     from job import train
     from job.config import Config

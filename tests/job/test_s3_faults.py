@@ -215,6 +215,7 @@ def test_strict_data_stops_at_the_first_shard_whose_sha256_differs(s3_corrupt, s
         all_batches(root, storage, train_mode=False, strict=True)
 
 
+@pytest.mark.slow
 def test_training_on_corrupt_shards_finishes_and_reports_the_count(
     s3_corrupt, s3_server, s3_bucket
 ):

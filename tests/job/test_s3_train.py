@@ -165,6 +165,7 @@ def test_two_horovod_workers_train_from_s3_to_s3(
     assert os.environ.get("AWS_ENDPOINT_URL") is None  # only the workers got it
 
 
+@pytest.mark.slow
 def test_prepare_command_to_s3_with_verify(shape_images, s3_server, s3_env, s3_bucket, launch_env):
     env = dict(launch_env, **s3_env)
     del env["AWS_ENDPOINT_URL"]  # from the flag this time

@@ -50,6 +50,7 @@ def test_ranged_reads(root):
         assert fh.read(2) + fh.read() == data[5:9]
 
 
+@pytest.mark.slow
 def test_listing_follows_pagination_past_1000_keys(s3, s3_bucket, s3_client):
     bucket = s3_bucket[len("s3://") :]
     keys = [f"many/k{i:05d}" for i in range(1010)]

@@ -36,6 +36,7 @@ def params(path):
     return {k: v.asnumpy() for k, v in mx.nd.load(path).items()}
 
 
+@pytest.mark.slow
 def test_summary_and_exported_files(tiny_dataset, tmp_path):
     out = str(tmp_path / "run")
     summary = train.run(config(tiny_dataset, out, tta=True))
@@ -65,6 +66,7 @@ class SimulatedCrashError(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_resumed_run_continues_from_the_saved_epoch_with_identical_parameters(
     tiny_dataset, tmp_path, monkeypatch
 ):
@@ -89,6 +91,7 @@ def test_resumed_run_continues_from_the_saved_epoch_with_identical_parameters(
         np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
 
+@pytest.mark.slow
 def test_checkpoint_loads_exactly_what_was_saved(tiny_dataset, tmp_path):
     out = str(tmp_path / "run")
     train.run(config(tiny_dataset, out, epochs=1))
@@ -110,6 +113,7 @@ def test_checkpoint_loads_exactly_what_was_saved(tiny_dataset, tmp_path):
         np.testing.assert_array_equal(saved[key], loaded[key])
 
 
+@pytest.mark.slow
 def test_old_checkpoints_are_pruned(tiny_dataset, tmp_path):
     out = str(tmp_path / "run")
     train.run(config(tiny_dataset, out, epochs=4, keep_checkpoints=2))
@@ -121,6 +125,7 @@ def test_old_checkpoints_are_pruned(tiny_dataset, tmp_path):
     assert pointer["checkpoint"] == f"step-00000048-{run_id}"
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
     tiny_dataset, tmp_path
 ):
@@ -150,6 +155,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
     assert not os.path.exists(os.path.join(out, "summary.json"))
 
 
+@pytest.mark.slow
 def test_input_batchnorm_statistics_train(tiny_dataset, tmp_path):
     """MXNet updates BatchNorm running stats in backward; ResNet v2's input BatchNorm has no
     parameters, so without an input gradient its stats stay exactly 0/1 and eval collapses.
@@ -165,6 +171,7 @@ def test_input_batchnorm_statistics_train(tiny_dataset, tmp_path):
     np.testing.assert_array_equal(exported[key], weights["features.0.running_mean"])
 
 
+@pytest.mark.slow
 def test_frozen_features_stay_put(tiny_dataset, tmp_path):
     source = vision.get_model("resnet18_v2", classes=5)
     source.initialize(mx.init.Xavier())
@@ -181,6 +188,7 @@ def test_frozen_features_stay_put(tiny_dataset, tmp_path):
     assert after["output.weight"].shape == (3, 512)
 
 
+@pytest.mark.slow
 def test_synthetic_run_needs_no_data(tmp_path):
     out = str(tmp_path / "run")
     summary = train.run(
