@@ -123,12 +123,15 @@ def s3_dataset(work: str, images: int) -> tuple[object, str, dict[str, str]]:
         aws_secret_access_key="bench",
         region_name="us-east-1",
     ).create_bucket(Bucket="bench")
+    # moto's servers in one process share their buckets: each dataset gets its own prefix
+    # (prepare refuses a destination that holds one already).
+    root = f"s3://bench/{os.path.basename(work)}"
     subprocess.run(
         [
             FINETUNE,
             "prepare",
             os.path.join(work, "img"),
-            "s3://bench/ds",
+            root,
             "--resize",
             "256",
             "--val-fraction",
@@ -138,7 +141,7 @@ def s3_dataset(work: str, images: int) -> tuple[object, str, dict[str, str]]:
         env=env(**s3_env),
         stderr=subprocess.DEVNULL,
     )
-    return server, "s3://bench/ds", s3_env
+    return server, root, s3_env
 
 
 def p2() -> None:
