@@ -1,6 +1,6 @@
 """P8: ``finetune-job prepare`` against MXNet's ``tools/im2rec.py``, side by side.
 
-    .venv/bin/python benchmarks/prepare.py                 # ~4 minutes on 2 cores
+    .venv/bin/python benchmarks/prepare.py                 # ~5 minutes on 2 cores
     .venv/bin/python benchmarks/prepare.py --images 300 --workers 1 2
 
 1. Generates a folder of photo-like JPEGs (quality 90) of mixed sizes: a third 2000x1500,
@@ -122,7 +122,7 @@ def prepare(src: str, dest: str, workers: int, env: dict[str, str] | None = None
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--images", type=int, default=600, help="images in the full dataset")
+    p.add_argument("--images", type=int, default=2400, help="images in the full dataset")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--workdir", default="", help="keep the generated images here")
     args = p.parse_args()

@@ -222,7 +222,9 @@ def train_sample(
         crop = cv2.flip(crop, 1)
     matrix = IDENTITY_NORMALIZE
     if jitter != NO_JITTER:
-        blue, green, red = cv2.mean(crop)[:3]
+        # Contrast blends with the crop's mean gray; every 4th pixel of every 4th row gives
+        # it to within a gray level at 1/16 of the cost (a full cv2.mean is ~40 µs a crop).
+        blue, green, red = cv2.mean(crop[::4, ::4])[:3]
         matrix = jitter_normalize(jitter, (red, green, blue), rng)
     write_chw(crop, matrix, out)
 

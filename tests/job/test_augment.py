@@ -200,3 +200,14 @@ def test_jitter_normalize_is_the_normalised_jitter_matrix_of_bgr_input():
             jitter, mean_rgb.astype(np.float32), np.random.default_rng(seed)
         )
         np.testing.assert_allclose(one, augment.normalize_matrix(rgb_map), rtol=1e-5, atol=1e-5)
+
+
+def test_the_sampled_mean_of_a_crop_is_its_mean_within_a_gray_level():
+    """train_sample estimates the crop's mean colour (for contrast) from every 4th pixel of
+    every 4th row; on a photo-like image that is the full mean to within one level."""
+    rng = np.random.default_rng(3)
+    small = rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)
+    crop = cv2.resize(small, (224, 224), interpolation=cv2.INTER_CUBIC)
+    crop = np.clip(crop + rng.normal(0, 8, crop.shape), 0, 255).astype(np.uint8)
+    full, sampled = np.array(cv2.mean(crop)[:3]), np.array(cv2.mean(crop[::4, ::4])[:3])
+    assert np.abs(full - sampled).max() < 1.0
