@@ -21,8 +21,9 @@ starts from what Helm rendered (the MPIJob and the ConfigMap holding its ``confi
   started with even when the release's values change later.
 
 A TrainJob (``launch.kind: TrainJob``) references the release's TrainingRuntime, whose pods
-mount the release's ConfigMap; Trainer lets a TrainJob change the launcher's arguments
-(``spec.trainer.args``, for the replicated job of the trainer step) but not its volumes. So a
+mount the release's ConfigMap. A TrainJob sets the launcher's arguments with
+``spec.trainer.args`` (the replicated job of the trainer step); its ``runtimePatches`` could
+swap volumes too, but how Trainer merges a same-named volume is unverified here. So a
 TrainJob run gets no ConfigMap of its own: its ``spec.trainer.args`` are the runtime's
 mpirun line plus ``--output`` (and ``--pretrained``/``--resume-from`` when set), flags that
 win over the config file. The TrainingRuntime must be installed (``helm install`` with
