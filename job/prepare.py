@@ -27,6 +27,7 @@ the last line gives every class's train/val counts.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -36,14 +37,16 @@ import os
 import random
 import secrets
 import sys
-import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
 import cv2
 import imagesize
 
+from job import records
 from job import storage as st
 from job.augment import resize_shorter
 from job.errors import InputError
@@ -108,8 +111,11 @@ class Skip:
 
 # libjpeg-turbo scales a JPEG by 1/2, 1/4 or 1/8 while decoding it (in the DCT): far less
 # work than decoding every pixel of a 3000x2000 photo to shrink it to 256 right after.
-REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4))
-REDUCED += ((2, cv2.IMREAD_REDUCED_COLOR_2),)
+REDUCED: tuple[tuple[int, int], ...] = (
+    (8, cv2.IMREAD_REDUCED_COLOR_8),
+    (4, cv2.IMREAD_REDUCED_COLOR_4),
+    (2, cv2.IMREAD_REDUCED_COLOR_2),
+)
 
 
 def reduced_decode_flag(path: str, shorter: int, resize: int) -> int:
@@ -195,15 +201,24 @@ def prepare(
     ctx = multiprocessing.get_context("fork")
     stream = progress_stream or sys.stderr
     progress = CountProgress(len(items), "images", stream, lambda t: log.info("prepare: %s", t))
-    with ctx.Pool(workers) as pool, tempfile.TemporaryDirectory(prefix="finetune-prep-") as tmp:
+    window = _Window(WINDOW_CHUNKS_PER_WORKER * workers * CHUNK)
+    with ctx.Pool(workers) as pool, contextlib.closing(window):
+        # Both splits are queued at once: the workers go on to the validation images while
+        # the last training shard is written, instead of waiting for it.
+        encoded = {
+            name: pool.imap(
+                encode,
+                window.feed((i.path, resize, quality, max_pixels) for i in splits[name]),
+                chunksize=CHUNK,
+            )
+            for name in SPLITS
+        }
         for name in SPLITS:
-            jobs = [(i.path, resize, quality, max_pixels) for i in splits[name]]
-            encoded = pool.imap(encode, jobs, chunksize=8)
             shards, skipped, files = _write_split(
                 name,
                 splits[name],
-                encoded,
-                _ShardWriter(name, dest, storage, tmp, prefix),
+                window.results(encoded[name]),
+                _ShardWriter(name, dest, storage, prefix),
                 shard_size,
                 progress,
             )
@@ -290,6 +305,41 @@ def _delete_unreferenced(dest: str, storage: Storage, keep: set[str]) -> None:
                 storage.delete(uri)
 
 
+# Images a worker takes at a time, and how many such chunks a worker may be ahead of the
+# writer. The window is whole chunks: the pool sends a chunk only once it has all its jobs.
+CHUNK = 8
+WINDOW_CHUNKS_PER_WORKER = 8
+
+
+class _Window:
+    """Lets the pool's workers run at most ``size`` images ahead of the writer, so encoded
+    images waiting for a slow upload never pile up in memory. ``Pool.imap`` pulls its jobs
+    from :meth:`feed` in its own thread; :meth:`results` hands back a slot per result."""
+
+    def __init__(self, size: int) -> None:
+        self._slots = threading.Semaphore(size)
+        self._open = True
+
+    def feed(self, jobs: Iterator[Any]) -> Iterator[Any]:
+        for job in jobs:
+            if not self._open:
+                return
+            self._slots.acquire()
+            if not self._open:  # woken by close()
+                return
+            yield job
+
+    def results(self, encoded: Iterator[Any]) -> Iterator[Any]:
+        for result in encoded:
+            self._slots.release()
+            yield result
+
+    def close(self) -> None:
+        """Unblock :meth:`feed` for good, so the pool can shut down after an error."""
+        self._open = False
+        self._slots.release()
+
+
 def _write_split(
     name: str,
     items: list[Item],
@@ -302,65 +352,74 @@ def _write_split(
     files in record-id order)."""
     skipped: list[tuple[str, Skip]] = []
     written: list[str] = []
-    for item, jpeg in zip(items, encoded, strict=True):
-        progress.advance()
-        if isinstance(jpeg, Skip):
-            skipped.append((item.path, jpeg))
-            continue
-        writer.add(item.label, jpeg, len(written))
-        written.append(item.path)
-        if writer.count == shard_size:
-            writer.finish()
-    writer.finish()
+    try:
+        for item, jpeg in zip(items, encoded, strict=True):
+            progress.advance()
+            if isinstance(jpeg, Skip):
+                skipped.append((item.path, jpeg))
+                continue
+            writer.add(item.label, jpeg, len(written))
+            written.append(item.path)
+            if writer.count == shard_size:
+                writer.finish()
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
     return writer.shards, skipped, written
 
 
 class _ShardWriter:
-    """Writes records into a local ``.rec``/``.idx`` pair; ``finish`` uploads it as the next
-    shard of the split and starts a new one."""
+    """Streams records straight into the next shard of a split (a local file, or an S3
+    multipart upload: no local copy), hashing them on the way; ``finish`` closes the shard,
+    writes its ``.idx`` and starts a new one. Needs no MXNet: :mod:`job.records` frames the
+    records as ``mx.recordio`` does."""
 
-    def __init__(self, split: str, dest: str, storage: Storage, tmp: str, prefix: str) -> None:
+    def __init__(self, split: str, dest: str, storage: Storage, prefix: str) -> None:
         self.split, self.dest, self.storage, self.prefix = split, dest, storage, prefix
-        self.rec, self.idx = os.path.join(tmp, "part.rec"), os.path.join(tmp, "part.idx")
         self.shards: list[dict] = []
         self.count = 0
-        self._writer: Any = None
+        self._stack = contextlib.ExitStack()
+        self._out: IO[bytes] | None = None
+
+    def _name(self) -> str:
+        return f"{self.split}/{self.prefix}{len(self.shards):05d}"
 
     def add(self, label: int, jpeg: bytes, record_id: int) -> None:
-        from mxnet import recordio
-
-        if self._writer is None:
-            self._writer = recordio.MXIndexedRecordIO(self.idx, self.rec, "w")
-            self.count = 0
-        header = recordio.IRHeader(0, float(label), record_id, 0)
-        self._writer.write_idx(self.count, recordio.pack(header, jpeg))
+        if self._out is None:
+            uri = st.join(self.dest, self._name() + ".rec")
+            self._out = self._stack.enter_context(self.storage.open_write(uri))
+            self.count, self._offset, self._index = 0, 0, []
+            self._digest = hashlib.sha256()
+        framed = records.frame(records.pack(label, record_id, jpeg))
+        self._out.write(framed)
+        self._digest.update(framed)
+        self._index.append(records.index_line(self.count, self._offset))
+        self._offset += len(framed)
         self.count += 1
 
     def finish(self) -> None:
-        if self._writer is None:
+        if self._out is None:
             return
-        self._writer.close()
-        self._writer = None
-        shard = f"{self.split}/{self.prefix}{len(self.shards):05d}"
+        self._out = None
+        self._stack.close()  # the .rec lands (the multipart upload completes)
+        shard = self._name()
+        self.storage.write_bytes(st.join(self.dest, shard + ".idx"), "".join(self._index).encode())
         self.shards.append(
             {
                 "rec": shard + ".rec",
                 "idx": shard + ".idx",
                 "count": self.count,
-                "bytes": os.path.getsize(self.rec),
-                "sha256": sha256_file(self.rec),
+                "bytes": self._offset,
+                "sha256": self._digest.hexdigest(),
             }
         )
-        self.storage.upload(self.rec, st.join(self.dest, shard + ".rec"))
-        self.storage.upload(self.idx, st.join(self.dest, shard + ".idx"))
 
-
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    def abort(self) -> None:
+        """Called in an ``except`` block: the shard being written is dropped (a local
+        temp file removed, an S3 multipart upload aborted)."""
+        self._out = None
+        self._stack.__exit__(*sys.exc_info())
 
 
 def verify_dataset(root: str, manifest: dict, storage: Storage) -> None:

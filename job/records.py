@@ -1,7 +1,9 @@
-"""Streaming reads of MXNet RecordIO shards (the format ``mx.recordio`` writes).
+"""Streaming reads and writes of MXNet RecordIO shards (the format ``mx.recordio`` writes).
 
-``mx.recordio.MXRecordIO`` reads only local files, so records are framed here from any byte
-stream (a local file or an S3 GET) and unpacked with ``mx.recordio.unpack``. Framing, per
+``mx.recordio.MXRecordIO`` reads and writes only local files, so records are framed here
+from and into any byte stream (a local file, an S3 GET or a multipart upload) and unpacked
+with ``mx.recordio.unpack``. Writing needs no MXNet: :func:`pack` and :func:`frame` give
+byte for byte what ``mx.recordio.pack`` and ``MXRecordIO.write`` give. Framing, per
 dmlc-core: a little-endian ``uint32`` magic, a ``uint32`` whose top 3 bits are a
 continuation flag and low 29 bits the length, the payload, then padding to 4 bytes. A
 payload containing the magic is split into parts (flag 1 start, 2 middle, 3 end) that are
@@ -24,6 +26,40 @@ MAGIC_BYTES = struct.pack("<I", MAGIC)
 _LENGTH_MASK = (1 << 29) - 1
 MAX_RECORD_BYTES = 64 << 20  # larger lengths are corruption, not images
 CHUNK = 1 << 20
+# mx.recordio.IRHeader: flag, label, id, id2 (the struct "IfQQ", little-endian on every
+# platform MXNet ships for).
+_IR_HEADER = struct.Struct("<IfQQ")
+
+
+def pack(label: float, record_id: int, payload: bytes) -> bytes:
+    """``mx.recordio.pack(IRHeader(0, label, record_id, 0), payload)``."""
+    return _IR_HEADER.pack(0, label, record_id, 0) + payload
+
+
+def frame(record: bytes) -> bytes:
+    """``record`` framed as dmlc-core's ``RecordIOWriter::WriteRecord`` frames it: split at
+    every 4-byte-aligned magic in it (the magic itself dropped), each part behind a magic
+    and its flag/length word, the last part padded to 4 bytes."""
+    if len(record) > _LENGTH_MASK:
+        raise ValueError(f"a record holds at most {_LENGTH_MASK} bytes, got {len(record)}")
+    parts, start = [], 0
+    at = record.find(MAGIC_BYTES)
+    while at != -1:
+        if at % 4:
+            at = record.find(MAGIC_BYTES, at + 1)
+            continue
+        parts.append(record[start:at])
+        start = at + 4
+        at = record.find(MAGIC_BYTES, start)
+    pad = b"\0" * (-len(record) % 4)
+    if not parts:
+        return _word(0, len(record)) + record + pad
+    out = [_word(1 if i == 0 else 2, len(part)) + part for i, part in enumerate(parts)]
+    return b"".join(out) + _word(3, len(record) - start) + record[start:] + pad
+
+
+def _word(flag: int, length: int) -> bytes:
+    return struct.pack("<II", MAGIC, flag << 29 | length)
 
 
 @dataclass
@@ -181,6 +217,11 @@ class RecordStream:
 
     def _corrupt(self, offset: int, reason: str) -> None:
         self._on_corrupt(Corruption(self.name, offset, reason))
+
+
+def index_line(key: int, offset: int) -> str:
+    """One line of an ``.idx`` file, as ``MXIndexedRecordIO.write_idx`` writes it."""
+    return f"{key}\t{offset}\n"
 
 
 def read_index(text: str) -> list[int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -352,6 +353,31 @@ class Storage:
             return
         with self._atomic_local(uri) as tmp:
             shutil.copyfile(local_path, tmp)
+
+    @contextlib.contextmanager
+    def open_write(self, uri: str) -> Iterator[IO[bytes]]:
+        """A binary stream that lands at ``uri`` in one step when the block ends without an
+        error, and leaves nothing there otherwise. On S3 it is a streamed multipart upload
+        (smart_open): parts of ``multipart_chunksize`` go up as they fill, so memory holds
+        one part, never the object; an error aborts the upload."""
+        if not is_s3(uri):
+            with self._atomic_local(uri) as tmp, open(tmp, "wb") as fh:
+                yield fh
+            return
+        import smart_open.s3
+
+        logging.getLogger("smart_open").setLevel(logging.WARNING)  # no line per part
+        bucket, key = split_s3(uri)
+        part_size = max(self.s3_settings.multipart_chunksize, smart_open.s3.MIN_PART_SIZE)
+        with self._errors(uri, "multipart upload"):
+            try:
+                writer = smart_open.s3.open(
+                    bucket, key, "wb", min_part_size=part_size, client=self.client
+                )
+            except ValueError as e:  # smart_open's form of a refused CreateMultipartUpload
+                raise StorageError(f"{uri}: multipart upload failed: {e}") from e
+            with writer:
+                yield writer  # type: ignore[misc]
 
     def download(self, uri: str, local_path: str) -> None:
         if not is_s3(uri):

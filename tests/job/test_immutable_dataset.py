@@ -4,6 +4,7 @@ checks each shard's size and record count against the manifest before reading it
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -12,6 +13,7 @@ import subprocess
 
 import pytest
 
+from job import prepare as prepare_module
 from job import train
 from job.config import Config
 from job.errors import DataError, InputError
@@ -76,17 +78,29 @@ def test_overwrite_writes_new_shard_names_and_keeps_one_old_version(shape_images
 
 
 class FailingStorage(Storage):
-    """Local storage whose n-th upload fails, as an interrupted prepare would stop."""
+    """Local storage whose n-th shard breaks off after a few records, as an interrupted
+    prepare would stop."""
 
     def __init__(self, fail_at: int) -> None:
         super().__init__()
-        self.uploads, self.fail_at = 0, fail_at
+        self.opened, self.fail_at = 0, fail_at
 
-    def upload(self, local_path: str, uri: str) -> None:
-        self.uploads += 1
-        if self.uploads == self.fail_at:
-            raise StorageError(f"{uri}: upload failed: connection reset")
-        super().upload(local_path, uri)
+    @contextlib.contextmanager
+    def open_write(self, uri: str):
+        self.opened += 1
+        with super().open_write(uri) as fh:
+            yield BreaksOff(fh, uri, writes=3) if self.opened == self.fail_at else fh
+
+
+class BreaksOff:
+    def __init__(self, fh, uri: str, writes: int) -> None:
+        self.fh, self.uri, self.writes = fh, uri, writes
+
+    def write(self, data: bytes) -> int:
+        self.writes -= 1
+        if self.writes < 0:
+            raise StorageError(f"{self.uri}: multipart upload failed: connection reset")
+        return self.fh.write(data)
 
 
 def test_an_interrupted_overwrite_leaves_the_old_dataset_whole(shape_images, tmp_path):
@@ -97,8 +111,20 @@ def test_an_interrupted_overwrite_leaves_the_old_dataset_whole(shape_images, tmp
         prepare(shape_images, dest, FailingStorage(fail_at=4), overwrite=True, seed=1, **PREP)
     after = snapshot(dest)
     assert {k: after[k] for k in before} == before  # nothing of the old version changed
+    assert not [k for k in after if ".tmp-" in k]  # the broken shard left nothing behind
     assert manifest_of(dest) == json.loads(json.dumps(first))
     verify_dataset(dest, first, Storage())
+
+
+def test_a_shard_breaking_off_stops_the_workers_promptly(shape_images, tmp_path, monkeypatch):
+    """Two workers, each allowed one chunk of images ahead of the writer: the pool still
+    shuts down when writing fails (its job feed is released, never left waiting)."""
+    monkeypatch.setattr(prepare_module, "WINDOW_CHUNKS_PER_WORKER", 1)
+    dest = str(tmp_path / "ds")
+    with pytest.raises(StorageError, match="connection reset"):
+        prepare(shape_images, dest, FailingStorage(fail_at=2), **dict(PREP, workers=2))
+    assert not os.path.exists(os.path.join(dest, "manifest.json"))
+    assert not [f for _, _, files in os.walk(dest) for f in files if ".tmp-" in f]
 
 
 def config(data: str, output: str) -> Config:

@@ -174,3 +174,28 @@ def test_a_png_is_decoded_whole(tmp_path):
     path = str(tmp_path / "big.png")
     cv2.imwrite(path, np.zeros((2048, 2048, 3), np.uint8))
     assert reduced_decode_flag(path, 2048, 256) == cv2.IMREAD_COLOR
+
+
+def test_the_workers_stay_a_bounded_window_ahead_of_the_writer():
+    """However slow the writer (an upload), at most the window's images are encoded and
+    waiting: memory does not grow with the dataset."""
+    import contextlib
+    import multiprocessing
+    import time
+
+    from job.prepare import _Window
+
+    window, fed = _Window(4), []
+
+    def jobs():
+        for i in range(60):
+            fed.append(i)
+            yield i
+
+    with multiprocessing.get_context("fork").Pool(2) as pool, contextlib.closing(window):
+        results = window.results(pool.imap(abs, window.feed(jobs()), chunksize=1))
+        for taken, result in enumerate(results, 1):
+            assert result == taken - 1
+            assert len(fed) <= taken + 4 + 1  # + the one job waiting for a slot
+            time.sleep(0.005)
+    assert len(fed) == 60

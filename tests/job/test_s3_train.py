@@ -4,6 +4,7 @@ All against moto's S3 server over HTTP on 127.0.0.1; one process in-process, and
 Horovod workers under ``horovodrun`` (slow).
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -26,18 +27,32 @@ class RecordingStorage(Storage):
         super().__init__(settings)
         self.written, self.corrupt_suffix = [], corrupt_suffix
 
-    def upload(self, local_path, uri):
-        if self.corrupt_suffix and uri.endswith(self.corrupt_suffix):  # a bad upload
-            data = bytearray(open(local_path, "rb").read())
-            data[len(data) // 2] ^= 0xFF
-            local_path += ".bad"
-            open(local_path, "wb").write(data)
+    @contextlib.contextmanager
+    def open_write(self, uri):
         self.written.append(uri)
-        super().upload(local_path, uri)
+        with super().open_write(uri) as fh:
+            if self.corrupt_suffix and uri.endswith(self.corrupt_suffix):  # a bad upload
+                yield FlipsAByte(fh)
+            else:
+                yield fh
 
     def write_bytes(self, uri, data):
         self.written.append(uri)
         super().write_bytes(uri, data)
+
+
+class FlipsAByte:
+    """Flips a byte in the middle of the third write (inside a record's JPEG)."""
+
+    def __init__(self, fh):
+        self.fh, self.writes = fh, 0
+
+    def write(self, data):
+        self.writes += 1
+        if self.writes == 3:
+            data = bytearray(data)
+            data[len(data) // 2] ^= 0xFF
+        return self.fh.write(bytes(data))
 
 
 def config(data, output, endpoint, **kw):

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from job.storage import S3Settings, Storage, StorageError, join
+from job.storage import S3Settings, Storage, StorageError, is_s3, join, split_s3
 
 
 @pytest.fixture
@@ -79,6 +79,36 @@ def test_large_uploads_go_in_parallel_parts(s3_server, s3_bucket, s3_client, tmp
     assert head["ETag"].strip('"').endswith("-3")  # a multipart upload of 3 parts
     storage.download(uri, str(tmp_path / "back"))
     assert (tmp_path / "back").read_bytes() == data
+
+
+def test_open_write_streams_s3_parts_as_they_fill(s3_server, s3_bucket, s3_client):
+    storage = Storage(S3Settings(endpoint_url=s3_server, multipart_chunksize=5 << 20))
+    data = os.urandom(12 << 20)
+    uri = f"{s3_bucket}/streamed.bin"
+    with storage.open_write(uri) as fh:
+        for i in range(0, len(data), 1 << 20):
+            fh.write(data[i : i + (1 << 20)])
+        assert not storage.exists(uri)  # nothing lands before the end
+        uploads = s3_client.list_multipart_uploads(Bucket=s3_bucket[5:])["Uploads"]
+        parts = s3_client.list_parts(Bucket=s3_bucket[5:], Key="streamed.bin",
+                                     UploadId=uploads[0]["UploadId"])["Parts"]  # fmt: skip
+        assert len(parts) == 2  # 10 of the 12 MiB went up while writing
+    head = s3_client.head_object(Bucket=s3_bucket[5:], Key="streamed.bin")
+    assert head["ETag"].strip('"').endswith("-3")
+    assert storage.read_bytes(uri) == data
+
+
+def test_open_write_leaves_nothing_when_the_writer_fails(root):
+    storage, base = root
+    uri = join(base, "broken.bin")
+    with pytest.raises(RuntimeError, match="stopped"), storage.open_write(uri) as fh:
+        fh.write(os.urandom(6 << 20))
+        raise RuntimeError("stopped")
+    assert not storage.exists(uri)
+    assert storage.list(base) == []  # no temp file either
+    if is_s3(base):  # and no multipart upload left open (they cost storage until aborted)
+        uploads = storage.client.list_multipart_uploads(Bucket=split_s3(base)[0])
+        assert uploads.get("Uploads", []) == []
 
 
 def test_endpoint_comes_from_aws_endpoint_url(s3_server, s3_bucket, monkeypatch):
