@@ -14,6 +14,8 @@
 3. Reports images/s (wall clock of the command, listing included) and the peak RSS of the
    command's whole process tree (sampled every 20 ms), for the dataset and for one half its
    size: RSS that does not grow with the dataset is bounded.
+4. Measures the machine's own 1 -> 2 process scaling for the same kind of work (decode and
+   re-encode in-memory JPEGs in a process pool), the ceiling for prepare's.
 """
 
 from __future__ import annotations
@@ -114,6 +116,33 @@ def im2rec(src: str, work: str, workers: int) -> tuple[float, int]:
     return listing + seconds, peak
 
 
+_FILES: list[bytes] = []
+
+
+def _recode(i: int) -> int:
+    import cv2
+
+    img = cv2.imdecode(np.frombuffer(_FILES[i], np.uint8), cv2.IMREAD_REDUCED_COLOR_2)
+    return len(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, QUALITY])[1])
+
+
+def ceiling(src: str, workers: list[int], count: int = 300) -> dict[int, float]:
+    """The machine's own parallel scaling for this kind of work: decode and re-encode
+    in-memory JPEGs in a pool of N processes (no files, no writer), images/s per N."""
+    import multiprocessing
+
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(src) for f in fs)[:count]
+    _FILES[:] = [open(f, "rb").read() for f in files]
+    rates = {}
+    for n in workers:
+        with multiprocessing.get_context("fork").Pool(n) as pool:
+            pool.map(_recode, range(2 * n))  # warm
+            started = time.perf_counter()
+            pool.map(_recode, list(range(len(files))) * 2, chunksize=8)
+            rates[n] = 2 * len(files) / (time.perf_counter() - started)
+    return rates
+
+
 def prepare(src: str, dest: str, workers: int, env: dict[str, str] | None = None):
     cmd = [os.path.join(BIN, "finetune-job"), "prepare", src, dest]
     cmd += ["--resize", str(RESIZE), "--quality", str(QUALITY), "--workers", str(workers)]
@@ -180,6 +209,11 @@ def main() -> int:
     if 1 in full and 2 in full:
         speedup = full[1][4] / full[2][4]
         print(f"\nprepare, 1 -> 2 workers ({sizes['full']} images): {speedup:.2f}x")
+        rates = ceiling(folders["full"], [1, 2])
+        print(
+            f"the machine, in-memory decode + encode, 1 -> 2 processes: "
+            f"{rates[1]:.0f} -> {rates[2]:.0f} img/s, {rates[2] / rates[1]:.2f}x"
+        )
     return 0
 
 
