@@ -39,7 +39,7 @@ import secrets
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -201,7 +201,7 @@ def prepare(
     ctx = multiprocessing.get_context("fork")
     stream = progress_stream or sys.stderr
     progress = CountProgress(len(items), "images", stream, lambda t: log.info("prepare: %s", t))
-    window = _Window(WINDOW_CHUNKS_PER_WORKER * workers * CHUNK)
+    window = _Window(WINDOW_CHUNKS_PER_WORKER * workers, CHUNK)
     with ctx.Pool(workers) as pool, contextlib.closing(window):
         # Both splits are queued at once: the workers go on to the validation images while
         # the last training shard is written, instead of waiting for it.
@@ -306,33 +306,42 @@ def _delete_unreferenced(dest: str, storage: Storage, keep: set[str]) -> None:
 
 
 # Images a worker takes at a time, and how many such chunks a worker may be ahead of the
-# writer. The window is whole chunks: the pool sends a chunk only once it has all its jobs.
+# writer.
 CHUNK = 8
 WINDOW_CHUNKS_PER_WORKER = 8
 
 
 class _Window:
-    """Lets the pool's workers run at most ``size`` images ahead of the writer, so encoded
-    images waiting for a slow upload never pile up in memory. ``Pool.imap`` pulls its jobs
-    from :meth:`feed` in its own thread; :meth:`results` hands back a slot per result."""
+    """Lets the pool's workers run at most ``chunks`` chunks of images ahead of the writer,
+    so encoded images waiting for a slow upload never pile up in memory. ``Pool.imap`` pulls
+    its jobs from :meth:`feed` in its own thread and sends them in chunks of ``chunk``
+    consecutive jobs; :meth:`results` hands a chunk's slot back once the writer has taken
+    the chunk's results. (A slot per chunk, not per image: the pool sends a chunk only once
+    it has all its jobs, and a semaphore per image costs the writer's process real time.)"""
 
-    def __init__(self, size: int) -> None:
-        self._slots = threading.Semaphore(size)
+    def __init__(self, chunks: int, chunk: int) -> None:
+        self._slots = threading.Semaphore(chunks)
+        self._chunk = chunk
         self._open = True
 
-    def feed(self, jobs: Iterator[Any]) -> Iterator[Any]:
-        for job in jobs:
-            if not self._open:
-                return
-            self._slots.acquire()
-            if not self._open:  # woken by close()
-                return
+    def feed(self, jobs: Iterable[Any]) -> Iterator[Any]:
+        for i, job in enumerate(jobs):
+            if i % self._chunk == 0:
+                if not self._open:
+                    return
+                self._slots.acquire()
+                if not self._open:  # woken by close()
+                    return
             yield job
 
-    def results(self, encoded: Iterator[Any]) -> Iterator[Any]:
-        for result in encoded:
-            self._slots.release()
+    def results(self, encoded: Iterable[Any]) -> Iterator[Any]:
+        taken = 0
+        for taken, result in enumerate(encoded, 1):
+            if taken % self._chunk == 0:
+                self._slots.release()
             yield result
+        if taken % self._chunk:  # the last chunk is short
+            self._slots.release()
 
     def close(self) -> None:
         """Unblock :meth:`feed` for good, so the pool can shut down after an error."""

@@ -185,17 +185,20 @@ def test_the_workers_stay_a_bounded_window_ahead_of_the_writer():
 
     from job.prepare import _Window
 
-    window, fed = _Window(4), []
+    window, fed = _Window(chunks=4, chunk=3), []
 
     def jobs():
-        for i in range(60):
+        for i in range(61):  # the last chunk is short
             fed.append(i)
             yield i
 
     with multiprocessing.get_context("fork").Pool(2) as pool, contextlib.closing(window):
-        results = window.results(pool.imap(abs, window.feed(jobs()), chunksize=1))
-        for taken, result in enumerate(results, 1):
-            assert result == taken - 1
-            assert len(fed) <= taken + 4 + 1  # + the one job waiting for a slot
-            time.sleep(0.005)
-    assert len(fed) == 60
+        for _ in range(2):  # the slots come back whole, split after split
+            fed.clear()
+            results = window.results(pool.imap(abs, window.feed(jobs()), chunksize=3))
+            for taken, result in enumerate(results, 1):
+                assert result == taken - 1
+                # 4 chunks ahead of the chunk being taken, + 1 job waiting for a slot
+                assert len(fed) <= (taken + 2) // 3 * 3 + 4 * 3 + 1
+                time.sleep(0.002)
+            assert len(fed) == 61
