@@ -114,6 +114,7 @@ def test_prepare_into_a_missing_bucket_fails_before_any_work(shape_images, s3_se
     assert storage.written == []
 
 
+@pytest.mark.slow
 def test_train_with_outputs_on_s3_then_resume_with_more_epochs(s3_dataset, s3_server, s3_bucket):
     root, _, _ = s3_dataset
     out = f"{s3_bucket}/run"
