@@ -77,6 +77,7 @@ def configure(fmt: str = "text", stream: IO[str] | None = None, level: int = log
     logging.captureWarnings(False)
     logging.captureWarnings(True)
     logging.getLogger("botocore").setLevel(logging.WARNING)  # not its credential chatter
+    logging.getLogger("smart_open").setLevel(logging.WARNING)  # not a line per upload part
 
 
 def _strip_warning_newline(record: logging.LogRecord) -> bool:

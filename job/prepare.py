@@ -387,9 +387,16 @@ class _ShardWriter:
     def __init__(self, split: str, dest: str, storage: Storage, prefix: str) -> None:
         self.split, self.dest, self.storage, self.prefix = split, dest, storage, prefix
         self.shards: list[dict] = []
-        self.count = 0
-        self._stack = contextlib.ExitStack()
+        self._stack = contextlib.ExitStack()  # holds the open shard's storage stream
         self._out: IO[bytes] | None = None
+        self._index: list[str] = []  # the open shard's .idx lines, one per record
+        self._offset = 0
+        self._digest = hashlib.sha256()
+
+    @property
+    def count(self) -> int:
+        """Records in the shard being written."""
+        return len(self._index)
 
     def _name(self) -> str:
         return f"{self.split}/{self.prefix}{len(self.shards):05d}"
@@ -398,14 +405,12 @@ class _ShardWriter:
         if self._out is None:
             uri = st.join(self.dest, self._name() + ".rec")
             self._out = self._stack.enter_context(self.storage.open_write(uri))
-            self.count, self._offset, self._index = 0, 0, []
-            self._digest = hashlib.sha256()
+            self._index, self._offset, self._digest = [], 0, hashlib.sha256()
         framed = records.frame(records.pack(label, record_id, jpeg))
         self._out.write(framed)
         self._digest.update(framed)
         self._index.append(records.index_line(self.count, self._offset))
         self._offset += len(framed)
-        self.count += 1
 
     def finish(self) -> None:
         if self._out is None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import logging
 import os
 import shutil
 import tempfile
@@ -366,7 +365,6 @@ class Storage:
             return
         import smart_open.s3
 
-        logging.getLogger("smart_open").setLevel(logging.WARNING)  # no line per part
         bucket, key = split_s3(uri)
         part_size = max(self.s3_settings.multipart_chunksize, smart_open.s3.MIN_PART_SIZE)
         with self._errors(uri, "multipart upload"):
