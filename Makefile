@@ -30,7 +30,7 @@ CPU_BUILDER ?= debian:bookworm
 CPU_ARGS    := --build-arg BASE_IMAGE=$(CPU_BASE) --build-arg BUILDER_IMAGE=$(CPU_BUILDER) \
                --build-arg MXNET_PACKAGE=mxnet==1.9.1 --build-arg HOROVOD_GPU_OPERATIONS=
 
-.PHONY: help install apt demo test test-fast lint schema bench image image-test chart-docs examples chart-package clean
+.PHONY: help install apt demo test test-fast lint schema bench image image-test chart-docs examples chart-package clean cluster cluster-down
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -60,25 +60,27 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# with its own dependencies (psutil, cloudpickle, ...): horovodrun needs them
 	$(BIN)/pip install -q $(HOROVOD_DIR)/horovod-*.whl
 	# step 3: the job with both layers' extras (training, Kubernetes client) and the tests.
-	$(BIN)/pip install -q -e ".[train,deploy,test]"
+	$(BIN)/pip install -q -e ".[train,deploy,test,cluster]"
 	$(BIN)/horovodrun --check-build | tee $(VENV)/horovod-check.txt
 	@for f in MXNet MPI Gloo; do grep -q "\[X\] $$f" $(VENV)/horovod-check.txt || \
 	  { echo "horovod was built without $$f support; remove $(HOROVOD_DIR) and retry" >&2; exit 1; }; done
 	touch $@
 
-install: $(VENV)/.installed  ## apt packages, .venv, MXNet, Horovod (cached wheel), the job with [train,deploy,test]
+install: $(VENV)/.installed  ## apt packages, .venv, MXNet, Horovod (cached wheel), the job with [train,deploy,test,cluster]
 
 demo: install  ## fine-tune on a generated dataset with 2 Horovod workers
 	$(BIN)/python -m job.demo
 
 # Tests not marked slow run in 2 processes (one file at a time each, so a file's fixtures are
-# set up once); the slow ones (several training processes each) run one at a time after them.
-FAST_TESTS := -m "not slow" -n 2 --dist loadfile
+# set up once); the slow ones (several training processes each) run one at a time after them,
+# then the ones against the local cluster (tests/cluster: one cluster for the whole session).
+FAST_TESTS := -m "not slow and not cluster" -n 2 --dist loadfile
 
 test: install  ## the whole test suite (slow tests included)
 	$(MAKE) --no-print-directory apt EXTRA_APT="$(TEST_APT_PACKAGES)"
 	$(BIN)/python -m pytest $(FAST_TESTS)
-	$(BIN)/python -m pytest -m slow
+	$(BIN)/python -m pytest -m "slow and not cluster"
+	$(BIN)/python -m pytest -m cluster
 
 test-fast: install  ## the test suite without tests marked slow
 	$(BIN)/python -m pytest $(FAST_TESTS)
@@ -116,6 +118,15 @@ chart-package: install  ## check the chart README is current, then `helm package
 	$(BIN)/python charts/chartdoc.py --check
 	$(HELM) lint --strict charts/finetune-job
 	$(HELM) package charts/finetune-job --destination dist
+
+# The local cluster: built once from Go modules into ~/.cache/finetune-job/k8s-<key>/ (versions in
+# deploy/localcluster/components.py), state (pids, logs, kubeconfig) in .cluster/.
+CLUSTER_STATE ?= .cluster
+cluster: install  ## start the local cluster: kube-apiserver, etcd, controllers, MPI Operator, Kueue, 2 kwok nodes
+	$(BIN)/python -m deploy.localcluster up --state $(CLUSTER_STATE)
+
+cluster-down:  ## stop every process of the local cluster and remove .cluster/
+	$(BIN)/python -m deploy.localcluster down --state $(CLUSTER_STATE)
 
 clean:  ## remove the venv and build output (the Horovod wheel cache stays)
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache

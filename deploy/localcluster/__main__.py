@@ -1,0 +1,63 @@
+"""``python -m deploy.localcluster {build,up,down,status}``: what `make cluster` runs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from deploy.localcluster import build, cluster
+from job.exitcodes import ExitCode
+
+DEFAULT_STATE = Path(".cluster")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m deploy.localcluster",
+        description="A local Kubernetes control plane with the MPI Operator, Kueue and kwok nodes.",
+    )
+    parser.add_argument("command", choices=("build", "up", "down", "status"), help="what to do")
+    parser.add_argument(
+        "--state",
+        type=Path,
+        default=DEFAULT_STATE,
+        help="state folder: pids, logs, kubeconfig (default: %(default)s)",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.command == "build":
+            print(f"binaries in {build.build().popitem()[1].parent}")
+        elif args.command == "up":
+            started = cluster.up(args.state)
+            print(f"cluster up: {started.server}, logs in {started.state / 'logs'}")
+            print(f"export KUBECONFIG={started.kubeconfig}")
+        elif args.command == "down":
+            stopped = cluster.down(args.state)
+            print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+        else:
+            return _status(args.state)
+    except (build.BuildError, cluster.ClusterError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return ExitCode.FAILED
+    return ExitCode.OK
+
+
+def _status(state: Path) -> int:
+    found = cluster.load(state)
+    if found is None:
+        print(f"no cluster in {state}")
+        return ExitCode.FAILED
+    running = found.running()
+    for name in cluster.PROCESSES:
+        print(
+            f"{name:24} {'running' if name in running else 'stopped'}  {found.proc(name).log_file}"
+        )
+    print(f"export KUBECONFIG={found.kubeconfig}")
+    return ExitCode.OK if running == list(cluster.PROCESSES) else ExitCode.FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,536 @@
+"""Start and stop the local cluster: real Kubernetes control plane, real operators, kwok nodes.
+
+    up(state)    etcd → kube-apiserver → CRDs, namespaces, nodes → controller manager,
+                 scheduler, kwok, MPI Operator, Kueue (its webhooks registered at 127.0.0.1)
+    down(state)  every process by its pid file, then the state folder
+
+Everything listens on 127.0.0.1, on free ports chosen at start (``cluster.json`` keeps them),
+except the MPI Operator's health check, which is fixed at :8080 upstream. ``up`` on a running
+cluster returns it as it is. The admin kubeconfig is ``<state>/kubeconfig``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import socket
+import time
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deploy.localcluster import build, components, pki, processes
+from deploy.localcluster.processes import ClusterError, Proc, http_ok, wait_until
+
+START_TIMEOUT_SECONDS = 120.0
+SERVICE_RANGE = "10.0.0.0/24"
+POD_RANGE = "10.244.0.1/16"  # kwok's pod IPs: names only, nothing is ever sent to them
+NODES = ("kwok-node-0", "kwok-node-1")
+NODE_CAPACITY = {"cpu": "32", "memory": "256Gi", "pods": "110"}
+KWOK_NODE_ANNOTATION = ("kwok.x-k8s.io/node", "fake")
+MPI_OPERATOR_HEALTH_PORT = 8080  # hard-coded in mpi-operator's server.go
+NAMESPACES = ("mpi-operator", "kueue-system")  # the operator's leader Lease; Kueue's own
+# Kueue's webhooks for the kinds this cluster uses (its manifests also list pods, Deployments,
+# ... for frameworks that are off here; registering those would put every pod behind Kueue).
+KUEUE_WEBHOOK_KINDS = {"mpijobs", "workloads", "clusterqueues", "resourceflavors", "cohorts"}
+# A hard-coded path in Kueue: it reads a metrics certificate there whenever it does not make
+# its own certificates, even with metrics off.
+KUEUE_METRICS_CERTS = Path("/etc/kueue/metrics/certs")
+PROCESSES = (
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kwok",
+    "mpi-operator",
+    "kueue",
+)
+
+
+@dataclass(frozen=True)
+class Ports:
+    etcd: int
+    etcd_peer: int
+    apiserver: int
+    controller_manager: int
+    scheduler: int
+    kwok: int
+    kueue_webhook: int
+    kueue_health: int
+
+    @classmethod
+    def free(cls) -> Ports:
+        return cls(*_free_ports(len(cls.__dataclass_fields__)))
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A started cluster: where its state is, its ports, and how to reach it."""
+
+    state: Path
+    ports: Ports
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.state / "kubeconfig"
+
+    @property
+    def server(self) -> str:
+        return f"https://127.0.0.1:{self.ports.apiserver}"
+
+    @property
+    def etcd(self) -> str:
+        return f"http://127.0.0.1:{self.ports.etcd}"
+
+    @property
+    def pki(self) -> pki.Pki:
+        return pki.Pki(self.state / "pki")
+
+    def proc(self, name: str) -> Proc:
+        return Proc(name, self.state)
+
+    def logs(self) -> dict[str, Path]:
+        return {name: self.proc(name).log_file for name in PROCESSES}
+
+    def running(self) -> list[str]:
+        return [name for name in PROCESSES if self.proc(name).alive()]
+
+
+def load(state: Path) -> Cluster | None:
+    try:
+        saved = json.loads((state / "cluster.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return Cluster(state, Ports(**saved["ports"]))
+
+
+def up(state: Path, bins: dict[str, Path] | None = None) -> Cluster:
+    """Start the cluster in ``state`` (reuse it if every process still runs)."""
+    running = load(state)
+    if running is not None and running.running() == list(PROCESSES):
+        return running
+    down(state)
+    bins = bins or build.build()
+    state.mkdir(parents=True, exist_ok=True)
+    cluster = Cluster(state.resolve(), Ports.free())
+    (state / "cluster.json").write_text(json.dumps({"ports": asdict(cluster.ports)}, indent=2))
+    keys = pki.make(cluster.state / "pki")
+    _write_kubeconfig(cluster, keys)
+    try:
+        start_etcd(cluster, bins)
+        start_apiserver(cluster, bins)
+        install_api(cluster)
+        start_controllers(cluster, bins)
+    except BaseException:
+        down(state)
+        raise
+    return cluster
+
+
+def down(state: Path) -> list[str]:
+    """Stop every process of the cluster in ``state``, remove the folder, name what ran."""
+    stopped = []
+    for name in reversed(PROCESSES):
+        proc = Proc(name, state)
+        if proc.alive():
+            stopped.append(name)
+        processes.stop(proc)
+    shutil.rmtree(state, ignore_errors=True)
+    return stopped
+
+
+def start_etcd(cluster: Cluster, bins: dict[str, Path]) -> None:
+    peer = f"http://127.0.0.1:{cluster.ports.etcd_peer}"
+    argv: list[str | Path] = [
+        bins["etcd"],
+        "--name=default",
+        f"--data-dir={cluster.state / 'etcd'}",
+        f"--listen-client-urls={cluster.etcd}",
+        f"--advertise-client-urls={cluster.etcd}",
+        f"--listen-peer-urls={peer}",
+        f"--initial-advertise-peer-urls={peer}",
+        f"--initial-cluster=default={peer}",
+        "--unsafe-no-fsync",
+        "--log-level=warn",
+    ]
+    proc = processes.start(cluster.state, "etcd", argv)
+    wait_until(proc, "healthy /health", http_ok(f"{cluster.etcd}/health"), START_TIMEOUT_SECONDS)
+
+
+def apiserver_argv(cluster: Cluster, bins: dict[str, Path]) -> list[str | Path]:
+    keys = cluster.pki
+    return [
+        bins["kube-apiserver"],
+        f"--etcd-servers={cluster.etcd}",
+        f"--secure-port={cluster.ports.apiserver}",
+        "--bind-address=127.0.0.1",
+        "--advertise-address=127.0.0.1",
+        f"--cert-dir={cluster.state / 'apiserver'}",
+        f"--tls-cert-file={keys.serving_cert}",
+        f"--tls-private-key-file={keys.serving_key}",
+        f"--client-ca-file={keys.ca}",
+        f"--token-auth-file={keys.token_file}",
+        f"--service-cluster-ip-range={SERVICE_RANGE}",
+        "--allow-privileged=true",
+        "--authorization-mode=RBAC",
+        "--enable-admission-plugins=NamespaceLifecycle,ServiceAccount,DefaultStorageClass",
+        "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+        f"--service-account-key-file={keys.sa_pub}",
+        f"--service-account-signing-key-file={keys.sa_key}",
+        # The API server reaches kwok's kubelet endpoint (pod logs) with the admin's certificate.
+        f"--kubelet-client-certificate={keys.client_cert}",
+        f"--kubelet-client-key={keys.client_key}",
+        f"--kubelet-certificate-authority={keys.ca}",
+        "--kubelet-preferred-address-types=InternalIP",
+    ]
+
+
+def start_apiserver(cluster: Cluster, bins: dict[str, Path]) -> Proc:
+    proc = processes.start(cluster.state, "kube-apiserver", apiserver_argv(cluster, bins))
+    ready = http_ok(f"{cluster.server}/readyz", ca=cluster.pki.ca, token=cluster.pki.token)
+    wait_until(proc, "ready /readyz", ready, START_TIMEOUT_SECONDS)
+    return proc
+
+
+def restart_apiserver(cluster: Cluster, bins: dict[str, Path] | None = None) -> None:
+    """Stop the API server and start it again on the same port and etcd (clients reconnect)."""
+    processes.stop(cluster.proc("kube-apiserver"))
+    start_apiserver(cluster, bins or build.binaries())
+
+
+def start_controllers(cluster: Cluster, bins: dict[str, Path]) -> None:
+    kubeconfig = f"--kubeconfig={cluster.kubeconfig}"
+    keys = cluster.pki
+    started = {
+        "kube-controller-manager": processes.start(
+            cluster.state,
+            "kube-controller-manager",
+            [
+                bins["kube-controller-manager"],
+                kubeconfig,
+                f"--secure-port={cluster.ports.controller_manager}",
+                "--bind-address=127.0.0.1",
+                f"--cert-dir={cluster.state / 'controller-manager'}",
+                "--leader-elect=false",
+                f"--service-account-private-key-file={keys.sa_key}",
+                f"--root-ca-file={keys.ca}",
+                "--controllers=*",
+            ],
+        ),
+        "kube-scheduler": processes.start(
+            cluster.state,
+            "kube-scheduler",
+            [
+                bins["kube-scheduler"],
+                kubeconfig,
+                f"--secure-port={cluster.ports.scheduler}",
+                "--bind-address=127.0.0.1",
+                f"--cert-dir={cluster.state / 'scheduler'}",
+                "--leader-elect=false",
+            ],
+        ),
+        "kwok": processes.start(
+            cluster.state,
+            "kwok",
+            [
+                bins["kwok"],
+                kubeconfig,
+                "--manage-nodes-with-annotation-selector=" + "=".join(KWOK_NODE_ANNOTATION),
+                # kwok v0.7.0 keeps node leases (and so Ready nodes) only with this set.
+                "--node-lease-duration-seconds=40",
+                f"--config={_kwok_stages()}",
+                f"--cidr={POD_RANGE}",
+                "--node-ip=127.0.0.1",
+                f"--node-port={cluster.ports.kwok}",
+                f"--server-address=127.0.0.1:{cluster.ports.kwok}",
+                f"--tls-cert-file={keys.serving_cert}",
+                f"--tls-private-key-file={keys.serving_key}",
+                "--enable-crds=Logs",
+            ],
+        ),
+        "mpi-operator": _start_mpi_operator(cluster, bins),
+        "kueue": _start_kueue(cluster, bins),
+    }
+    health = {
+        "kube-controller-manager": f"https://127.0.0.1:{cluster.ports.controller_manager}/healthz",
+        "kube-scheduler": f"https://127.0.0.1:{cluster.ports.scheduler}/healthz",
+        "mpi-operator": f"http://127.0.0.1:{MPI_OPERATOR_HEALTH_PORT}/healthz",
+        "kueue": f"http://127.0.0.1:{cluster.ports.kueue_health}/readyz",
+    }
+    for name, url in health.items():
+        wait_until(
+            started[name], f"healthy {url}", http_ok(url, verify=False), START_TIMEOUT_SECONDS
+        )
+    api = _api(cluster)
+    wait_until(started["kwok"], "Ready nodes", lambda: _nodes_ready(api), START_TIMEOUT_SECONDS)
+    wait_until(
+        started["mpi-operator"], "its leader Lease", lambda: _leads(api), START_TIMEOUT_SECONDS
+    )
+    _register_kueue_webhooks(cluster, api)
+
+
+def _start_mpi_operator(cluster: Cluster, bins: dict[str, Path]) -> Proc:
+    if not _port_free(MPI_OPERATOR_HEALTH_PORT):
+        raise ClusterError(
+            f"port {MPI_OPERATOR_HEALTH_PORT} is taken: the MPI Operator's health check binds it "
+            "(no flag moves it); stop what listens there"
+        )
+    argv: list[str | Path] = [
+        bins["mpi-operator"],
+        f"--kubeConfig={cluster.kubeconfig}",
+        "--lock-namespace=mpi-operator",
+        "--kube-api-qps=50",
+        "--kube-api-burst=100",
+    ]
+    # KUBECONFIG would win over --kubeConfig: leave only ours.
+    return processes.start(
+        cluster.state, "mpi-operator", argv, env=_env(KUBECONFIG=str(cluster.kubeconfig))
+    )
+
+
+def _start_kueue(cluster: Cluster, bins: dict[str, Path]) -> Proc:
+    keys = cluster.pki
+    certs = cluster.state / "kueue-certs"
+    certs.mkdir(exist_ok=True)
+    for folder in (certs, KUEUE_METRICS_CERTS):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copy(keys.serving_cert, folder / "tls.crt")
+            shutil.copy(keys.serving_key, folder / "tls.key")
+        except OSError as e:
+            raise ClusterError(f"kueue needs its certificate in {folder}: {e.strerror}") from e
+    config = {
+        "apiVersion": "config.kueue.x-k8s.io/v1beta2",
+        "kind": "Configuration",
+        "namespace": "kueue-system",
+        "health": {"healthProbeBindAddress": f"127.0.0.1:{cluster.ports.kueue_health}"},
+        "metrics": {"bindAddress": "0"},
+        "webhook": {
+            "host": "127.0.0.1",
+            "port": cluster.ports.kueue_webhook,
+            "certDir": str(certs),
+        },
+        "leaderElection": {"leaderElect": False},
+        "internalCertManagement": {"enable": False},
+        "integrations": {"frameworks": ["kubeflow.org/mpijob"]},
+        # On by default; it would serve another API with certificates of its own.
+        "featureGates": {"VisibilityOnDemand": False},
+    }
+    path = cluster.state / "kueue.yaml"
+    path.write_text(yaml.safe_dump(config))
+    argv: list[str | Path] = [
+        bins["kueue"],
+        f"--config={path}",
+        f"--kubeconfig={cluster.kubeconfig}",
+    ]
+    return processes.start(cluster.state, "kueue", argv)
+
+
+def install_api(cluster: Cluster) -> None:
+    """The CRDs the controllers serve, their namespaces and the fake nodes."""
+    from kubernetes import client as k8s
+
+    api = _api(cluster)
+    ext = k8s.ApiextensionsV1Api(api)
+    crds = upstream_crds()
+    for crd in crds:
+        _create(lambda body=crd: ext.create_custom_resource_definition(body))
+    core: Any = k8s.CoreV1Api(api)
+    for ns in NAMESPACES:
+        _create(lambda ns=ns: core.create_namespace({"metadata": {"name": ns}}))
+    for node in NODES:
+        _create(lambda node=node: core.create_node(_node(node)))
+    names = {crd["metadata"]["name"] for crd in crds}
+    deadline = time.monotonic() + START_TIMEOUT_SECONDS
+    while not names <= _established(ext):
+        if time.monotonic() > deadline:
+            missing = sorted(names - _established(ext))
+            raise ClusterError(
+                f"CRDs not established within {START_TIMEOUT_SECONDS:.0f} s: {missing}"
+            )
+        time.sleep(0.2)
+
+
+def upstream_crds() -> list[dict[str, Any]]:
+    """The CRDs from the components' own modules: MPIJob, Kueue's, kwok's Logs."""
+    files = [
+        build.module_dir("github.com/kubeflow/mpi-operator", components.MPI_OPERATOR)
+        / "manifests/base/kubeflow.org_mpijobs.yaml",
+        build.module_dir("sigs.k8s.io/kwok", components.KWOK)
+        / "kustomize/crd/bases/kwok.x-k8s.io_logs.yaml",
+        *sorted(
+            (
+                build.module_dir("sigs.k8s.io/kueue", components.KUEUE)
+                / "config/components/crd/bases"
+            ).glob("*.yaml")
+        ),
+    ]
+    return [doc for f in files for doc in yaml.safe_load_all(f.read_text()) if doc]
+
+
+def kueue_webhooks(port: int, ca_bundle: bytes) -> list[dict[str, Any]]:
+    """Kueue's own webhook configurations, pointed at 127.0.0.1 instead of its Service."""
+    manifests = (
+        build.module_dir("sigs.k8s.io/kueue", components.KUEUE)
+        / "config/components/webhook/manifests.yaml"
+    )
+    configs = []
+    for doc in yaml.safe_load_all(manifests.read_text()):
+        if not doc:
+            continue
+        hooks = []
+        for hook in doc["webhooks"]:
+            if not {r for rule in hook["rules"] for r in rule["resources"]} & KUEUE_WEBHOOK_KINDS:
+                continue
+            path = hook["clientConfig"]["service"]["path"]
+            hook["clientConfig"] = {
+                "url": f"https://127.0.0.1:{port}{path}",
+                "caBundle": base64.b64encode(ca_bundle).decode(),
+            }
+            hooks.append(hook)
+        doc["metadata"] = {"name": "kueue-" + doc["metadata"]["name"]}
+        doc["webhooks"] = hooks
+        configs.append(doc)
+    return configs
+
+
+def _register_kueue_webhooks(cluster: Cluster, api: Any) -> None:
+    from kubernetes import client as k8s
+
+    reg = k8s.AdmissionregistrationV1Api(api)
+    for doc in kueue_webhooks(cluster.ports.kueue_webhook, cluster.pki.ca.read_bytes()):
+        create = (
+            reg.create_mutating_webhook_configuration
+            if doc["kind"] == "MutatingWebhookConfiguration"
+            else reg.create_validating_webhook_configuration
+        )
+        _create(lambda create=create, doc=doc: create(doc))
+
+
+def _write_kubeconfig(cluster: Cluster, keys: pki.Pki) -> None:
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": "finetune-job-local",
+                "cluster": {
+                    "server": cluster.server,
+                    "certificate-authority-data": base64.b64encode(keys.ca.read_bytes()).decode(),
+                },
+            }
+        ],
+        "users": [{"name": "admin", "user": {"token": keys.token}}],
+        "contexts": [
+            {
+                "name": "finetune-job-local",
+                "context": {"cluster": "finetune-job-local", "user": "admin"},
+            }
+        ],
+        "current-context": "finetune-job-local",
+    }
+    cluster.kubeconfig.write_text(yaml.safe_dump(config))
+    cluster.kubeconfig.chmod(0o600)
+
+
+def _node(name: str) -> dict[str, Any]:
+    key, value = KWOK_NODE_ANNOTATION
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "annotations": {key: value, "node.alpha.kubernetes.io/ttl": "0"},
+            "labels": {
+                "kubernetes.io/hostname": name,
+                "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64",
+                "type": "kwok",
+            },
+        },
+        "status": {"allocatable": NODE_CAPACITY, "capacity": NODE_CAPACITY},
+    }
+
+
+def _api(cluster: Cluster) -> Any:
+    from kubernetes import config as k8s_config
+
+    return k8s_config.new_client_from_config(config_file=str(cluster.kubeconfig))
+
+
+def _create(call: Any) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        call()
+    except ApiException as e:
+        if e.status != 409:
+            raise ClusterError(f"creating an object failed: {e.status} {e.reason}: {e.body}") from e
+
+
+def _established(ext: Any) -> set[str]:
+    return {
+        crd.metadata.name
+        for crd in ext.list_custom_resource_definition().items
+        if any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or [])
+    }
+
+
+def _nodes_ready(api: Any) -> bool:
+    from kubernetes import client as k8s
+
+    core: Any = k8s.CoreV1Api(api)
+    nodes = core.list_node().items
+    ready = {
+        n.metadata.name
+        for n in nodes
+        if any(c.type == "Ready" and c.status == "True" for c in n.status.conditions or [])
+    }
+    return set(NODES) <= ready
+
+
+def _leads(api: Any) -> bool:
+    from kubernetes import client as k8s
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        coordination: Any = k8s.CoordinationV1Api(api)
+        lease = coordination.read_namespaced_lease("mpi-operator", "mpi-operator")
+    except ApiException:
+        return False  # not written yet
+    return bool(lease.spec.holder_identity)
+
+
+def _kwok_stages() -> Path:
+    return Path(str(resources.files("deploy.localcluster") / "kwok-stages.yaml"))
+
+
+def _env(**extra: str) -> dict[str, str]:
+    import os
+
+    return {**os.environ, **extra}
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
