@@ -67,7 +67,7 @@ def is_built(folder: Path | None = None) -> bool:
 
 def module_dir(module: str, version: str, folder: Path | None = None) -> Path:
     """Where a downloaded module's files are (for CRDs and configs read at start)."""
-    out = _go(["mod", "download", "-json", f"{module}@{version}"], folder or cache_dir())
+    out = _go(["mod", "download", "-json", f"{module}@{version}"], (folder or cache_dir()) / "src")
     return Path(json.loads(out)["Dir"])
 
 

@@ -356,20 +356,22 @@ def install_api(cluster: Cluster) -> None:
 
 
 def upstream_crds() -> list[dict[str, Any]]:
-    """The CRDs from the components' own modules: MPIJob, Kueue's, kwok's Logs."""
-    files = [
-        build.module_dir("github.com/kubeflow/mpi-operator", components.MPI_OPERATOR)
-        / "manifests/base/kubeflow.org_mpijobs.yaml",
-        build.module_dir("sigs.k8s.io/kwok", components.KWOK)
-        / "kustomize/crd/bases/kwok.x-k8s.io_logs.yaml",
-        *sorted(
-            (
-                build.module_dir("sigs.k8s.io/kueue", components.KUEUE)
-                / "config/components/crd/bases"
-            ).glob("*.yaml")
-        ),
-    ]
-    return [doc for f in files for doc in yaml.safe_load_all(f.read_text()) if doc]
+    """The CRDs of ``components.CRD_FILES``, read from the downloaded modules."""
+    docs = []
+    for module, version, pattern in components.CRD_FILES:
+        folder = build.module_dir(module, version)
+        for path in sorted(_expand(folder, pattern)):
+            docs += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return docs
+
+
+def _expand(folder: Path, pattern: str) -> list[Path]:
+    """``glob`` with one ``{a,b}`` alternation, which Path.glob lacks."""
+    if "{" not in pattern:
+        return list(folder.glob(pattern))
+    head, rest = pattern.split("{", 1)
+    choices, tail = rest.split("}", 1)
+    return [p for choice in choices.split(",") for p in folder.glob(head + choice + tail)]
 
 
 def kueue_webhooks(port: int, ca_bundle: bytes) -> list[dict[str, Any]]:

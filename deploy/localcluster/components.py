@@ -24,6 +24,8 @@ KUEUE = "v0.17.0"
 # kwok uses client-go APIs that 0.35 removed, so it is built on its own, with the libraries
 # its go.mod pins (Kubernetes 0.33); it talks to the API server over HTTP like any client.
 KWOK = "v0.7.0"
+# Only the CRDs of these (no controller runs): the chart's PodMonitor and PrometheusRule.
+PROMETHEUS_OPERATOR = "v0.85.0"
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,19 @@ COMPONENTS = (
     ),
     Component("kueue", "sigs.k8s.io/kueue", KUEUE, "sigs.k8s.io/kueue/cmd/kueue"),
     Component("kwok", "sigs.k8s.io/kwok", KWOK, "sigs.k8s.io/kwok/cmd/kwok", standalone=True),
+)
+
+
+# The CRDs the cluster installs, from the components' own modules: (module, version, glob).
+CRD_FILES = (
+    ("github.com/kubeflow/mpi-operator", MPI_OPERATOR, "manifests/base/kubeflow.org_mpijobs.yaml"),
+    ("sigs.k8s.io/kueue", KUEUE, "config/components/crd/bases/*.yaml"),
+    ("sigs.k8s.io/kwok", KWOK, "kustomize/crd/bases/kwok.x-k8s.io_logs.yaml"),
+    (
+        "github.com/prometheus-operator/prometheus-operator",
+        PROMETHEUS_OPERATOR,
+        "example/prometheus-operator-crd/monitoring.coreos.com_{podmonitors,prometheusrules}.yaml",
+    ),
 )
 
 
