@@ -127,8 +127,8 @@ def job_state(obj: dict[str, Any]) -> JobState:
         namespace=str(meta.get("namespace", "")),
         name=str(meta.get("name", "")),
         phase=deciding.type if deciding else c.PENDING,
-        reason=deciding.reason if deciding else "",
-        message=deciding.message if deciding else "",
+        reason=_trimmed(deciding.reason, "/") if deciding else "",
+        message=_trimmed(deciding.message, ": ") if deciding else "",
         conditions=conds,
         output=str((meta.get("annotations") or {}).get(c.OUTPUT_ANNOTATION, "")),
         kind=kinds.of(obj).name,
@@ -138,6 +138,13 @@ def job_state(obj: dict[str, Any]) -> JobState:
         completed=str(status.get("completionTime") or ""),
         resource_version=str(meta.get("resourceVersion") or ""),
     )
+
+
+def _trimmed(text: str, joiner: str) -> str:
+    """The text without an empty part the operator joined on: a failed MPIJob's reason is
+    ``BackoffLimitExceeded/<last pod's reason>`` and its message ``<Job's>: <pod's>``, and a
+    pod whose container exited non-zero has neither."""
+    return text.removesuffix(joiner).strip()
 
 
 # ---- a run that cannot start ---------------------------------------------------------------

@@ -178,6 +178,7 @@ def apiserver_argv(cluster: Cluster, bins: dict[str, Path]) -> list[str | Path]:
         "--allow-privileged=true",
         "--authorization-mode=RBAC",
         "--enable-admission-plugins=NamespaceLifecycle,ServiceAccount,DefaultStorageClass",
+        "--endpoint-reconciler-type=none",  # 127.0.0.1 may not be an Endpoints address
         "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
         f"--service-account-key-file={keys.sa_pub}",
         f"--service-account-signing-key-file={keys.sa_key}",

@@ -59,3 +59,69 @@ def eventually(what: str, check: Callable[[], Any], timeout: float = WAIT_SECOND
         if time.monotonic() > deadline:
             raise AssertionError(f"no {what} within {timeout:.0f} s")
         time.sleep(0.25)
+
+
+def write_values(path: Path, values: Mapping[str, Any]) -> Path:
+    """A values file (annotation values stay strings, as `--set` would not keep them)."""
+    path.write_text(yaml.safe_dump(dict(values)), encoding="utf-8")
+    return path
+
+
+class Play:
+    """The test's part in a run on the kwok nodes: what the launcher's container would do.
+
+    kwok plays the pods' states; what a real launcher writes (its log, summary.json in the
+    run's output) the test writes, then lets the launcher exit (removes the hold annotation).
+    """
+
+    def __init__(self, api: Any, namespace: str, logs_dir: Path) -> None:
+        from kubernetes import client as k8s
+
+        self.core: Any = k8s.CoreV1Api(api)
+        self.custom: Any = k8s.CustomObjectsApi(api)
+        self.namespace = namespace
+        self.logs_dir = logs_dir
+
+    def launcher(self, job: str, timeout: float = WAIT_SECONDS) -> str:
+        """The name of the run's Running launcher pod (waits for it)."""
+        from deploy import constants as c
+
+        selector = (
+            f"{c.OPERATOR_JOB_NAME_LABEL}={job},{c.OPERATOR_JOB_ROLE_LABEL}={c.LAUNCHER_ROLE}"
+        )
+
+        def running() -> str:
+            pods = self.core.list_namespaced_pod(self.namespace, label_selector=selector).items
+            names = [p.metadata.name for p in pods if p.status.phase == "Running"]
+            return names[0] if names else ""
+
+        return str(eventually(f"a Running launcher of {job}", running, timeout))
+
+    def log(self, pod: str, lines: list[str], container: str = "launcher") -> None:
+        """Serve ``lines`` as the pod's container log (kwok's Logs, in the CRI log format)."""
+        path = self.logs_dir / f"{self.namespace}-{pod}.log"
+        stamp = "2026-01-01T00:00:00.000000000Z"
+        path.write_text("".join(f"{stamp} stdout F {line}\n" for line in lines))
+        body = {
+            "apiVersion": "kwok.x-k8s.io/v1alpha1",
+            "kind": "Logs",
+            "metadata": {"name": pod, "namespace": self.namespace},
+            "spec": {"logs": [{"containers": [container], "logsFile": str(path), "follow": False}]},
+        }
+        self.custom.create_namespaced_custom_object(
+            "kwok.x-k8s.io", "v1alpha1", self.namespace, "logs", body
+        )
+
+    def output(self, job: str) -> str:
+        """The run's output folder, from its MPIJob."""
+        from deploy import constants as c
+
+        obj = self.custom.get_namespaced_custom_object(
+            c.GROUP, c.VERSION, self.namespace, c.PLURAL, job
+        )
+        return str(obj["metadata"]["annotations"][c.OUTPUT_ANNOTATION])
+
+    def release(self, pod: str) -> None:
+        """Let the held pod's containers exit (kwok's pod-complete or pod-fail stage)."""
+        patch = {"metadata": {"annotations": {HOLD: None}}}
+        self.core.patch_namespaced_pod(pod, self.namespace, patch)

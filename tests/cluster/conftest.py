@@ -46,7 +46,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.failed and "local_cluster" in getattr(item, "fixturenames", ()):
         found = localcluster.load(STATE)
         for name in localcluster.PROCESSES if found else ():
-            report.sections.append((f"{name} log (tail)", found.proc(name).tail(30)))
+            report.sections.append((f"{name} log (tail)", found.proc(name).tail(12)))
     return report
 
 
