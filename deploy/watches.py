@@ -4,7 +4,10 @@ The ``kubernetes`` watch is a blocking iterator, one per request, so each watche
 gets a thread. Every thread lists once (a ``RELIST`` item carries the whole list), then
 watches from the list's ``resourceVersion``, resumes from the last version it saw when the
 server closes the request, and lists again when the server says that version is gone (410).
-The waiting thread reads the queue with a timeout, so it wakes up for its own deadlines too.
+A watch that was connected once rides out an API server that goes away (a restart, a
+failover): it tries again with back-off for up to ``RECONNECT_SECONDS``, then resumes (or
+relists). The waiting thread reads the queue with a timeout, so it wakes up for its own
+deadlines too.
 ``close()`` stops each watch by shutting its socket down, so no thread outlives the wait by
 more than one request timeout.
 """
@@ -31,6 +34,12 @@ log = logging.getLogger("finetune_job.deploy")
 WATCH_CHUNK_SECONDS = 300
 RELIST = "RELIST"
 ERROR = "ERROR"
+# How long a watch that was connected keeps trying to reach a server that went away, and its
+# back-off between tries. A server that cannot be reached at the first list fails at once.
+RECONNECT_SECONDS = 120.0
+RECONNECT_BACKOFF = (0.5, 1.0, 2.0, 4.0)
+# What a restarting API server answers before it is ready.
+TRANSIENT_STATUSES = (429, 500, 502, 503, 504)
 
 
 class RawWatch(k8s_watch.Watch):
@@ -101,25 +110,43 @@ class Feed:
         self, source: str, list_fn: Callable[..., Any], args: tuple[Any, ...], selectors: Any
     ) -> None:
         rv = ""
+        connected = False
+        lost: list[float] = []  # when each try since the server went away failed
         while not self.stopping.is_set():
             try:
                 if not rv:
                     rv = self._list(source, list_fn, args, selectors)
+                connected, lost = True, []
                 rv = self._watch_once(source, list_fn, args, selectors, rv)
             except ApiException as e:
                 if e.status == 410:
                     log.info("watch of %s expired (410 Gone); relisting", source)
                     rv = ""
                     continue
-                self._error(source, e)
-                return
+                if not (connected and e.status in TRANSIENT_STATUSES and self._retry(lost)):
+                    self._error(source, e)
+                    return
             except (urllib3.exceptions.ReadTimeoutError, urllib3.exceptions.ProtocolError) as e:
                 if self.stopping.is_set():
                     return
                 log.debug("watch of %s ended early (%s); resuming", source, e)
+            except urllib3.exceptions.HTTPError as e:  # no connection: refused, reset, DNS
+                if not (connected and self._retry(lost)):
+                    self._error(source, e)
+                    return
+                log.info("watch of %s: API server unreachable (%s); trying again", source, e)
             except Exception as e:  # handed to the waiting thread, which decides
                 self._error(source, e)
                 return
+
+    def _retry(self, lost: list[float]) -> bool:
+        """Wait before the next try; False once the server has been away too long."""
+        now = time.monotonic()
+        if lost and now - lost[0] > RECONNECT_SECONDS:
+            return False
+        lost.append(now)
+        delay = RECONNECT_BACKOFF[min(len(lost), len(RECONNECT_BACKOFF)) - 1]
+        return not self.stopping.wait(delay)
 
     def _list(
         self, source: str, list_fn: Callable[..., Any], args: tuple[Any, ...], selectors: Any

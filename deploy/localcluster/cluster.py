@@ -221,6 +221,7 @@ def start_controllers(cluster: Cluster, bins: dict[str, Path]) -> None:
                 f"--root-ca-file={keys.ca}",
                 "--controllers=*",
             ],
+            restart=True,
         ),
         "kube-scheduler": processes.start(
             cluster.state,
@@ -233,6 +234,7 @@ def start_controllers(cluster: Cluster, bins: dict[str, Path]) -> None:
                 f"--cert-dir={cluster.state / 'scheduler'}",
                 "--leader-elect=false",
             ],
+            restart=True,
         ),
         "kwok": processes.start(
             cluster.state,
@@ -252,6 +254,7 @@ def start_controllers(cluster: Cluster, bins: dict[str, Path]) -> None:
                 f"--tls-private-key-file={keys.serving_key}",
                 "--enable-crds=Logs",
             ],
+            restart=True,
         ),
         "mpi-operator": _start_mpi_operator(cluster, bins),
         "kueue": _start_kueue(cluster, bins),
@@ -289,7 +292,11 @@ def _start_mpi_operator(cluster: Cluster, bins: dict[str, Path]) -> Proc:
     ]
     # KUBECONFIG would win over --kubeConfig: leave only ours.
     return processes.start(
-        cluster.state, "mpi-operator", argv, env=_env(KUBECONFIG=str(cluster.kubeconfig))
+        cluster.state,
+        "mpi-operator",
+        argv,
+        env=_env(KUBECONFIG=str(cluster.kubeconfig)),
+        restart=True,
     )
 
 
@@ -328,7 +335,7 @@ def _start_kueue(cluster: Cluster, bins: dict[str, Path]) -> Proc:
         f"--config={path}",
         f"--kubeconfig={cluster.kubeconfig}",
     ]
-    return processes.start(cluster.state, "kueue", argv)
+    return processes.start(cluster.state, "kueue", argv, restart=True)
 
 
 def install_api(cluster: Cluster) -> None:

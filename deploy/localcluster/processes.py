@@ -2,6 +2,9 @@
 
 Each process runs in a session of its own, so it outlives the command that started it
 (`make cluster` returns while the cluster runs) and is stopped only through its pid file.
+A controller is started under a restart loop, as its Deployment would restart it on a
+cluster: the MPI Operator, for one, exits when it loses its leader lease while the API
+server is away.
 """
 
 from __future__ import annotations
@@ -52,12 +55,15 @@ class Proc:
         if pid is None:
             return False
         try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
             return False
-        zombie = stat.rsplit(")", 1)[-1].split()[0] == "Z"
-        return not zombie and bool(cmdline) and Path(os.fsdecode(cmdline[0])).name == self.program()
+        if stat.rsplit(")", 1)[-1].split()[0] in ("Z", "X"):  # exited, not yet collected
+            return False
+        if not cmdline:  # still exiting: its memory is gone, its sockets may not be
+            return True
+        return self.program() in os.fsdecode(cmdline).split("\0")
 
     def program(self) -> str:
         try:
@@ -72,23 +78,32 @@ class Proc:
             return "(no log)"
 
 
+# Runs "$0" "$@" again a second after it exits, for ever: a Deployment's restartPolicy.
+RESTART_LOOP = 'while :; do "$0" "$@"; echo "exited with $?; restarting in 1 s"; sleep 1; done'
+
+
 def start(
-    state: Path, name: str, argv: Sequence[str | Path], env: dict[str, str] | None = None
+    state: Path,
+    name: str,
+    argv: Sequence[str | Path],
+    env: dict[str, str] | None = None,
+    restart: bool = False,
 ) -> Proc:
-    """Start ``argv`` in its own session, its output in logs/<name>.log, its pid in pids/."""
+    """Start ``argv`` in its own session, its output in logs/<name>.log, its pid in pids/;
+    with ``restart``, under a loop that starts it again whenever it exits."""
     proc = Proc(name, state)
     proc.log_file.parent.mkdir(parents=True, exist_ok=True)
     proc.pid_file.parent.mkdir(parents=True, exist_ok=True)
     with open(proc.log_file, "ab") as log:
         child = subprocess.Popen(
-            [str(a) for a in argv],
+            (["/bin/sh", "-c", RESTART_LOOP] if restart else []) + [str(a) for a in argv],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
         )
-    (state / "pids" / f"{name}.program").write_text(Path(str(argv[0])).name)
+    (state / "pids" / f"{name}.program").write_text(str(argv[0]))
     proc.pid_file.write_text(str(child.pid))
     return proc
 
