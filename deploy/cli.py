@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from deploy import constants as c
-from deploy import manifest
+from deploy import kinds, manifest
 from deploy import schedule as schedule_mod
 from deploy.errors import BadInputError, DeployError, JobFailedError, JobTimeoutError
 from deploy.status import StuckBounds
@@ -335,10 +335,10 @@ def _fail(e: Exception, code: int) -> int:
     return code
 
 
-def _client(args: argparse.Namespace) -> Any:
+def _client(args: argparse.Namespace, kind: kinds.Kind | None = None) -> Any:
     from deploy.client import MPIJobClient
 
-    return MPIJobClient(args.namespace, kubeconfig=args.kubeconfig, context=args.context)
+    return MPIJobClient(args.namespace, kubeconfig=args.kubeconfig, context=args.context, kind=kind)
 
 
 def _storage(rendered: manifest.Rendered) -> Any:
@@ -375,7 +375,9 @@ def submit(args: argparse.Namespace) -> int:
         raise BadInputError(f"--max-class-drop must be a recall drop in [0, 1] (got {drop:g})")
     rendered = _rendered(args)
     storage = _storage(rendered)
-    client = None if args.dry_run else _client(args)
+    # Of the rendered kind only: a schedule's runs are all of it, and the CronJob's Role
+    # grants that kind alone.
+    client = None if args.dry_run else _client(args, kinds.of(rendered.job))
     predecessor = _single_flight(args, client, storage)
     pretrained = str(rendered.training.get("pretrained") or "")
     resolved = resume_from = None

@@ -292,3 +292,29 @@ def replicated_job_pod(runtime: dict[str, Any], name: str) -> dict[str, Any]:
     """The pod template of a TrainingRuntime's replicated job."""
     (job,) = [j for j in runtime["spec"]["template"]["spec"]["replicatedJobs"] if j["name"] == name]
     return job["template"]["spec"]["template"]
+
+
+def rendered_env(container: dict[str, Any], secrets: dict[str, dict[str, str]]) -> dict[str, str]:
+    """The container's environment as the kubelet would set it (secretKeyRef resolved)."""
+    env = {}
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = item["value"]
+        else:
+            ref = item["valueFrom"]["secretKeyRef"]
+            env[item["name"]] = secrets[ref["name"]][ref["key"]]
+    return env
+
+
+def mounted_files(docs: list[dict[str, Any]], pod: dict[str, Any], root: Path) -> dict[str, str]:
+    """Write each mounted ConfigMap's keys under ``root``; {mount path: local folder}."""
+    maps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    paths = {}
+    for mount in pod["containers"][0]["volumeMounts"]:
+        folder = root / mount["name"]
+        folder.mkdir(parents=True)
+        for key, text in maps[volumes[mount["name"]]["configMap"]["name"]]["data"].items():
+            (folder / key).write_text(text)
+        paths[mount["mountPath"]] = str(folder)
+    return paths
