@@ -1,4 +1,4 @@
-"""``python -m deploy.localcluster {build,up,down,status}``: what `make cluster` runs."""
+"""``python -m deploy.localcluster {build,up,down,status,readme}``: what `make cluster` runs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from deploy.localcluster import build, cluster
+from deploy.localcluster import build, cluster, components
 from job.exitcodes import ExitCode
 
 DEFAULT_STATE = Path(".cluster")
@@ -18,7 +18,12 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m deploy.localcluster",
         description="A local Kubernetes control plane with the MPI Operator, Kueue and kwok nodes.",
     )
-    parser.add_argument("command", choices=("build", "up", "down", "status"), help="what to do")
+    parser.add_argument(
+        "command",
+        choices=("build", "up", "down", "status", "readme"),
+        help="build the binaries (once); start or stop the cluster; show it; regenerate "
+        "README.md's versions table",
+    )
     parser.add_argument(
         "--state",
         type=Path,
@@ -26,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         help="state folder: pids, logs, kubeconfig (default: %(default)s)",
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     try:
         if args.command == "build":
             print(f"binaries in {build.build().popitem()[1].parent}")
@@ -37,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "down":
             stopped = cluster.down(args.state)
             print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+        elif args.command == "readme":
+            readme = Path("README.md")
+            readme.write_text(components.render_readme(readme.read_text()))
         else:
             return _status(args.state)
     except (build.BuildError, cluster.ClusterError) as e:
@@ -55,7 +63,7 @@ def _status(state: Path) -> int:
         print(
             f"{name:24} {'running' if name in running else 'stopped'}  {found.proc(name).log_file}"
         )
-    print(f"export KUBECONFIG={found.kubeconfig}")
+    print(f"export KUBECONFIG={found.kubeconfig.resolve()}")
     return ExitCode.OK if running == list(cluster.PROCESSES) else ExitCode.FAILED
 
 

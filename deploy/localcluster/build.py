@@ -174,21 +174,24 @@ def _go(args: list[str], cwd: Path, **extra_env: str) -> str:
                 f"go {args[0]} gave no result in {GO_TIMEOUT_SECONDS} s (see {out.name})"
             ) from e
         out.write(done.stderr)
-    if done.returncode != 0:
-        raise BuildError(explain(done.stderr, f"go {' '.join(args[:2])}", cwd.parent / "build.log"))
+    if done.returncode != 0:  # `go mod download -json` reports on stdout
+        output = done.stderr + done.stdout
+        raise BuildError(explain(output, f"go {' '.join(args[:2])}", cwd.parent / "build.log"))
     return done.stdout
 
 
 def explain(stderr: str, what: str, log_file: Path) -> str:
     """One line out of go's error output: the module and version it could not have."""
-    refused = re.search(r"(\S+)@(v\S+?): (?:reading|verifying) .*?(\d{3} [A-Za-z ]+)", stderr)
+    refused = re.search(
+        r"([\w.~/-]+)@(v[\w.+-]+): (?:reading|verifying) .*?(\d{3} [A-Za-z ]+)", stderr
+    )
     if refused:
         module, version, status = refused.groups()
         return (
             f"the Go module proxy does not serve {module}@{version} ({status.strip()}); "
             f"see {log_file}"
         )
-    missing = re.search(r"module (\S+): reading .*?(\d{3} [A-Za-z ]+)", stderr)
+    missing = re.search(r"module ([\w.~/-]+): reading .*?(\d{3} [A-Za-z ]+)", stderr)
     if missing:
         module, status = missing.groups()
         return f"the Go module proxy does not serve {module} ({status.strip()}); see {log_file}"

@@ -32,6 +32,9 @@ POD_RANGE = "10.244.0.1/16"  # kwok's pod IPs: names only, nothing is ever sent 
 NODES = ("kwok-node-0", "kwok-node-1")
 NODE_CAPACITY = {"cpu": "32", "memory": "256Gi", "pods": "110"}
 KWOK_NODE_ANNOTATION = ("kwok.x-k8s.io/node", "fake")
+# Pod annotations that kwok-stages.yaml reads: keep a pod Running; make a Job's pod exit 1.
+HOLD_ANNOTATION = "finetune-job.local/hold"
+FAIL_ANNOTATION = "finetune-job.local/fail"
 MPI_OPERATOR_HEALTH_PORT = 8080  # hard-coded in mpi-operator's server.go
 NAMESPACES = ("mpi-operator", "kueue-system")  # the operator's leader Lease; Kueue's own
 # Kueue's webhooks for the kinds this cluster uses (its manifests also list pods, Deployments,
@@ -245,7 +248,7 @@ def start_controllers(cluster: Cluster, bins: dict[str, Path]) -> None:
                 "--manage-nodes-with-annotation-selector=" + "=".join(KWOK_NODE_ANNOTATION),
                 # kwok v0.7.0 keeps node leases (and so Ready nodes) only with this set.
                 "--node-lease-duration-seconds=40",
-                f"--config={_kwok_stages()}",
+                f"--config={kwok_stages()}",
                 f"--cidr={POD_RANGE}",
                 "--node-ip=127.0.0.1",
                 f"--node-port={cluster.ports.kwok}",
@@ -515,7 +518,7 @@ def _leads(api: Any) -> bool:
     return bool(lease.spec.holder_identity)
 
 
-def _kwok_stages() -> Path:
+def kwok_stages() -> Path:
     return Path(str(resources.files("deploy.localcluster") / "kwok-stages.yaml"))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -10,9 +11,12 @@ from typing import Any
 import yaml
 from chart_tools import CHART
 
-# Annotations the cluster's kwok stages read (deploy/localcluster/kwok-stages.yaml).
-HOLD = "finetune-job.local/hold"
-FAIL = "finetune-job.local/fail"
+from deploy.localcluster import cluster
+
+# The pod annotations the cluster's kwok stages read: hold a pod Running; fail a Job's pod.
+HOLD = cluster.HOLD_ANNOTATION
+FAIL = cluster.FAIL_ANNOTATION
+
 # The chart's required values, for a run that kwok plays (nothing is read or written).
 TRAINING = {"data": "s3://datasets/flowers", "output": "s3://runs/flowers"}
 WAIT_SECONDS = 120.0
@@ -125,3 +129,29 @@ class Play:
         """Let the held pod's containers exit (kwok's pod-complete or pod-fail stage)."""
         patch = {"metadata": {"annotations": {HOLD: None}}}
         self.core.patch_namespaced_pod(pod, self.namespace, patch)
+
+
+def token_kubeconfig(api: Any, namespace: str, account: str, folder: Path) -> str:
+    """A kubeconfig with a token of the ServiceAccount (what its pod would be given)."""
+    from kubernetes import client as k8s
+
+    core: Any = k8s.CoreV1Api(api)
+    request = {"spec": {"audiences": [], "expirationSeconds": 3600}}
+    token = core.create_namespaced_service_account_token(account, namespace, request).status.token
+    ca = Path(api.configuration.ssl_ca_cert).read_bytes()
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "c", "cluster": {
+            "server": api.configuration.host,
+            "certificate-authority-data": base64.b64encode(ca).decode(),
+        }}],
+        "users": [{"name": "u", "user": {"token": token}}],
+        "contexts": [{"name": "c", "context": {
+            "cluster": "c", "user": "u", "namespace": namespace,
+        }}],
+        "current-context": "c",
+    }  # fmt: skip
+    path = folder / f"{account}-kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)

@@ -24,7 +24,7 @@ from cluster_tools import FAIL, HOLD, TRAINING, Play, eventually, write_values
 from deploy import constants as c
 from deploy import manifest
 from deploy.client import MPIJobClient
-from deploy.errors import JobStuckError
+from deploy.errors import AlreadyExistsError, JobStuckError, NotFoundError
 from job.exitcodes import ExitCode
 
 FINETUNE_JOB = str(Path(sys.executable).parent / "finetune-job")
@@ -223,3 +223,56 @@ def test_the_python_client_submits_waits_and_reads_the_log(
     assert state.succeeded
     assert seen.count("Succeeded") <= 1
     client.delete(run.name)
+
+
+@pytest.fixture
+def held(kubeconfig: str, namespace: str, helm: Any, release: Any) -> tuple[MPIJobClient, Any]:
+    """A client, and a submitted run of the installed release whose launcher is held."""
+    values = yaml.safe_load(release().read_text())
+    text = helm("template", manifest.CHART, str(CHART), "-n", namespace, values=values)
+    run = manifest.build_run(manifest.parse(text, "helm template"), namespace=namespace)
+    client = MPIJobClient(namespace, kubeconfig=kubeconfig, request_timeout=10)
+    client.submit(run.job, run.config_map)
+    return client, run
+
+
+def test_a_second_submit_of_a_run_is_refused_as_already_existing(
+    held: tuple[MPIJobClient, Any], namespace: str
+) -> None:
+    client, run = held
+    with pytest.raises(AlreadyExistsError, match=f"{namespace}/{run.name} already exists") as info:
+        client.submit(run.job, run.config_map)
+    assert info.value.exit_code == ExitCode.BAD_INPUT
+    assert info.value.__cause__ is not None and info.value.__cause__.status == 409
+
+
+@pytest.mark.parametrize("call", ["status", "wait", "logs", "delete"])
+def test_an_unknown_run_is_not_found(client: MPIJobClient, namespace: str, call: str) -> None:
+    args = {"wait": (5.0,)}.get(call, ())
+    with pytest.raises(NotFoundError, match=f"{namespace}/nope"):
+        getattr(client, call)("nope", *args)
+
+
+def test_a_run_deleted_while_waiting_ends_the_wait(
+    held: tuple[MPIJobClient, Any], play: Play, namespace: str
+) -> None:
+    import threading
+
+    client, run = held
+    play.launcher(run.name)
+    failure: list[BaseException] = []
+    watching = threading.Event()
+
+    def wait() -> None:
+        try:
+            client.wait(run.name, timeout=120, on_change=lambda s: watching.set())
+        except NotFoundError as e:
+            failure.append(e)
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    assert watching.wait(120), "the wait never saw the run"
+    client.delete(run.name)
+    waiter.join(150)
+    assert not waiter.is_alive()
+    assert [str(e) for e in failure] == [f"MPIJob {namespace}/{run.name} was deleted while waiting"]

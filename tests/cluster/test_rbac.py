@@ -8,12 +8,17 @@ no API access at all.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster_tools import TRAINING, Helm, install
+from cluster_tools import TRAINING, Helm, install, token_kubeconfig, write_values
 
 from deploy import constants as c
+from job.exitcodes import ExitCode
 
 Rule = tuple[str, str, str, str]  # verb, API group, resource, subresource
 SUBMIT_NEEDS: list[Rule] = [
@@ -115,3 +120,30 @@ def test_the_training_pods_account_has_no_api_access(api: Any, helm: Helm, names
         pod = replica["template"]["spec"]
         assert pod["serviceAccountName"] == job
         assert pod["automountServiceAccountToken"] is False  # no token in the pods at all
+
+
+def test_an_identity_without_rights_gets_one_line_naming_the_verb_and_exit_2(
+    api: Any, helm: Helm, namespace: str, helm_binary: Path, tmp_path: Path
+) -> None:
+    """`finetune-job` as the training pods' ServiceAccount (a real token, real RBAC)."""
+    values = {"training": TRAINING, "runOnInstall": False}
+    _, job = accounts(install(helm, "nr", namespace, values=values))
+    kubeconfig = token_kubeconfig(api, namespace, job, tmp_path)
+    values_file = write_values(tmp_path / "values.yaml", values)
+    cli = [str(Path(sys.executable).parent / "finetune-job")]
+    where = ["--kubeconfig", kubeconfig, "-n", namespace]
+    env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
+
+    submit = [*cli, "submit", "-f", str(values_file), "--helm", str(helm_binary), *where]
+    done = subprocess.run(submit, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == ExitCode.BAD_INPUT
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"finetune-job: error: permission denied: cannot create {c.PLURAL}.")
+    assert f'User "system:serviceaccount:{namespace}:{job}" cannot create' in last
+
+    status = subprocess.run(
+        [*cli, "status", "any", *where], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert status.returncode == ExitCode.BAD_INPUT
+    assert "permission denied: cannot get" in status.stderr
+    assert "Traceback" not in done.stderr + status.stderr

@@ -10,7 +10,6 @@ environment and files the chart gives it.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import subprocess
@@ -20,9 +19,8 @@ from typing import Any
 
 import boto3
 import pytest
-import yaml
 from chart_tools import mounted_files, rendered_env
-from cluster_tools import HOLD, Helm, Play, eventually, install
+from cluster_tools import HOLD, Helm, Play, eventually, install, token_kubeconfig
 
 from deploy import constants as c
 
@@ -98,7 +96,7 @@ def test_the_cronjob_starts_submit_which_runs_gates_and_promotes(
     for mount, local in mounted_files(maps, pod, tmp_path / "mounts").items():
         command = [arg.replace(mount, local) for arg in command]
     env = rendered_env(container, {"s3-keys": S3_KEYS})
-    env["KUBECONFIG"] = _token_kubeconfig(api, core, namespace, pod["serviceAccountName"], tmp_path)
+    env["KUBECONFIG"] = token_kubeconfig(api, namespace, pod["serviceAccountName"], tmp_path)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + "/usr/bin:/bin"
     env["HOME"] = str(tmp_path)  # no ~/.aws or ~/.kube of the machine running the test
     submit = subprocess.Popen(
@@ -145,26 +143,3 @@ def _scheduled_run(api: Any, namespace: str, schedule: str, submit: subprocess.P
 
     (name,) = eventually("the run the scheduled submit created", runs)
     return name
-
-
-def _token_kubeconfig(api: Any, core: Any, namespace: str, account: str, folder: Path) -> str:
-    """A kubeconfig with a token of the ServiceAccount (what its pod would be given)."""
-    request = {"spec": {"audiences": [], "expirationSeconds": 3600}}
-    token = core.create_namespaced_service_account_token(account, namespace, request).status.token
-    ca = Path(api.configuration.ssl_ca_cert).read_bytes()
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "c", "cluster": {
-            "server": api.configuration.host,
-            "certificate-authority-data": base64.b64encode(ca).decode(),
-        }}],
-        "users": [{"name": "u", "user": {"token": token}}],
-        "contexts": [{"name": "c", "context": {
-            "cluster": "c", "user": "u", "namespace": namespace,
-        }}],
-        "current-context": "c",
-    }  # fmt: skip
-    path = folder / "submit-kubeconfig"
-    path.write_text(yaml.safe_dump(config))
-    return str(path)

@@ -1,8 +1,19 @@
 """A FAKE Kubernetes API server for tests: just the endpoints ``deploy.client`` uses.
 
-No kube-apiserver can run on the test machines, so ``deploy.client`` is tested against this
-stand-in over real HTTP, through the real ``kubernetes`` client library. It is not a
-Kubernetes implementation; it serves only:
+The client runs against the real kube-apiserver, controllers and MPI Operator in
+tests/cluster (a run's life, RBAC, watches across restarts and 410 Gone, the CronJob, Kueue).
+What stays here is what that cluster cannot produce, because its nodes are kwok's and run no
+containers and it has no Kubeflow Trainer:
+
+- pod states only a kubelet reports: image pulls that back off, a missing Secret or volume
+  (CreateContainerConfigError, FailedMount), a launcher container that restarts, with the
+  log of its previous instance, and a log that grows while it is followed;
+- TrainJobs going through Trainer's conditions with JobSet's pods (no Trainer or JobSet
+  controller in the local cluster);
+- a permission taken away for one verb in the middle of a run (``forbid``), and a pods
+  watch that expires (410) while pods are in trouble.
+
+It is not a Kubernetes implementation; it serves only:
 
 - ``/apis/kubeflow.org/v2beta1/namespaces/{ns}/mpijobs[/{name}]``: create (201/409), get,
   list (``labelSelector``, ``fieldSelector=metadata.name=``), watch (``?watch=true``: chunked
@@ -26,8 +37,8 @@ ServiceAccount is missing, FailedMount on a pod whose Secret is missing).
 
 Knobs for failure cases: ``forbid(verb, resource)`` answers 403 like RBAC does;
 ``expire_next_watches(n)`` answers the next ``n`` watches with an ERROR event 410 Gone and
-compacts history (a resume from an older resourceVersion gets 410 too, forcing a relist);
-``max_watch_seconds`` closes watches early (a watch "expiring"). Job lifecycles are scripted
+compacts history (a resume from an older resourceVersion gets 410 too, forcing a relist).
+Job lifecycles are scripted
 with ``script(...)`` steps that run on create, e.g. ``[(0.1, running("log line")),
 (0.2, succeeded())]``.
 """
@@ -47,6 +58,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 TOKEN = "fake-token"
+WATCH_CAP_SECONDS = 30.0  # a watch ends after this long at most; the client resumes it
 MPIJOBS = "mpijobs"
 TRAINJOBS = "trainjobs"
 JOBS = (MPIJOBS, TRAINJOBS)  # the run kinds
@@ -143,7 +155,6 @@ class FakeApiServer:
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self.rv = 100
         self.compacted = 0
-        self.max_watch_seconds = 30.0
         self.expire_watches = 0
         self.expire_resource = MPIJOBS
         self.forbidden: set[tuple[str, str]] = set()
@@ -446,7 +457,7 @@ class FakeApiServer:
     def _watch(
         self, req: BaseHTTPRequestHandler, resource: str, ns: str, query: dict[str, str]
     ) -> None:
-        timeout = min(float(query.get("timeoutSeconds") or 1e9), self.max_watch_seconds)
+        timeout = min(float(query.get("timeoutSeconds") or 1e9), WATCH_CAP_SECONDS)
         deadline = time.monotonic() + timeout
         since = int(query.get("resourceVersion") or 0)
         req.send_response(200)

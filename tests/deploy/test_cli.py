@@ -13,7 +13,6 @@ from fake_apiserver import (
     launcher_pod,
     running,
     succeeded,
-    unschedulable,
     waiting,
     warning,
 )
@@ -100,30 +99,6 @@ def test_submit_without_wait_prints_the_name(api, submit_args, capsys):
     assert run(*submit_args) == 0
     name = capsys.readouterr().out.strip()
     assert ("mpijobs", "team-a", name) in api.objects
-
-
-def test_submit_wait_success_gates_saves_logs_and_moves_latest(api, submit_args, tmp_path, capsys):
-    api.script([(0.05, running("training...\n")), (0.1, write_summary(0.93)), (0.15, succeeded())])
-    code = run(
-        *submit_args,
-        "--wait",
-        "--timeout",
-        "5",
-        "--min-accuracy",
-        "0.9",
-        "--not-worse",
-        "--delete-after",
-    )
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    assert json.loads(out) == {"val_top1": 0.93}
-    latest = json.loads((tmp_path / "flowers" / "latest").read_text())
-    assert latest["val_top1"] == 0.93 and latest["model"].endswith("/model.params")
-    assert (tmp_path / "flowers" / "runs" / latest["run"] / "launcher.log").read_text() == (
-        "training...\n"
-    )
-    assert "latest -> " in err
-    assert not api.objects  # --delete-after, once the logs were saved
 
 
 def test_next_run_starts_from_latest_and_a_worse_one_is_rejected(
@@ -253,33 +228,6 @@ def rendered_objects(config_yaml: str) -> list[dict]:
     return [mpijob, config_map]
 
 
-def test_rbac_denied_exits_2(api, submit_args, capsys):
-    api.forbid("create", "mpijobs")
-    assert run(*submit_args) == ExitCode.BAD_INPUT
-    assert "permission denied: cannot create mpijobs.kubeflow.org" in capsys.readouterr().err
-
-
-def test_status_logs_delete(api, kubeconfig_path, submit_args, capsys):
-    api.script([(0.0, running("hello\n")), (0.05, failed("boom"))])
-    run(*submit_args)
-    name = capsys.readouterr().out.strip()
-    cluster = ["--kubeconfig", kubeconfig_path]
-    import time
-
-    time.sleep(0.2)
-    assert run("status", name, *cluster) == ExitCode.FAILED  # the job failed
-    assert f"team-a/{name} Failed (BackoffLimitExceeded: boom)" in capsys.readouterr().out
-    assert run("status", name, "-o", "json", *cluster) == ExitCode.FAILED
-    assert json.loads(capsys.readouterr().out)["phase"] == "Failed"
-    assert run("logs", name, *cluster) == 0
-    assert capsys.readouterr().out == "hello\n"
-    assert run("list", *cluster) == 0
-    assert name in capsys.readouterr().out
-    assert run("delete", name, *cluster) == 0
-    assert run("status", name, *cluster) == ExitCode.BAD_INPUT
-    assert f"mpijobs.kubeflow.org team-a/{name} not found" in capsys.readouterr().err
-
-
 # ---- runs that cannot start --------------------------------------------------------------------
 SA_MISSING = 'Error creating: pods "x" is forbidden: serviceaccount "finetune-job" not found'
 
@@ -304,13 +252,10 @@ SA_MISSING = 'Error creating: pods "x" is forbidden: serviceaccount "finetune-jo
             ["--start-timeout", "0.5"],
             f"-launcher: FailedCreate for over 0.5 s: {SA_MISSING}",
         ),
-        (
-            [(0.05, unschedulable("0/2 nodes are available: 2 Insufficient cpu."))],
-            ["--unschedulable-timeout", "0.5"],
-            "-worker-0: Unschedulable for over 0.5 s: 0/2 nodes are available: 2 Insufficient cpu.",
-        ),
     ],
-    ids=["image-pull", "missing-secret", "missing-service-account", "unschedulable"],
+    # Unschedulable, and a ServiceAccount missing for the workers, run on the real scheduler
+    # and operator in tests/cluster/test_lifecycle.py.
+    ids=["image-pull", "missing-secret", "missing-launcher-service-account"],
 )
 def test_submit_wait_fails_in_one_line_when_a_pod_cannot_start(
     api, submit_args, capsys, steps, flags, expected

@@ -8,7 +8,6 @@ import pytest
 from chart_runs import new_run
 from fake_apiserver import (
     created,
-    failed,
     launcher_pod,
     running,
     started,
@@ -21,7 +20,6 @@ from fake_apiserver import (
 from deploy import constants as c
 from deploy.client import MPIJobClient
 from deploy.errors import (
-    AlreadyExistsError,
     BadInputError,
     JobFailedError,
     JobStuckError,
@@ -30,7 +28,6 @@ from deploy.errors import (
     PermissionDeniedError,
 )
 from deploy.status import StuckBounds
-from job.exitcodes import ExitCode
 
 NS = "team-a"
 
@@ -45,140 +42,11 @@ def test_bad_kubeconfig_is_bad_input(tmp_path):
         MPIJobClient(kubeconfig=str(tmp_path / "kc"))
 
 
-def test_submit_wait_success_logs_and_delete(api, client):
-    api.script([(0.05, created()), (0.1, running("epoch 1 val_top1 0.9\n")), (0.2, succeeded())])
-    run = new_run()
-    client.submit(run.job, run.config_map)
-    seen = []
-    state = client.wait(run.name, timeout=5, on_change=lambda s: seen.append(s.phase))
-    assert state.succeeded and state.output == run.output
-    assert seen[-1] == c.SUCCEEDED and c.RUNNING in seen
-    assert list(client.logs(run.name)) == ["epoch 1 val_top1 0.9"]
-    # The ConfigMap is owned by the MPIJob: deleting the job collects it.
-    cm = api.objects[("configmaps", NS, f"{run.name}-training")]
-    (owner,) = cm["metadata"]["ownerReferences"]
-    assert owner["kind"] == "MPIJob" and owner["name"] == run.name and owner["controller"]
-    client.delete(run.name)
-    assert not api.objects
-    # Waiting is watch-based: no polling GETs of the job.
-    assert not [p for m, p, _ in api.requests if m == "GET" and p.endswith(run.name)]
-
-
-def test_failure_raises_with_reason(api, client):
-    api.script([(0.05, running("Traceback ...\n")), (0.1, failed("launcher exited with 1"))])
-    run = new_run()
-    client.submit(run.job, run.config_map)
-    with pytest.raises(
-        JobFailedError,
-        match=f"MPIJob {NS}/{run.name} Failed "
-        r"\(BackoffLimitExceeded: launcher exited with 1\)",
-    ):
-        client.wait(run.name, timeout=5)
-    assert client.status(run.name).failed
-    assert list(client.logs(run.name)) == ["Traceback ..."]
-
-
-def test_timeout_names_the_job_and_leaves_it_running(api, client):
-    api.script([(0.05, running())])
-    run = new_run()
-    client.submit(run.job, run.config_map)
-    start = time.monotonic()
-    with pytest.raises(
-        JobTimeoutError, match=f"MPIJob {NS}/{run.name} did not finish within 0.6 s"
-    ):
-        client.wait(run.name, timeout=0.6)
-    assert time.monotonic() - start < 60  # gave up (bounded); not a timing assertion
-    assert client.status(run.name).phase == c.RUNNING
-
-
-def test_watch_that_the_server_closes_is_resumed_from_the_last_version(api, client):
-    api.max_watch_seconds = 0.15  # every watch "expires" quickly
-    api.script([(0.05, running()), (0.6, succeeded())])
-    run = new_run()
-    client.submit(run.job, run.config_map)
-    assert client.wait(run.name, timeout=5).succeeded
-    watches = api.watch_requests()
-    assert len(watches) >= 2  # at least one watch expired and was resumed
-    versions = [int(w["resourceVersion"]) for w in watches]
-    assert versions == sorted(versions) and all(w["resourceVersion"] for w in watches)
-
-
-def test_watch_410_gone_relists_and_resumes(api, client):
-    api.script([(0.05, running()), (0.3, succeeded())])
-    api.expire_next_watches(1)
-    run = new_run()
-    client.submit(run.job, run.config_map)
-    assert client.wait(run.name, timeout=5).succeeded
-    lists = [
-        q
-        for m, p, q in api.requests
-        if m == "GET" and p.endswith("/mpijobs") and q.get("watch") != "true"
-    ]
-    assert len(lists) >= 2  # the first list, and the relist after 410 Gone
-    assert len(api.watch_requests()) >= 2
-
-
-def test_deleted_while_waiting(api, client):
-    api.script([(0.05, running()), (0.15, lambda a, ns, name: a._delete_for_test(ns, name))])
-    api._delete_for_test = lambda ns, name: api.put(  # noqa: SLF001 - a test-only hook
-        "mpijobs", ns, dict(api.objects[("mpijobs", ns, name)]), "DELETED"
-    )
-    run = new_run()
-    client.submit(run.job, run.config_map)
-    with pytest.raises(NotFoundError, match=f"MPIJob {NS}/{run.name} was deleted while waiting"):
-        client.wait(run.name, timeout=5)
-
-
-def test_already_exists(api, client):
-    run = new_run()
-    client.submit(run.job, run.config_map)
-    with pytest.raises(
-        AlreadyExistsError, match=f"mpijobs.kubeflow.org {NS}/{run.name} already exists"
-    ) as info:
-        client.submit(run.job, run.config_map)
-    assert info.value.exit_code == ExitCode.BAD_INPUT
-    assert info.value.__cause__ is not None and info.value.__cause__.status == 409
-
-
-@pytest.mark.parametrize("call", ["status", "wait", "logs", "delete"])
-def test_not_found(client, call):
-    args = {"wait": (1.0,)}.get(call, ())
-    with pytest.raises(NotFoundError, match=f"{NS}/nope"):
-        getattr(client, call)("nope", *args)
-
-
 def test_logs_of_a_job_without_launcher(api, client):
     run = new_run()
     client.submit(run.job, run.config_map)
     with pytest.raises(NotFoundError, match=f"MPIJob {NS}/{run.name} has no launcher pod"):
         client.logs(run.name)
-
-
-@pytest.mark.parametrize(
-    ("verb", "resource", "call"),
-    [
-        ("create", "mpijobs", "submit"),
-        ("watch", "mpijobs", "wait"),
-        ("get", "pods/log", "logs"),
-    ],
-    ids=["create", "watch", "logs"],
-)
-def test_rbac_denied_is_a_clear_message(api, client, verb, resource, call):
-    api.script([(0.0, running("x\n"))])
-    run = new_run()
-    if call != "submit":
-        client.submit(run.job, run.config_map)
-        time.sleep(0.1)
-    api.forbid(verb, resource)
-    args = {"submit": (run.job, run.config_map), "wait": (run.name, 2.0), "logs": (run.name,)}[call]
-    with pytest.raises(
-        PermissionDeniedError,
-        match=f"permission denied: cannot {verb} .*{NS}"
-        f".*HTTP 403.*grant this identity '{verb}'"
-        ".*cannot .* in the namespace",
-    ) as info:
-        getattr(client, call)(*args)
-    assert info.value.__cause__.status == 403
 
 
 def test_config_map_denied_rolls_the_job_back(api, client):
