@@ -30,7 +30,7 @@ CPU_BUILDER ?= debian:bookworm
 CPU_ARGS    := --build-arg BASE_IMAGE=$(CPU_BASE) --build-arg BUILDER_IMAGE=$(CPU_BUILDER) \
                --build-arg MXNET_PACKAGE=mxnet==1.9.1 --build-arg HOROVOD_GPU_OPERATIONS=
 
-.PHONY: help install apt demo test test-fast lint schema bench image image-test chart-docs examples chart-package clean cluster cluster-down
+.PHONY: help install apt demo test test-fast lint schema bench image image-test chart-docs examples chart-package clean cluster cluster-build cluster-down
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -80,6 +80,7 @@ test: install  ## the whole test suite (slow tests included)
 	$(MAKE) --no-print-directory apt EXTRA_APT="$(TEST_APT_PACKAGES)"
 	$(BIN)/python -m pytest $(FAST_TESTS)
 	$(BIN)/python -m pytest -m "slow and not cluster"
+	$(MAKE) --no-print-directory cluster-build
 	$(BIN)/python -m pytest -m cluster
 
 test-fast: install  ## the test suite without tests marked slow
@@ -122,6 +123,9 @@ chart-package: install  ## check the chart README is current, then `helm package
 # The local cluster: built once from Go modules into ~/.cache/finetune-job/k8s-<key>/ (versions in
 # deploy/localcluster/components.py), state (pids, logs, kubeconfig) in .cluster/.
 CLUSTER_STATE ?= .cluster
+cluster-build: install  ## build the local cluster's programs from their Go modules (once; cached by version)
+	$(BIN)/python -m deploy.localcluster build
+
 cluster: install  ## start the local cluster: kube-apiserver, etcd, controllers, MPI Operator, Kueue, 2 kwok nodes
 	$(BIN)/python -m deploy.localcluster up --state $(CLUSTER_STATE)
 
