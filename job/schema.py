@@ -125,11 +125,20 @@ def _allowed(name: str) -> str:
 
 def render_readme(text: str) -> str:
     """The README with the table between its markers generated afresh."""
-    head, start, rest = text.partition(TABLE_START)
-    _, end, tail = rest.partition(TABLE_END)
-    if not start or not end:
-        raise SystemExit(f"{README_PATH}: no {TABLE_START} ... {TABLE_END} markers")
-    return f"{head}{TABLE_START}\n{config_table()}\n{TABLE_END}{tail}"
+    try:
+        return between_markers(text, TABLE_START, TABLE_END, config_table())
+    except ValueError as e:
+        raise SystemExit(f"{README_PATH}: {e}") from e
+
+
+def between_markers(text: str, start: str, end: str, body: str) -> str:
+    """``text`` with what stands between the lines ``start`` and ``end`` replaced by ``body``
+    (a generated part of a hand-written document)."""
+    head, found_start, rest = text.partition(start)
+    _, found_end, tail = rest.partition(end)
+    if not found_start or not found_end:
+        raise ValueError(f"no {start} ... {end} markers")
+    return f"{head}{start}\n{body}\n{end}{tail}"
 
 
 def main(argv: list[str] | None = None) -> int:

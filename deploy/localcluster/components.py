@@ -14,6 +14,8 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 
+from job.schema import between_markers
+
 # The minimum Go release that builds every module below (their go.mod files say go 1.25).
 GO_MINIMUM = (1, 25)
 
@@ -112,8 +114,4 @@ def versions_table() -> str:
 
 def render_readme(text: str) -> str:
     """``text`` (the README) with the versions table between its markers made afresh."""
-    head, start, rest = text.partition(README_START)
-    _, end, tail = rest.partition(README_END)
-    if not start or not end:
-        raise ValueError(f"no {README_START} ... {README_END} markers")
-    return f"{head}{README_START}\n{versions_table()}\n{README_END}{tail}"
+    return between_markers(text, README_START, README_END, versions_table())
