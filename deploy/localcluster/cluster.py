@@ -11,11 +11,11 @@ cluster returns it as it is. The admin kubeconfig is ``<state>/kubeconfig``.
 
 from __future__ import annotations
 
-import base64
+import functools
 import json
 import shutil
 import socket
-import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -23,23 +23,16 @@ from typing import Any
 
 import yaml
 
-from deploy.localcluster import build, components, pki, processes
+from deploy.localcluster import build, objects, pki, processes
 from deploy.localcluster.processes import ClusterError, Proc, http_ok, wait_until
 
 START_TIMEOUT_SECONDS = 120.0
 SERVICE_RANGE = "10.0.0.0/24"
 POD_RANGE = "10.244.0.1/16"  # kwok's pod IPs: names only, nothing is ever sent to them
-NODES = ("kwok-node-0", "kwok-node-1")
-NODE_CAPACITY = {"cpu": "32", "memory": "256Gi", "pods": "110"}
-KWOK_NODE_ANNOTATION = ("kwok.x-k8s.io/node", "fake")
 # Pod annotations that kwok-stages.yaml reads: keep a pod Running; make a Job's pod exit 1.
 HOLD_ANNOTATION = "finetune-job.local/hold"
 FAIL_ANNOTATION = "finetune-job.local/fail"
 MPI_OPERATOR_HEALTH_PORT = 8080  # hard-coded in mpi-operator's server.go
-NAMESPACES = ("mpi-operator", "kueue-system")  # the operator's leader Lease; Kueue's own
-# Kueue's webhooks for the kinds this cluster uses (its manifests also list pods, Deployments,
-# ... for frameworks that are off here; registering those would put every pod behind Kueue).
-KUEUE_WEBHOOK_KINDS = {"mpijobs", "workloads", "clusterqueues", "resourceflavors", "cohorts"}
 # A hard-coded path in Kueue: it reads a metrics certificate there whenever it does not make
 # its own certificates, even with metrics off.
 KUEUE_METRICS_CERTS = Path("/etc/kueue/metrics/certs")
@@ -122,11 +115,11 @@ def up(state: Path, bins: dict[str, Path] | None = None) -> Cluster:
     cluster = Cluster(state.resolve(), Ports.free())
     (state / "cluster.json").write_text(json.dumps({"ports": asdict(cluster.ports)}, indent=2))
     keys = pki.make(cluster.state / "pki")
-    _write_kubeconfig(cluster, keys)
+    objects.write_kubeconfig(cluster.kubeconfig, cluster.server, keys)
     try:
         start_etcd(cluster, bins)
         start_apiserver(cluster, bins)
-        install_api(cluster)
+        objects.install(objects.api_client(cluster.kubeconfig), START_TIMEOUT_SECONDS)
         start_controllers(cluster, bins)
     except BaseException:
         down(state)
@@ -245,7 +238,7 @@ def start_controllers(cluster: Cluster, bins: dict[str, Path]) -> None:
             [
                 bins["kwok"],
                 kubeconfig,
-                "--manage-nodes-with-annotation-selector=" + "=".join(KWOK_NODE_ANNOTATION),
+                "--manage-nodes-with-annotation-selector=" + "=".join(objects.KWOK_NODE),
                 # kwok v0.7.0 keeps node leases (and so Ready nodes) only with this set.
                 "--node-lease-duration-seconds=40",
                 f"--config={kwok_stages()}",
@@ -272,12 +265,15 @@ def start_controllers(cluster: Cluster, bins: dict[str, Path]) -> None:
         wait_until(
             started[name], f"healthy {url}", http_ok(url, verify=False), START_TIMEOUT_SECONDS
         )
-    api = _api(cluster)
-    wait_until(started["kwok"], "Ready nodes", lambda: _nodes_ready(api), START_TIMEOUT_SECONDS)
-    wait_until(
-        started["mpi-operator"], "its leader Lease", lambda: _leads(api), START_TIMEOUT_SECONDS
+    api = objects.api_client(cluster.kubeconfig)
+    checks: tuple[tuple[str, str, Callable[[Any], bool]], ...] = (
+        ("kwok", "Ready nodes", objects.nodes_ready),
+        ("mpi-operator", "its leader Lease", objects.leads),
     )
-    _register_kueue_webhooks(cluster, api)
+    for name, what, check in checks:
+        wait_until(started[name], what, functools.partial(check, api), START_TIMEOUT_SECONDS)
+    ca = cluster.pki.ca.read_bytes()
+    objects.register_kueue_webhooks(api, cluster.ports.kueue_webhook, ca)
 
 
 def _start_mpi_operator(cluster: Cluster, bins: dict[str, Path]) -> Proc:
@@ -339,183 +335,6 @@ def _start_kueue(cluster: Cluster, bins: dict[str, Path]) -> Proc:
         f"--kubeconfig={cluster.kubeconfig}",
     ]
     return processes.start(cluster.state, "kueue", argv, restart=True)
-
-
-def install_api(cluster: Cluster) -> None:
-    """The CRDs the controllers serve, their namespaces and the fake nodes."""
-    from kubernetes import client as k8s
-
-    api = _api(cluster)
-    ext = k8s.ApiextensionsV1Api(api)
-    crds = upstream_crds()
-    for crd in crds:
-        _create(lambda body=crd: ext.create_custom_resource_definition(body))
-    core: Any = k8s.CoreV1Api(api)
-    for ns in NAMESPACES:
-        _create(lambda ns=ns: core.create_namespace({"metadata": {"name": ns}}))
-    for node in NODES:
-        _create(lambda node=node: core.create_node(_node(node)))
-    names = {crd["metadata"]["name"] for crd in crds}
-    deadline = time.monotonic() + START_TIMEOUT_SECONDS
-    while not names <= _established(ext):
-        if time.monotonic() > deadline:
-            missing = sorted(names - _established(ext))
-            raise ClusterError(
-                f"CRDs not established within {START_TIMEOUT_SECONDS:.0f} s: {missing}"
-            )
-        time.sleep(0.2)
-
-
-def upstream_crds() -> list[dict[str, Any]]:
-    """The CRDs of ``components.CRD_FILES``, read from the downloaded modules."""
-    docs = []
-    for module, version, pattern in components.CRD_FILES:
-        folder = build.module_dir(module, version)
-        for path in sorted(_expand(folder, pattern)):
-            docs += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
-    return docs
-
-
-def _expand(folder: Path, pattern: str) -> list[Path]:
-    """``glob`` with one ``{a,b}`` alternation, which Path.glob lacks."""
-    if "{" not in pattern:
-        return list(folder.glob(pattern))
-    head, rest = pattern.split("{", 1)
-    choices, tail = rest.split("}", 1)
-    return [p for choice in choices.split(",") for p in folder.glob(head + choice + tail)]
-
-
-def kueue_webhooks(port: int, ca_bundle: bytes) -> list[dict[str, Any]]:
-    """Kueue's own webhook configurations, pointed at 127.0.0.1 instead of its Service."""
-    manifests = (
-        build.module_dir("sigs.k8s.io/kueue", components.KUEUE)
-        / "config/components/webhook/manifests.yaml"
-    )
-    configs = []
-    for doc in yaml.safe_load_all(manifests.read_text()):
-        if not doc:
-            continue
-        hooks = []
-        for hook in doc["webhooks"]:
-            if not {r for rule in hook["rules"] for r in rule["resources"]} & KUEUE_WEBHOOK_KINDS:
-                continue
-            path = hook["clientConfig"]["service"]["path"]
-            hook["clientConfig"] = {
-                "url": f"https://127.0.0.1:{port}{path}",
-                "caBundle": base64.b64encode(ca_bundle).decode(),
-            }
-            hooks.append(hook)
-        doc["metadata"] = {"name": "kueue-" + doc["metadata"]["name"]}
-        doc["webhooks"] = hooks
-        configs.append(doc)
-    return configs
-
-
-def _register_kueue_webhooks(cluster: Cluster, api: Any) -> None:
-    from kubernetes import client as k8s
-
-    reg = k8s.AdmissionregistrationV1Api(api)
-    for doc in kueue_webhooks(cluster.ports.kueue_webhook, cluster.pki.ca.read_bytes()):
-        create = (
-            reg.create_mutating_webhook_configuration
-            if doc["kind"] == "MutatingWebhookConfiguration"
-            else reg.create_validating_webhook_configuration
-        )
-        _create(lambda create=create, doc=doc: create(doc))
-
-
-def _write_kubeconfig(cluster: Cluster, keys: pki.Pki) -> None:
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [
-            {
-                "name": "finetune-job-local",
-                "cluster": {
-                    "server": cluster.server,
-                    "certificate-authority-data": base64.b64encode(keys.ca.read_bytes()).decode(),
-                },
-            }
-        ],
-        "users": [{"name": "admin", "user": {"token": keys.token}}],
-        "contexts": [
-            {
-                "name": "finetune-job-local",
-                "context": {"cluster": "finetune-job-local", "user": "admin"},
-            }
-        ],
-        "current-context": "finetune-job-local",
-    }
-    cluster.kubeconfig.write_text(yaml.safe_dump(config))
-    cluster.kubeconfig.chmod(0o600)
-
-
-def _node(name: str) -> dict[str, Any]:
-    key, value = KWOK_NODE_ANNOTATION
-    return {
-        "apiVersion": "v1",
-        "kind": "Node",
-        "metadata": {
-            "name": name,
-            "annotations": {key: value, "node.alpha.kubernetes.io/ttl": "0"},
-            "labels": {
-                "kubernetes.io/hostname": name,
-                "kubernetes.io/os": "linux",
-                "kubernetes.io/arch": "amd64",
-                "type": "kwok",
-            },
-        },
-        "status": {"allocatable": NODE_CAPACITY, "capacity": NODE_CAPACITY},
-    }
-
-
-def _api(cluster: Cluster) -> Any:
-    from kubernetes import config as k8s_config
-
-    return k8s_config.new_client_from_config(config_file=str(cluster.kubeconfig))
-
-
-def _create(call: Any) -> None:
-    from kubernetes.client.exceptions import ApiException
-
-    try:
-        call()
-    except ApiException as e:
-        if e.status != 409:
-            raise ClusterError(f"creating an object failed: {e.status} {e.reason}: {e.body}") from e
-
-
-def _established(ext: Any) -> set[str]:
-    return {
-        crd.metadata.name
-        for crd in ext.list_custom_resource_definition().items
-        if any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or [])
-    }
-
-
-def _nodes_ready(api: Any) -> bool:
-    from kubernetes import client as k8s
-
-    core: Any = k8s.CoreV1Api(api)
-    nodes = core.list_node().items
-    ready = {
-        n.metadata.name
-        for n in nodes
-        if any(c.type == "Ready" and c.status == "True" for c in n.status.conditions or [])
-    }
-    return set(NODES) <= ready
-
-
-def _leads(api: Any) -> bool:
-    from kubernetes import client as k8s
-    from kubernetes.client.exceptions import ApiException
-
-    try:
-        coordination: Any = k8s.CoordinationV1Api(api)
-        lease = coordination.read_namespaced_lease("mpi-operator", "mpi-operator")
-    except ApiException:
-        return False  # not written yet
-    return bool(lease.spec.holder_identity)
 
 
 def kwok_stages() -> Path:
