@@ -64,9 +64,9 @@ def configure(fmt: str = "text", stream: IO[str] | None = None, level: int = log
     (and so ``log_format``) is known; the second call replaces the first handler.
     """
     root = logging.getLogger()
-    for handler in [h for h in root.handlers if getattr(h, "_finetune_job", False)]:
-        root.removeHandler(handler)
-    handler = logging.StreamHandler(stream or sys.stderr)
+    for old in [h for h in root.handlers if getattr(h, "_finetune_job", False)]:
+        root.removeHandler(old)
+    handler: logging.Handler = logging.StreamHandler(stream) if stream else _StderrHandler()
     handler.setFormatter(formatter(fmt))
     handler.addFilter(_strip_warning_newline)
     handler._finetune_job = True  # type: ignore[attr-defined]
@@ -78,6 +78,20 @@ def configure(fmt: str = "text", stream: IO[str] | None = None, level: int = log
     logging.captureWarnings(True)
     logging.getLogger("botocore").setLevel(logging.WARNING)  # not its credential chatter
     logging.getLogger("smart_open").setLevel(logging.WARNING)  # not a line per upload part
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a line is logged, not to the stream it was
+    when the handler was made: a command run in-process (a test, a notebook) after another
+    one swapped stderr for its own would otherwise write to a closed stream."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> IO[str]:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: IO[str]) -> None:
+        pass  # always sys.stderr
 
 
 def _strip_warning_newline(record: logging.LogRecord) -> bool:

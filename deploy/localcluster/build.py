@@ -2,7 +2,7 @@
 
     python -m deploy.localcluster build        # what `make cluster` runs first
 
-The cache is ``~/.cache/finetune-job/k8s-<key>/`` (``FINETUNE_CLUSTER_CACHE`` moves its
+The cache is ``~/.cache/finetune-job/k8s-<key>/`` (``LOCAL_CLUSTER_CACHE`` moves its
 root), where ``<key>`` changes with every pinned version in ``components.py``. It holds a
 throwaway Go module (``src/``: a go.mod that requires every component, replace lines for the
 Kubernetes staging modules, and etcd's one-line main), the binaries (``bin/``) and the
@@ -47,7 +47,7 @@ class BuildError(RuntimeError):
 
 
 def cache_root() -> Path:
-    root = os.environ.get("FINETUNE_CLUSTER_CACHE")
+    root = os.environ.get("LOCAL_CLUSTER_CACHE")
     return Path(root) if root else Path.home() / ".cache" / "finetune-job"
 
 

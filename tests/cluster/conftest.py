@@ -37,7 +37,10 @@ def local_cluster() -> Iterator[localcluster.Cluster]:
     started = localcluster.up(STATE)
     yield started
     if ours:
+        pids = [started.proc(name).pid() for name in localcluster.PROCESSES]
         localcluster.down(STATE)
+        left = [pid for pid in pids if pid and Path(f"/proc/{pid}").exists()]
+        assert not left, f"processes left running after down: {left}"
 
 
 @pytest.hookimpl(wrapper=True)

@@ -80,7 +80,7 @@ def run_build(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 
 def test_without_go_the_build_says_so_in_one_line(tmp_path):
-    env = dict(os.environ, PATH="/usr/bin:/bin", FINETUNE_CLUSTER_CACHE=str(tmp_path))
+    env = dict(os.environ, PATH="/usr/bin:/bin", LOCAL_CLUSTER_CACHE=str(tmp_path))
     done = run_build(env)
     assert done.returncode == ExitCode.FAILED
     assert done.stderr.strip().splitlines() == [
@@ -110,7 +110,7 @@ def refusing_proxy() -> Iterator[str]:
 def test_a_module_the_proxy_refuses_is_named_in_one_line(tmp_path, refusing_proxy):
     env = dict(
         os.environ,
-        FINETUNE_CLUSTER_CACHE=str(tmp_path / "cache"),
+        LOCAL_CLUSTER_CACHE=str(tmp_path / "cache"),
         GOMODCACHE=str(tmp_path / "mod"),
         GOPROXY=refusing_proxy,
         GOSUMDB="off",

@@ -98,3 +98,22 @@ def test_a_failing_train_with_json_logs_prints_only_json(launch_env, tmp_path):
     objects = [json.loads(line) for line in proc.stderr.splitlines()]
     assert objects[-1]["level"] == "ERROR" and objects[-1]["event"] == "error"
     assert str(tmp_path / "none") in objects[-1]["message"]
+
+
+def test_the_handler_follows_stderr_when_it_is_swapped(monkeypatch):
+    """A second in-process command (a test, a notebook cell) swaps stderr: lines go to the
+    new one, never to the closed stream of the first."""
+    import io
+    import logging
+    import sys
+
+    from job import logs
+
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    logs.configure("text")
+    first.close()
+    monkeypatch.setattr(sys, "stderr", second)
+    logging.getLogger("finetune_job.test").warning("after the swap")
+    assert "after the swap" in second.getvalue()
+    assert "Logging error" not in second.getvalue()
