@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator
 
 import pytest
 
@@ -67,6 +68,17 @@ def tiny_dataset(shape_images: str, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(autouse=True)
 def _quiet_werkzeug() -> None:
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was() -> Iterator[None]:
+    """A command run in-process (``job.cli.main``) sets up logging for the whole process;
+    the next test must not inherit its handlers."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 S3_TEST_ENV = {
