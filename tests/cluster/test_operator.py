@@ -96,7 +96,10 @@ def test_the_operator_makes_what_the_emulation_assumes(
     held_run: dict[str, Any], api: Any, namespace: str
 ) -> None:
     job = held_run["metadata"]["name"]
-    workers = eventually(f"{WORKERS} Running workers", lambda: _pods(api, namespace, "worker"))
+    workers = eventually(
+        f"{WORKERS} Running workers",
+        lambda: (pods := _pods(api, namespace, "worker")) and len(pods) == WORKERS and pods,
+    )
     launchers = eventually("a Running launcher", lambda: _pods(api, namespace, "launcher"))
     expected_workers, expected_launcher = controller_pods(held_run)
 

@@ -62,7 +62,8 @@ def test_the_cronjob_starts_submit_which_runs_gates_and_promotes(
         "schedule": "* * * * *",
         "runOnInstall": False,
         "s3": {"existingSecret": "s3-keys", "endpoint": s3_server, "region": "us-east-1"},
-        "cronJob": {"extraArgs": ["--timeout", "180", "--not-worse"]},
+        # Suspended until its submit pods are held (below), so no tick comes before that.
+        "cronJob": {"extraArgs": ["--timeout", "180", "--not-worse"], "suspend": True},
     }
     made = install(helm, "sch", namespace, values=values)
     cronjob = next(d for d in made if d["kind"] == "CronJob")["metadata"]["name"]
@@ -72,6 +73,7 @@ def test_the_cronjob_starts_submit_which_runs_gates_and_promotes(
     batch.patch_namespaced_cron_job(
         cronjob, namespace, {"spec": {"jobTemplate": {"spec": {"template": template}}}}
     )
+    batch.patch_namespaced_cron_job(cronjob, namespace, {"spec": {"suspend": False}})
 
     def jobs() -> list[Any]:
         return list(batch.list_namespaced_job(namespace).items)
