@@ -116,8 +116,9 @@ class Feed:
             try:
                 if not rv:
                     rv = self._list(source, list_fn, args, selectors)
-                connected, lost = True, []
+                    connected, lost = True, []
                 rv = self._watch_once(source, list_fn, args, selectors, rv)
+                lost = []  # the server answered: a later outage gets its own allowance
             except ApiException as e:
                 if e.status == 410:
                     log.info("watch of %s expired (410 Gone); relisting", source)

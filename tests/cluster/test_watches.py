@@ -149,3 +149,24 @@ def _watch_status(api: Any, namespace: str, version: str) -> int:
         if event.get("type") == "ERROR":
             return int(event["object"]["code"])
     return 200
+
+
+def test_a_server_away_longer_than_the_allowance_ends_the_wait_in_one_line(
+    held_run: tuple[MPIJobClient, str, Play],
+    local_cluster: localcluster.Cluster,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from deploy import watches
+    from deploy.errors import ApiError
+
+    monkeypatch.setattr(watches, "RECONNECT_SECONDS", 3.0)
+    client, name, _ = held_run
+    waiter, _ = _started(client, name)
+    processes.stop(local_cluster.proc("kube-apiserver"))
+    try:
+        waiter.join(60)
+        assert not waiter.is_alive(), "the wait kept trying past its reconnect allowance"
+    finally:
+        localcluster.start_apiserver(local_cluster, _bins())
+    assert isinstance(waiter.result, ApiError)
+    assert f"cannot reach the API server at {local_cluster.server}" in str(waiter.result)
