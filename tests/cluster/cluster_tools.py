@@ -155,3 +155,25 @@ def token_kubeconfig(api: Any, namespace: str, account: str, folder: Path) -> st
     path = folder / f"{account}-kubeconfig"
     path.write_text(yaml.safe_dump(config))
     return str(path)
+
+
+def install_release(helm: Helm, namespace: str, values_file: Path) -> None:
+    """`helm install` of the chart without a run (its ServiceAccount, ...), as `submit` needs,
+    under the release name `submit` renders by default."""
+    from deploy import manifest
+
+    helm("install", manifest.CHART, str(CHART), "-n", namespace, "-f", str(values_file),
+         "--set", "runOnInstall=false")  # fmt: skip
+
+
+def submit_run(helm: Helm, namespace: str, kubeconfig: str, values: Mapping[str, Any]) -> Any:
+    """(client, run): a run of the installed release as Helm renders it, submitted through
+    the Python client."""
+    from deploy import manifest
+    from deploy.client import MPIJobClient
+
+    text = helm("template", manifest.CHART, str(CHART), "-n", namespace, values=values)
+    run = manifest.build_run(manifest.parse(text, "helm template"), namespace=namespace)
+    client = MPIJobClient(namespace, kubeconfig=kubeconfig, request_timeout=10)
+    client.submit(run.job, run.config_map)
+    return client, run

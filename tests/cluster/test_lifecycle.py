@@ -18,11 +18,18 @@ from typing import Any
 
 import pytest
 import yaml
-from chart_tools import CHART
-from cluster_tools import FAIL, HOLD, TRAINING, Play, eventually, write_values
+from cluster_tools import (
+    FAIL,
+    HOLD,
+    TRAINING,
+    Play,
+    eventually,
+    install_release,
+    submit_run,
+    write_values,
+)
 
 from deploy import constants as c
-from deploy import manifest
 from deploy.client import MPIJobClient
 from deploy.errors import AlreadyExistsError, JobStuckError, NotFoundError
 from job.exitcodes import ExitCode
@@ -77,8 +84,7 @@ def release(helm: Any, namespace: str, tmp_path: Path) -> Any:
 
     def install(**extra: Any) -> Path:
         values = values_file(tmp_path, **extra)
-        helm("install", manifest.CHART, str(CHART), "-n", namespace, "-f", str(values),
-             "--set", "runOnInstall=false")  # fmt: skip
+        install_release(helm, namespace, values)
         return values
 
     return install
@@ -208,11 +214,7 @@ def test_a_missing_service_account_fails_early_naming_it(cli: Any, release: Any)
 def test_the_python_client_submits_waits_and_reads_the_log(
     kubeconfig: str, namespace: str, helm: Any, release: Any, play: Play
 ) -> None:
-    values = yaml.safe_load(release().read_text())
-    text = helm("template", manifest.CHART, str(CHART), "-n", namespace, values=values)
-    run = manifest.build_run(manifest.parse(text, "helm template py"), namespace=namespace)
-    client = MPIJobClient(namespace, kubeconfig=kubeconfig, request_timeout=10)
-    client.submit(run.job, run.config_map)
+    client, run = submit_run(helm, namespace, kubeconfig, yaml.safe_load(release().read_text()))
     launcher = play.launcher(run.name)
     play.log(launcher, ["epoch=1", "epoch=2"])
     lines = list(client.logs(run.name))
@@ -229,11 +231,7 @@ def test_the_python_client_submits_waits_and_reads_the_log(
 def held(kubeconfig: str, namespace: str, helm: Any, release: Any) -> tuple[MPIJobClient, Any]:
     """A client, and a submitted run of the installed release whose launcher is held."""
     values = yaml.safe_load(release().read_text())
-    text = helm("template", manifest.CHART, str(CHART), "-n", namespace, values=values)
-    run = manifest.build_run(manifest.parse(text, "helm template"), namespace=namespace)
-    client = MPIJobClient(namespace, kubeconfig=kubeconfig, request_timeout=10)
-    client.submit(run.job, run.config_map)
-    return client, run
+    return submit_run(helm, namespace, kubeconfig, values)
 
 
 def test_a_second_submit_of_a_run_is_refused_as_already_existing(

@@ -16,11 +16,17 @@ from typing import Any
 
 import pytest
 import yaml
-from chart_tools import CHART
-from cluster_tools import HOLD, TRAINING, Play, eventually, write_values
+from cluster_tools import (
+    HOLD,
+    TRAINING,
+    Play,
+    eventually,
+    install_release,
+    submit_run,
+    write_values,
+)
 
 from deploy import constants as c
-from deploy import manifest
 from deploy.client import MPIJobClient
 from deploy.localcluster import cluster as localcluster
 from deploy.localcluster import processes
@@ -56,13 +62,8 @@ def held_run(
         "workers": {"replicas": 1, "resources": {"requests": {"cpu": "1", "memory": "1Gi"}}},
         "podAnnotations": {HOLD: "true"},
     }
-    path = write_values(tmp_path / "values.yaml", values)
-    helm("install", manifest.CHART, str(CHART), "-n", namespace, "-f", str(path),
-         "--set", "runOnInstall=false")  # fmt: skip
-    text = helm("template", manifest.CHART, str(CHART), "-n", namespace, values=values)
-    run = manifest.build_run(manifest.parse(text, "helm template"), namespace=namespace)
-    client = MPIJobClient(namespace, kubeconfig=kubeconfig, request_timeout=10)
-    client.submit(run.job, run.config_map)
+    install_release(helm, namespace, write_values(tmp_path / "values.yaml", values))
+    client, run = submit_run(helm, namespace, kubeconfig, values)
     return client, run.name, Play(client.api_client, namespace, tmp_path)
 
 
