@@ -39,7 +39,7 @@ def local_cluster() -> Iterator[localcluster.Cluster]:
     if ours:
         pids = [started.proc(name).pid() for name in localcluster.PROCESSES]
         localcluster.down(STATE)
-        left = [pid for pid in pids if pid and Path(f"/proc/{pid}").exists()]
+        left = [pid for pid in pids if pid and _running(pid)]
         assert not left, f"processes left running after down: {left}"
 
 
@@ -105,3 +105,13 @@ def helm(helm_binary: Path, kubeconfig: str, tmp_path: Path) -> Helm:
         return done.stdout
 
     return run
+
+
+def _running(pid: int) -> bool:
+    """The process exists and has not exited (an exited one its parent has not yet
+    collected is a zombie: it runs nothing and holds no port)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
