@@ -16,7 +16,9 @@ HOROVOD_DIR := $(WHEEL_CACHE)/horovod-$(HOROVOD)-$(HOROVOD_KEY)
 APT_PACKAGES := build-essential cmake openmpi-bin libopenmpi-dev
 # chromium: headless screenshots of report.html in the tests.
 # docker-registry: a local OCI registry the chart package test pushes to and pulls from.
-TEST_APT_PACKAGES := prometheus prometheus-pushgateway chromium docker-registry
+# containerd, runc, containernetworking-plugins: the local cluster's real node (tests/cluster).
+TEST_APT_PACKAGES := prometheus prometheus-pushgateway chromium docker-registry \
+                     containerd runc containernetworking-plugins
 
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
@@ -126,8 +128,13 @@ CLUSTER_STATE ?= .cluster
 cluster-build: install  ## build the local cluster's programs from their Go modules (once; cached by version)
 	$(BIN)/python -m deploy.localcluster build
 
-cluster: install  ## start the local cluster: kube-apiserver, etcd, controllers, MPI Operator, Kueue, 2 kwok nodes
-	$(BIN)/python -m deploy.localcluster up --state $(CLUSTER_STATE)
+# NODE=real adds a node that runs pods: a kubelet with Debian's containerd, runc and CNI plugins.
+NODE ?= kwok
+NODE_APT_PACKAGES := containerd runc containernetworking-plugins
+
+cluster: install  ## start the local cluster: kube-apiserver, etcd, controllers, MPI Operator, Kueue, 2 kwok nodes; NODE=real: and a kubelet node
+	$(if $(filter real,$(NODE)),$(MAKE) --no-print-directory apt EXTRA_APT="$(NODE_APT_PACKAGES)")
+	$(BIN)/python -m deploy.localcluster up --state $(CLUSTER_STATE) $(if $(filter real,$(NODE)),--real-node)
 
 cluster-down:  ## stop every process of the local cluster and remove .cluster/
 	$(BIN)/python -m deploy.localcluster down --state $(CLUSTER_STATE)

@@ -6,12 +6,16 @@ The training loop gets one backend object: ``Horovod`` (``init()``) under a laun
 
 from __future__ import annotations
 
+import logging
+import socket
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
 import mxnet as mx
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -135,4 +139,6 @@ def init() -> Horovod:
     import horovod.mxnet as hvd
 
     hvd.init()  # Horovod: start the controller (MPI or Gloo)
+    # Every rank says where it runs: under an operator, which pod holds which rank.
+    log.info("rank %d of %d on %s", hvd.rank(), hvd.size(), socket.gethostname())
     return Horovod(hvd.rank(), hvd.local_rank(), hvd.size(), hvd.local_size())

@@ -36,6 +36,25 @@ import (
 
 func main() { etcdmain.Main(os.Args) }
 """
+COREDNS_MAIN = """\
+package main
+
+import (
+	"github.com/coredns/coredns/coremain"
+{plugins}
+)
+
+func main() {{ coremain.Run() }}
+"""
+# The mains build.py writes, for the components whose module cannot give one (package "").
+WRITTEN_MAINS = {
+    "etcd": ETCD_MAIN,
+    "coredns": COREDNS_MAIN.format(
+        plugins="\n".join(f'\t_ "github.com/coredns/coredns/plugin/{p}"' for p in c.COREDNS_PLUGINS)
+    ),
+}
+# The pod sandbox's pause program, in the k8s.io/kubernetes module (built with gcc).
+PAUSE_SOURCE = "build/pause/linux/pause.c"
 # What `/version` reports: without these the binaries say v0.0.0 and Helm's kubeVersion fails.
 VERSION_PACKAGE = "k8s.io/component-base/version"
 # Downloads and compiles of a cold cache take ~15 min on 2 cores; a stuck proxy must not hang.
@@ -58,7 +77,7 @@ def cache_dir() -> Path:
 def binaries(folder: Path | None = None) -> dict[str, Path]:
     """Every component's binary, by name."""
     bin_dir = (folder or cache_dir()) / "bin"
-    return {comp.name: bin_dir / comp.name for comp in c.COMPONENTS}
+    return {comp.name: bin_dir / comp.name for comp in c.COMPONENTS} | {"pause": bin_dir / "pause"}
 
 
 def is_built(folder: Path | None = None) -> bool:
@@ -78,8 +97,9 @@ def build(folder: Path | None = None) -> dict[str, Path]:
         return binaries(folder)
     check_go()
     src = folder / "src"
-    (src / "cmd" / "etcd").mkdir(parents=True, exist_ok=True)
-    (src / "cmd" / "etcd" / "main.go").write_text(ETCD_MAIN)
+    for name, main in WRITTEN_MAINS.items():
+        (src / "cmd" / name).mkdir(parents=True, exist_ok=True)
+        (src / "cmd" / name / "main.go").write_text(main)
     started = time.monotonic()
     log.info("building the local cluster (%s) into %s", _summary(), folder)
     (src / "go.mod").write_text(go_mod(staging_modules(src)))
@@ -88,8 +108,10 @@ def build(folder: Path | None = None) -> dict[str, Path]:
     _go(["get", "-tool", *[f"{p.package}@{p.version}" for p in shared if p.package]], src)
     _go(["mod", "tidy"], src)
     bin_dir = folder / "bin"
+    written = [f"./cmd/{name}" for name in WRITTEN_MAINS]
     _go(
-        ["build", "-trimpath", "-ldflags", ldflags(), "-o", f"{bin_dir}/", "tool", "./cmd/etcd"],
+        ["build", "-trimpath", "-tags", c.BUILD_TAGS, "-ldflags", ldflags(), "-o", f"{bin_dir}/"]
+        + ["tool", *written],
         src,
     )
     for comp in c.COMPONENTS:
@@ -102,9 +124,28 @@ def build(folder: Path | None = None) -> dict[str, Path]:
                 f"{comp.package}@{comp.version}",
             ]
             _go(install, src, GOBIN=str(bin_dir), GOFLAGS="-buildvcs=false")
+    build_pause(src, bin_dir / "pause")
     (folder / "bin" / ".built").write_text(_summary() + "\n")
     log.info("built in %.0f s", time.monotonic() - started)
     return binaries(folder)
+
+
+def build_pause(src: Path, out: Path) -> None:
+    """The pod sandbox's process, compiled from the pause.c of k8s.io/kubernetes (static)."""
+    source = module_dir("k8s.io/kubernetes", c.KUBERNETES, src.parent) / PAUSE_SOURCE
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        raise BuildError("gcc is not on PATH: the real node's pause program is built from C")
+    version = f"-DVERSION={c.KUBERNETES}-finetune-job"
+    done = subprocess.run(
+        [gcc, "-Os", "-static", version, "-o", str(out), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise BuildError(f"gcc could not build {source}: {last}")
 
 
 def staging_modules(src: Path) -> list[str]:

@@ -1,8 +1,11 @@
-"""Start and stop the local cluster: real Kubernetes control plane, real operators, kwok nodes.
+"""Start and stop the local cluster: real Kubernetes control plane, real operators, kwok nodes,
+and on request a real node (node.py).
 
     up(state)    etcd → kube-apiserver → CRDs, namespaces, nodes → controller manager,
                  scheduler, kwok, MPI Operator, Kueue (its webhooks registered at 127.0.0.1)
-    down(state)  every process by its pid file, then the state folder
+                 [→ the real node: containerd, CoreDNS, kubelet]
+    down(state)  the real node's pods and processes, every process by its pid file, then the
+                 state folder
 
 Everything listens on 127.0.0.1, on free ports chosen at start (``cluster.json`` keeps them),
 except the MPI Operator's health check, which is fixed at :8080 upstream. ``up`` on a running
@@ -23,12 +26,11 @@ from typing import Any
 
 import yaml
 
-from deploy.localcluster import build, objects, pki, processes
+from deploy.localcluster import build, node, objects, pki, processes
+from deploy.localcluster.addresses import KWOK_POD_RANGE, SERVICE_RANGE
 from deploy.localcluster.processes import ClusterError, Proc, http_ok, wait_until
 
 START_TIMEOUT_SECONDS = 120.0
-SERVICE_RANGE = "10.0.0.0/24"
-POD_RANGE = "10.244.0.1/16"  # kwok's pod IPs: names only, nothing is ever sent to them
 # Pod annotations that kwok-stages.yaml reads: keep a pod Running; make a Job's pod exit 1.
 HOLD_ANNOTATION = "finetune-job.local/hold"
 FAIL_ANNOTATION = "finetune-job.local/fail"
@@ -57,6 +59,9 @@ class Ports:
     kwok: int
     kueue_webhook: int
     kueue_health: int
+    kubelet: int
+    kubelet_healthz: int
+    coredns_ready: int
 
     @classmethod
     def free(cls) -> Ports:
@@ -69,6 +74,7 @@ class Cluster:
 
     state: Path
     ports: Ports
+    real_node: bool = False
 
     @property
     def kubeconfig(self) -> Path:
@@ -89,11 +95,15 @@ class Cluster:
     def proc(self, name: str) -> Proc:
         return Proc(name, self.state)
 
+    @property
+    def processes(self) -> tuple[str, ...]:
+        return PROCESSES + (node.PROCESSES if self.real_node else ())
+
     def logs(self) -> dict[str, Path]:
-        return {name: self.proc(name).log_file for name in PROCESSES}
+        return {name: self.proc(name).log_file for name in self.processes}
 
     def running(self) -> list[str]:
-        return [name for name in PROCESSES if self.proc(name).alive()]
+        return [name for name in self.processes if self.proc(name).alive()]
 
 
 def load(state: Path) -> Cluster | None:
@@ -101,19 +111,28 @@ def load(state: Path) -> Cluster | None:
         saved = json.loads((state / "cluster.json").read_text())
     except (OSError, ValueError):
         return None
-    return Cluster(state, Ports(**saved["ports"]))
+    try:
+        return Cluster(state, Ports(**saved["ports"]), saved.get("real_node", False))
+    except TypeError:  # written by another release of this module
+        return None
 
 
-def up(state: Path, bins: dict[str, Path] | None = None) -> Cluster:
-    """Start the cluster in ``state`` (reuse it if every process still runs)."""
+def up(state: Path, bins: dict[str, Path] | None = None, real_node: bool = False) -> Cluster:
+    """Start the cluster in ``state`` (reuse it if every process still runs), with a real node
+    when asked for (a running cluster without one is started afresh)."""
     running = load(state)
-    if running is not None and running.running() == list(PROCESSES):
+    if (
+        running is not None
+        and running.real_node >= real_node
+        and running.running() == list(running.processes)
+    ):
         return running
     down(state)
     bins = bins or build.build()
     state.mkdir(parents=True, exist_ok=True)
-    cluster = Cluster(state.resolve(), Ports.free())
-    (state / "cluster.json").write_text(json.dumps({"ports": asdict(cluster.ports)}, indent=2))
+    cluster = Cluster(state.resolve(), Ports.free(), real_node)
+    saved = {"ports": asdict(cluster.ports), "real_node": real_node}
+    (state / "cluster.json").write_text(json.dumps(saved, indent=2))
     keys = pki.make(cluster.state / "pki")
     objects.write_kubeconfig(cluster.kubeconfig, cluster.server, keys)
     try:
@@ -121,6 +140,8 @@ def up(state: Path, bins: dict[str, Path] | None = None) -> Cluster:
         start_apiserver(cluster, bins)
         objects.install(objects.api_client(cluster.kubeconfig), START_TIMEOUT_SECONDS)
         start_controllers(cluster, bins)
+        if real_node:
+            node.start(cluster, bins)
     except BaseException:
         down(state)
         raise
@@ -129,7 +150,9 @@ def up(state: Path, bins: dict[str, Path] | None = None) -> Cluster:
 
 def down(state: Path) -> list[str]:
     """Stop every process of the cluster in ``state``, remove the folder, name what ran."""
-    stopped = []
+    stopped = [name for name in reversed(node.PROCESSES) if Proc(name, state).alive()]
+    if stopped or (state / "node").exists():
+        node.stop(state)
     for name in reversed(PROCESSES):
         proc = Proc(name, state)
         if proc.alive():
@@ -172,7 +195,7 @@ def apiserver_argv(cluster: Cluster, bins: dict[str, Path]) -> list[str | Path]:
         f"--token-auth-file={keys.token_file}",
         f"--service-cluster-ip-range={SERVICE_RANGE}",
         "--allow-privileged=true",
-        "--authorization-mode=RBAC",
+        "--authorization-mode=Node,RBAC",  # Node: the real node's kubelet
         "--enable-admission-plugins=NamespaceLifecycle,ServiceAccount,DefaultStorageClass",
         "--endpoint-reconciler-type=none",  # 127.0.0.1 may not be an Endpoints address
         "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
@@ -242,7 +265,7 @@ def start_controllers(cluster: Cluster, bins: dict[str, Path]) -> None:
                 # kwok v0.7.0 keeps node leases (and so Ready nodes) only with this set.
                 "--node-lease-duration-seconds=40",
                 f"--config={kwok_stages()}",
-                f"--cidr={POD_RANGE}",
+                f"--cidr={KWOK_POD_RANGE}",
                 "--node-ip=127.0.0.1",
                 f"--node-port={cluster.ports.kwok}",
                 f"--server-address=127.0.0.1:{cluster.ports.kwok}",

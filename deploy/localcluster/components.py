@@ -26,6 +26,15 @@ KUEUE = "v0.17.0"
 # kwok uses client-go APIs that 0.35 removed, so it is built on its own, with the libraries
 # its go.mod pins (Kubernetes 0.33); it talks to the API server over HTTP like any client.
 KWOK = "v0.7.0"
+# Cluster DNS for the real node's pods. Its own go.mod asks for Kubernetes 0.35.4, as above.
+COREDNS = "v1.14.7"
+# The plugins linked into it: what the node's Corefile (node.py) uses.
+COREDNS_PLUGINS = ("bind", "cache", "errors", "kubernetes", "ready")
+# The Prometheus that scrapes the real node's pods through kubernetes_sd_configs (Debian's
+# 2.42 is built without that discovery). Release 3.9.1; built with only that discovery
+# (BUILD_TAGS), since its main links every cloud's otherwise.
+PROMETHEUS = "v0.309.1"
+BUILD_TAGS = "remove_all_sd,enable_kubernetes_sd"
 # Only the CRDs of these (no controller runs): the chart's PodMonitor and PrometheusRule.
 PROMETHEUS_OPERATOR = "v0.85.0"
 
@@ -58,9 +67,13 @@ COMPONENTS = (
     Component(
         "kube-scheduler", "k8s.io/kubernetes", KUBERNETES, "k8s.io/kubernetes/cmd/kube-scheduler"
     ),
+    Component("kubelet", "k8s.io/kubernetes", KUBERNETES, "k8s.io/kubernetes/cmd/kubelet"),
     # etcd's server module has replace lines of its own, so its cmd cannot be a dependency's
     # main package: build.py writes the one-line main (etcdmain.Main) into the throwaway module.
     Component("etcd", "go.etcd.io/etcd/server/v3", ETCD, ""),
+    # CoreDNS's own main links some 50 plugins (cloud DNS providers among them); build.py
+    # writes a main that links the few the cluster's Corefile uses.
+    Component("coredns", "github.com/coredns/coredns", COREDNS, ""),
     Component(
         "mpi-operator",
         "github.com/kubeflow/mpi-operator",
@@ -68,6 +81,12 @@ COMPONENTS = (
         "github.com/kubeflow/mpi-operator/cmd/mpi-operator",
     ),
     Component("kueue", "sigs.k8s.io/kueue", KUEUE, "sigs.k8s.io/kueue/cmd/kueue"),
+    Component(
+        "prometheus",
+        "github.com/prometheus/prometheus",
+        PROMETHEUS,
+        "github.com/prometheus/prometheus/cmd/prometheus",
+    ),
     Component("kwok", "sigs.k8s.io/kwok", KWOK, "sigs.k8s.io/kwok/cmd/kwok", standalone=True),
 )
 
@@ -92,7 +111,8 @@ def staging_version(kubernetes: str = KUBERNETES) -> str:
 
 def cache_key() -> str:
     """12 hex digits that change with any pinned version (the cache folder's name)."""
-    table = json.dumps([asdict(c) for c in COMPONENTS], sort_keys=True)
+    pins = [[asdict(c) for c in COMPONENTS], COREDNS_PLUGINS, BUILD_TAGS]
+    table = json.dumps(pins, sort_keys=True)
     return hashlib.sha256(table.encode()).hexdigest()[:12]
 
 

@@ -105,7 +105,7 @@ def register_kueue_webhooks(api: Any, port: int, ca_bundle: bytes) -> None:
         _create(lambda create=create, doc=doc: create(doc))
 
 
-def write_kubeconfig(path: Path, server: str, keys: pki.Pki) -> None:
+def write_kubeconfig(path: Path, server: str, keys: pki.Pki, token: str | None = None) -> None:
     config = {
         "apiVersion": "v1",
         "kind": "Config",
@@ -118,7 +118,7 @@ def write_kubeconfig(path: Path, server: str, keys: pki.Pki) -> None:
                 },
             }
         ],
-        "users": [{"name": "admin", "user": {"token": keys.token}}],
+        "users": [{"name": "admin", "user": {"token": token or keys.token}}],
         "contexts": [
             {
                 "name": "finetune-job-local",

@@ -1,9 +1,10 @@
 """Keys and certificates of the local cluster, made at its first start.
 
-One CA signs a serving certificate for 127.0.0.1 (the API server, Kueue's webhooks and the
-kwok node's kubelet endpoint all serve it) and an admin client certificate (the API server
-shows it to the kubelets). The service-account key pair signs ServiceAccount tokens. The
-admin's bearer token is in the kubeconfig and the API server's token file.
+One CA signs a serving certificate for 127.0.0.1 and the real node's address (the API server,
+Kueue's webhooks and the kubelets of the kwok nodes and of the real node all serve it) and an
+admin client certificate (the API server shows it to the kubelets). The service-account key
+pair signs ServiceAccount tokens. The bearer tokens of the admin and of the real node's kubelet
+are in the API server's token file and in their kubeconfigs.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-# The in-cluster names of the API server (the `kubernetes` Service, first address of the range).
-SERVICE_IP = "10.0.0.1"
+from deploy.localcluster.addresses import NODE_IP, NODE_NAME, SERVICE_IP
+
 SERVING_NAMES = ("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc")
 VALID_FOR = dt.timedelta(days=365)
 
@@ -40,7 +41,15 @@ class Pki:
 
     @property
     def token(self) -> str:
-        return self.token_file.read_text().split(",", 1)[0]
+        return self._tokens()[0]
+
+    @property
+    def node_token(self) -> str:
+        """The real node's kubelet: system:node:<name> in system:nodes (the Node authorizer)."""
+        return self._tokens()[1]
+
+    def _tokens(self) -> list[str]:
+        return [line.split(",", 1)[0] for line in self.token_file.read_text().splitlines()]
 
 
 def make(folder: Path) -> Pki:
@@ -59,7 +68,7 @@ def make(folder: Path) -> Pki:
     )
     _write(pki.ca, ca.public_bytes(serialization.Encoding.PEM))
     sans = [x509.DNSName(n) for n in SERVING_NAMES] + [
-        x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", SERVICE_IP)
+        x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", SERVICE_IP, NODE_IP)
     ]
     _leaf(
         pki.serving_cert,
@@ -87,12 +96,12 @@ def make(folder: Path) -> Pki:
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     _write(pki.sa_pub, pub)
-    # token,user,uid,"group": the one admin of the API server's static token file.
-    _write(
-        pki.token_file,
-        f'{secrets.token_hex(24)},admin,admin,"system:masters"\n'.encode(),
-        private=True,
+    # token,user,uid,"group": the admin, then the real node's kubelet.
+    tokens = (
+        f'{secrets.token_hex(24)},admin,admin,"system:masters"\n'
+        f'{secrets.token_hex(24)},system:node:{NODE_NAME},{NODE_NAME},"system:nodes"\n'
     )
+    _write(pki.token_file, tokens.encode(), private=True)
     return pki
 
 

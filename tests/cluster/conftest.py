@@ -1,8 +1,9 @@
 """Fixtures of the tests against the local cluster (real kube-apiserver, controllers, operators).
 
-One cluster serves the whole session: the one `make cluster` left running in .cluster/, or a
-new one started there and stopped at the end. Each test works in a namespace of its own and
-deletes it. A failing test's report carries the tail of every component's log.
+One cluster serves the whole session, with its real node: the one `make cluster NODE=real`
+left running in .cluster/, or a new one started there and stopped at the end. Each test works
+in a namespace of its own and deletes it. A failing test's report carries the tail of every
+component's log.
 """
 
 from __future__ import annotations
@@ -33,11 +34,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def local_cluster() -> Iterator[localcluster.Cluster]:
     before = localcluster.load(STATE)
-    ours = before is None or before.running() != list(localcluster.PROCESSES)
-    started = localcluster.up(STATE)
+    ours = before is None or not before.real_node or before.running() != list(before.processes)
+    started = localcluster.up(STATE, real_node=True)
     yield started
     if ours:
-        pids = [started.proc(name).pid() for name in localcluster.PROCESSES]
+        pids = [started.proc(name).pid() for name in started.processes]
         localcluster.down(STATE)
         left = [pid for pid in pids if pid and _running(pid)]
         assert not left, f"processes left running after down: {left}"
@@ -48,7 +49,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = yield
     if report.failed and "local_cluster" in getattr(item, "fixturenames", ()):
         found = localcluster.load(STATE)
-        for name in localcluster.PROCESSES if found else ():
+        for name in found.processes if found else ():
             report.sections.append((f"{name} log (tail)", found.proc(name).tail(12)))
     return report
 
