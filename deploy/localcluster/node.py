@@ -80,7 +80,7 @@ def start(cluster: Cluster, bins: dict[str, Path]) -> None:
     _start_coredns(cluster, bins, paths)
     kubelet = _start_kubelet(cluster, bins, paths)
     api = objects.api_client(cluster.kubeconfig)
-    wait_until(kubelet, f"node {NODE_NAME} Ready", lambda: _node_ready(api), START_TIMEOUT_SECONDS)
+    wait_until(kubelet, f"node {NODE_NAME} Ready", lambda: node_ready(api), START_TIMEOUT_SECONDS)
 
 
 def _bridge_up() -> None:
@@ -161,30 +161,30 @@ def _cni(paths: Paths) -> dict[str, Any]:
     }
 
 
-def _start_coredns(cluster: Cluster, bins: dict[str, Path], paths: Paths) -> Proc:
-    ready = cluster.ports.coredns_ready
-    paths.coredns.mkdir(parents=True, exist_ok=True)
-    corefile = paths.coredns / "Corefile"
-    corefile.write_text(
-        # Only the cluster's zones: any other name is refused at once (pods reach nothing else).
-        f"""{CLUSTER_DOMAIN} in-addr.arpa ip6.arpa {{
+def corefile(kubeconfig: Path, ready_port: int) -> str:
+    """The cluster's zones only: any other name is refused at once (pods reach nothing else).
+    Every plugin it names is one that components.COREDNS_PLUGINS links in."""
+    return f"""{CLUSTER_DOMAIN} in-addr.arpa ip6.arpa {{
     bind {NODE_IP}
     errors
-    ready 127.0.0.1:{ready}
+    ready 127.0.0.1:{ready_port}
     kubernetes {CLUSTER_DOMAIN} in-addr.arpa ip6.arpa {{
-        kubeconfig {cluster.kubeconfig}
+        kubeconfig {kubeconfig}
         pods insecure
     }}
     cache 5
 }}
 """
-    )
-    proc = processes.start(
-        cluster.state, "coredns", [bins["coredns"], "-conf", corefile], restart=True
-    )
-    wait_until(
-        proc, "ready", processes.http_ok(f"http://127.0.0.1:{ready}/ready"), START_TIMEOUT_SECONDS
-    )
+
+
+def _start_coredns(cluster: Cluster, bins: dict[str, Path], paths: Paths) -> Proc:
+    ready = cluster.ports.coredns_ready
+    paths.coredns.mkdir(parents=True, exist_ok=True)
+    path = paths.coredns / "Corefile"
+    path.write_text(corefile(cluster.kubeconfig, ready))
+    proc = processes.start(cluster.state, "coredns", [bins["coredns"], "-conf", path], restart=True)
+    ready_url = f"http://127.0.0.1:{ready}/ready"
+    wait_until(proc, "ready", processes.http_ok(ready_url), START_TIMEOUT_SECONDS)
     return proc
 
 
@@ -248,7 +248,7 @@ def _start_kubelet(cluster: Cluster, bins: dict[str, Path], paths: Paths) -> Pro
     return processes.start(cluster.state, "kubelet", argv, restart=True)
 
 
-def _node_ready(api: Any) -> bool:
+def node_ready(api: Any) -> bool:
     from kubernetes import client as k8s
     from kubernetes.client.exceptions import ApiException
 
@@ -353,6 +353,17 @@ def stop(state: Path) -> None:
     _ip("link", "del", BRIDGE, check=False)
 
 
+def leftovers(state: Path) -> list[str]:
+    """What a stopped node would have left behind: pod processes, shims, mounts, the bridge."""
+    paths = Paths(state)
+    found = [f"pod process {pid}" for pid in _pod_processes()]
+    found += [f"containerd shim {pid}" for pid in _shims(paths)]
+    found += [f"mount {target}" for target in _mounts_under(paths.root)]
+    if _ip("link", "show", BRIDGE, check=False).returncode == 0:
+        found.append(f"bridge {BRIDGE}")
+    return found
+
+
 def _drain(kubeconfig: Path) -> None:
     from kubernetes import client as k8s
 
@@ -413,11 +424,14 @@ def _kill(pid: int) -> None:
 
 def _unmount_under(root: Path) -> None:
     """Every mount below ``root`` (rootfs overlays, shm, secrets), deepest first."""
+    for target in sorted(set(_mounts_under(root)), key=len, reverse=True):
+        subprocess.run(["umount", "-l", target], capture_output=True, timeout=60)
+
+
+def _mounts_under(root: Path) -> list[str]:
     prefix = str(root.resolve()) + "/"
     with open("/proc/self/mounts") as f:
-        targets = [line.split()[1] for line in f if line.split()[1].startswith(prefix)]
-    for target in sorted(set(targets), key=len, reverse=True):
-        subprocess.run(["umount", "-l", target], capture_output=True, timeout=60)
+        return [line.split()[1] for line in f if line.split()[1].startswith(prefix)]
 
 
 def _ctr(paths: Paths, *args: str, check: bool = True) -> subprocess.CompletedProcess:

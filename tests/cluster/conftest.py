@@ -20,6 +20,7 @@ from cluster_tools import Helm
 
 from deploy.client import MPIJobClient
 from deploy.localcluster import cluster as localcluster
+from deploy.localcluster import node
 
 STATE = REPO_ROOT / ".cluster"
 
@@ -42,6 +43,7 @@ def local_cluster() -> Iterator[localcluster.Cluster]:
         localcluster.down(STATE)
         left = [pid for pid in pids if pid and _running(pid)]
         assert not left, f"processes left running after down: {left}"
+        assert node.leftovers(STATE) == []
 
 
 @pytest.hookimpl(wrapper=True)

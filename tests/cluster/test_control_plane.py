@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from deploy.localcluster import cluster as localcluster
-from deploy.localcluster import components, objects
+from deploy.localcluster import components, node, objects
 
 
 def test_the_api_server_reports_the_pinned_release(api: Any) -> None:
@@ -20,6 +20,7 @@ def test_the_api_server_reports_the_pinned_release(api: Any) -> None:
 def test_every_component_runs_and_the_nodes_are_ready(
     api: Any, local_cluster: localcluster.Cluster
 ) -> None:
-    assert local_cluster.running() == list(localcluster.PROCESSES)
+    assert local_cluster.running() == [*localcluster.PROCESSES, *node.PROCESSES]
     assert objects.nodes_ready(api)
+    assert node.node_ready(api)  # the real node's kubelet reports Ready
     assert objects.leads(api)  # the MPI Operator holds its leader Lease

@@ -3,10 +3,15 @@ errors of a build that cannot happen, the kwok stages' annotations, the restart 
 
 from __future__ import annotations
 
+import hashlib
 import http.server
+import io
+import json
 import os
+import re
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from collections.abc import Iterator
@@ -15,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploy.localcluster import build, cluster, components, processes
+from deploy.localcluster import build, cluster, components, node, processes
 from job.exitcodes import ExitCode
 
 
@@ -172,3 +177,40 @@ def test_the_readme_lists_the_pinned_versions():
         "README.md's versions table is stale: run `python -m deploy.localcluster readme`"
     )
     assert f"| kube-apiserver | `k8s.io/kubernetes` | {components.KUBERNETES} |" in readme
+
+
+def test_the_coredns_main_links_only_the_corefiles_plugins():
+    main = build.WRITTEN_MAINS["coredns"]
+    linked = re.findall(r'"github.com/coredns/coredns/plugin/(\w+)"', main)
+    assert tuple(linked) == components.COREDNS_PLUGINS
+    text = node.corefile(Path("/kubeconfig"), 8181)
+    # a server block's first-level lines are its plugins (the kubernetes block's own are not)
+    used = {line.split()[0] for line in text.splitlines() if re.match(r"^    \w", line)}
+    assert used == set(components.COREDNS_PLUGINS)
+
+
+def test_the_pause_image_is_one_layer_with_the_pause_program(tmp_path):
+    program = tmp_path / "pause"
+    program.write_bytes(b"\x7fELF pause")
+    archive = node._pause_archive(program, tmp_path)
+    with tarfile.open(archive) as tar:
+        (manifest,) = json.loads(tar.extractfile("manifest.json").read())
+        config = json.loads(tar.extractfile(manifest["Config"]).read())
+        layer = tar.extractfile(manifest["Layers"][0]).read()
+    assert manifest["RepoTags"] == [node.PAUSE_IMAGE]
+    assert config["config"]["Entrypoint"] == ["/pause"]
+    assert config["rootfs"]["diff_ids"] == ["sha256:" + hashlib.sha256(layer).hexdigest()]
+    with tarfile.open(fileobj=io.BytesIO(layer)) as tar:
+        member = tar.getmember("pause")
+        assert member.mode == 0o755 and tar.extractfile(member).read() == b"\x7fELF pause"
+
+
+def test_a_node_without_containerd_fails_in_one_line_naming_the_packages(monkeypatch, tmp_path):
+    monkeypatch.setattr(node.shutil, "which", lambda tool: None)
+    monkeypatch.setattr(node, "CNI_BIN", str(tmp_path / "no-cni"))
+    with pytest.raises(processes.ClusterError) as e:
+        node.start(cluster.Cluster(tmp_path, cluster.Ports.free(), True), {})
+    assert str(e.value) == (
+        "the real node needs Debian's containerd containernetworking-plugins runc: "
+        "apt-get install containerd containernetworking-plugins runc"
+    )

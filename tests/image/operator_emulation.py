@@ -1,33 +1,18 @@
-"""The MPI Operator's pod layout, emulated with podman, from a `helm template` MPIJob.
+"""Kubeflow Trainer v2's MPI layout, emulated with podman, from a `helm template` TrainJob.
 
-What the operator's v2beta1 controller creates (kubeflow/mpi-operator v0.8,
-pkg/controller/mpi_job_controller.go, read with the search tool) is reproduced here:
+No Trainer controller runs here: Trainer v2 needs JobSet, whose module versions the Go module
+proxy does not list, so the local cluster cannot build it. The MPI Operator's layout needs no
+emulation: the local cluster's real node runs the real operator's pods
+(tests/cluster/test_real_node.py).
 
-- a ConfigMap `<job>-config` with `hostfile` (one `<job>-worker-<i>.<job>.<ns>.svc slots=<N>`
-  line per worker; newConfigMap) and `discover_hosts.sh` (`echo <pod>.<job>.<ns>.svc` per
-  running worker; updateDiscoverHostsInConfigMap), mounted on the launcher only, at /etc/mpi,
-  items with modes 0444 and 0555 (configVolumeItems);
-- a Secret `<job>-ssh` with `ssh-privatekey` (an ECDSA P-521 "EC PRIVATE KEY" PEM) and
-  `ssh-publickey` (authorized-keys form) (newSSHAuthSecret), mounted in the first container of
-  every pod at spec.sshAuthMountPath with the items id_rsa, id_rsa.pub and authorized_keys
-  (sshVolumeItems); defaultMode 0600 only for /root/.ssh, else unset, which Kubernetes makes
-  0644 (setupSSHOnPod); files owned by root, and with a pod fsGroup, the kubelet gives them
-  that group and adds group read;
-- worker pods `<job>-worker-<i>` with hostname `<job>-worker-<i>` and subdomain `<job>` (the
-  headless Service; newWorker), the template's command, and K_MPI_JOB_ROLE=worker appended to
-  its env;
-- the launcher (a batch Job `<job>-launcher`, retried up to runPolicy.backoffLimit) with
-  hostname `<job>-launcher` and, appended to its env (newLauncherPodTemplate): K_MPI_JOB_ROLE=
-  launcher, OMPI_MCA_orte_keep_fqdn_hostnames=true, OMPI_MCA_orte_default_hostfile=
-  /etc/mpi/hostfile, OMPI_MCA_plm_rsh_args="-o ConnectionAttempts=10",
-  OMPI_MCA_orte_set_default_slots=<slotsPerWorker>, NVIDIA_VISIBLE_DEVICES and
-  NVIDIA_DRIVER_CAPABILITIES empty; created at once (AtStartup) or once every worker is Ready
-  (WaitForWorkersReady).
-
-Pods are podman containers on a network of their own. A worker's DNS name (a network alias,
-served by aardvark-dns) exists only while its readiness probe passes, as the headless Service
-publishes only Ready pods. The kubelet's part (restartPolicy OnFailure restarts a container
-in the same pod) is emulated by `Cluster.sync_workers`.
+What Trainer's MPI plugin (kubeflow/trainer pkg/runtime/framework/plugins/mpi) and JobSet make
+is reproduced here: pods `<trainjob>-<replicatedJob>-<job index>-<pod index>` with subdomain
+`<trainjob>`; an ssh Secret `<trainjob>-mpi-ssh-auth` (an ECDSA P-521 "EC PRIVATE KEY" PEM and
+its authorized-keys line) in every container named `node`, with the items id_rsa, id_rsa.pub
+and authorized_keys; the hostfile ConfigMap `<trainjob>-mpi-hostfile` at /etc/mpi and the
+OpenMPI variables on the launcher. Pods are podman containers on a network of their own; a
+node's DNS name (a network alias, served by aardvark-dns) exists only while its readiness probe
+passes, as the headless Service publishes only Ready pods.
 """
 
 from __future__ import annotations
@@ -43,66 +28,20 @@ from typing import Any
 
 from podman_tools import run
 
-# --- the controller's names, paths, modes and variables (mpi_job_controller.go) -------------
-CONFIG_SUFFIX = "-config"
-CONFIG_VOLUME = "mpi-job-config"
+# --- the MPI plugin's paths and Secret items (the MPI Operator's too) ------------------------
 CONFIG_MOUNT = "/etc/mpi"
 HOSTFILE = "hostfile"
-DISCOVER_HOSTS = "discover_hosts.sh"
-CONFIG_ITEMS = ((HOSTFILE, HOSTFILE, 0o444), (DISCOVER_HOSTS, DISCOVER_HOSTS, 0o555))
-SSH_SECRET_SUFFIX = "-ssh"
-SSH_VOLUME = "ssh-auth"
-ROOT_SSH_PATH = "/root/.ssh"
+# Kubernetes' defaultMode of secret and configMap volumes, when the controller sets none
+VOLUME_DEFAULT_MODE = 0o644
 SSH_ITEMS = (
     ("ssh-privatekey", "id_rsa"),
     ("ssh-publickey", "id_rsa.pub"),
     ("ssh-publickey", "authorized_keys"),
 )
-ROOT_SSH_MODE = 0o600
-# Kubernetes' defaultMode of secret and configMap volumes, when the controller sets none
-VOLUME_DEFAULT_MODE = 0o644
-LAUNCHER_SUFFIX = "-launcher"
-WORKER_SUFFIX = "-worker"
-ROLE_ENV = "K_MPI_JOB_ROLE"
-
-
-def worker_name(job: str, index: int) -> str:
-    return f"{job}{WORKER_SUFFIX}-{index}"
-
-
-def worker_fqdn(job: str, namespace: str, index: int) -> str:
-    """The worker's name in the headless Service `<job>` (hostname.subdomain.namespace.svc)."""
-    return f"{worker_name(job, index)}.{job}.{namespace}.svc"
-
-
-def hostfile_text(job: str, namespace: str, workers: int, slots: int) -> str:
-    return "".join(f"{worker_fqdn(job, namespace, i)} slots={slots}\n" for i in range(workers))
-
-
-def discover_hosts_text(job: str, namespace: str, running: list[str]) -> str:
-    return "#!/bin/sh\n" + "".join(f"echo {pod}.{job}.{namespace}.svc\n" for pod in sorted(running))
-
-
-def launcher_env(slots: int) -> list[dict[str, str]]:
-    """What newLauncherPodTemplate appends for OpenMPI (ompiEnvVars, openMPISlotsEnv) and to
-    keep GPUs away from the launcher (nvidiaDisableEnvVars)."""
-    pairs = [
-        (ROLE_ENV, "launcher"),
-        ("OMPI_MCA_orte_keep_fqdn_hostnames", "true"),
-        ("OMPI_MCA_orte_default_hostfile", f"{CONFIG_MOUNT}/{HOSTFILE}"),
-        ("OMPI_MCA_plm_rsh_args", "-o ConnectionAttempts=10"),
-        ("OMPI_MCA_orte_set_default_slots", str(slots)),
-        ("NVIDIA_VISIBLE_DEVICES", ""),
-        ("NVIDIA_DRIVER_CAPABILITIES", ""),
-    ]
-    return [{"name": n, "value": v} for n, v in pairs]
-
-
-WORKER_ENV = [{"name": ROLE_ENV, "value": "worker"}]
 
 
 def ssh_auth_secret() -> dict[str, bytes]:
-    """newSSHAuthSecret's data: an ECDSA P-521 key, SEC1 PEM, and its authorized-keys line."""
+    """The ssh Secret's data: an ECDSA P-521 key, SEC1 PEM, and its authorized-keys line."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -120,7 +59,7 @@ def ssh_auth_secret() -> dict[str, bytes]:
 
 @dataclass
 class Pod:
-    """A pod as the controller creates it from the MPIJob's replica template."""
+    """A pod as JobSet creates it from the runtime's replicated job, with the plugin's additions."""
 
     name: str
     hostname: str
@@ -136,67 +75,10 @@ class Pod:
         return self.spec["containers"][0]
 
 
-def _setup_ssh(spec: dict[str, Any], job: str, mount_path: str) -> None:
-    mode = ROOT_SSH_MODE if mount_path == ROOT_SSH_PATH else None
-    secret: dict[str, Any] = {
-        "secretName": job + SSH_SECRET_SUFFIX,
-        "items": [{"key": k, "path": p} for k, p in SSH_ITEMS],
-    }
-    if mode is not None:
-        secret["defaultMode"] = mode
-    spec.setdefault("volumes", []).append({"name": SSH_VOLUME, "secret": secret})
-    spec["containers"][0].setdefault("volumeMounts", []).append(
-        {"name": SSH_VOLUME, "mountPath": mount_path}
-    )
-
-
-def controller_pods(mpijob: dict[str, Any]) -> tuple[list[Pod], Pod]:
-    """newWorker for every replica, and newLauncherPodTemplate, from the rendered MPIJob."""
-    import copy
-
-    job = mpijob["metadata"]["name"]
-    spec = mpijob["spec"]
-    replicas = spec["mpiReplicaSpecs"]
-    mount = spec["sshAuthMountPath"]
-    workers = []
-    for i in range(int(replicas["Worker"]["replicas"])):
-        pod_spec = copy.deepcopy(replicas["Worker"]["template"]["spec"])
-        pod_spec["containers"][0].setdefault("env", []).extend(WORKER_ENV)
-        _setup_ssh(pod_spec, job, mount)
-        name = worker_name(job, i)
-        workers.append(
-            Pod(name, name, job, pod_spec, replicas["Worker"]["restartPolicy"], "worker")
-        )
-    pod_spec = copy.deepcopy(replicas["Launcher"]["template"]["spec"])
-    pod_spec["containers"][0].setdefault("env", []).extend(launcher_env(spec["slotsPerWorker"]))
-    _setup_ssh(pod_spec, job, mount)
-    pod_spec["volumes"].append(
-        {
-            "name": CONFIG_VOLUME,
-            "configMap": {
-                "name": job + CONFIG_SUFFIX,
-                "items": [{"key": k, "path": p, "mode": m} for k, p, m in CONFIG_ITEMS],
-            },
-        }
-    )
-    pod_spec["containers"][0]["volumeMounts"].append(
-        {"name": CONFIG_VOLUME, "mountPath": CONFIG_MOUNT}
-    )
-    launcher = Pod(
-        job + LAUNCHER_SUFFIX,
-        job + LAUNCHER_SUFFIX,
-        job,
-        pod_spec,
-        replicas["Launcher"]["restartPolicy"],
-        "launcher",
-    )
-    return workers, launcher
-
-
 @dataclass
 class Cluster:
     """One namespace on one podman network: ConfigMaps and Secrets as host folders, pods as
-    containers, a headless Service as network aliases of Ready workers."""
+    containers, a headless Service as network aliases of Ready nodes."""
 
     env: dict[str, str]
     image: str
@@ -385,22 +267,6 @@ class Cluster:
             time.sleep(0.5)
         self.publish(pod)
 
-    def sync_workers(self, workers: list[Pod]) -> list[str]:
-        """The kubelet's restartPolicy: a worker container that failed is started again in its
-        pod under OnFailure (its name resolves again once Ready); names of restarted pods."""
-        restarted = []
-        for pod in workers:
-            state = self.state(pod)
-            if state["Running"] or state["ExitCode"] == 0:
-                continue
-            if pod.restart_policy != "OnFailure":
-                continue
-            self.unpublish(pod)
-            self.start(pod)
-            self.wait_ready_and_publish(pod)
-            restarted.append(pod.name)
-        return restarted
-
     def logs(self, pod: Pod | str) -> str:
         proc = self.podman("logs", self.container_name(pod), check=False)
         return proc.stdout + proc.stderr
@@ -409,38 +275,6 @@ class Cluster:
         return self.podman(
             "exec", self.container_name(pod), "bash", "-c", script, timeout=timeout
         ).stdout
-
-    def service(
-        self,
-        name: str,
-        alias: str,
-        command: list[str],
-        mounts: list[str],
-        env: dict[str, str] | None = None,
-    ) -> str:
-        """A cluster service (S3, Pushgateway) as a container on the network, by DNS name."""
-        container = f"{self.prefix}-{name}"
-        volumes = [arg for m in mounts for arg in ("-v", m)]
-        volumes += [arg for k, v in (env or {}).items() for arg in ("-e", f"{k}={v}")]
-        self.podman(
-            "run",
-            "-d",
-            "--name",
-            container,
-            "--network",
-            self.network,
-            "--network-alias",
-            alias,
-            "--runtime",
-            "runc",
-            *volumes,
-            "--entrypoint",
-            json.dumps(command[:1]),
-            self.image,
-            *command[1:],
-        )
-        self.containers.append(container)
-        return container
 
     def run_launcher(
         self, launcher: Pod, attempt: int, args: list[str] | None = None, timeout=1800
