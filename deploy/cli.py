@@ -1,8 +1,9 @@
 """``finetune-job submit | wait | status | logs | delete | list``: runs (MPIJobs or TrainJobs)
 from pipelines.
 
-``job.cli`` calls :func:`register` to add these subcommands to ``finetune-job``. Nothing
-here imports the kubernetes package until a subcommand talks to a cluster.
+``deploy.entry`` calls :func:`register` to add these subcommands to ``finetune-job``, whose
+one guard (``job.cli.run_guarded``) turns their errors into one line and an exit code.
+Nothing here imports the kubernetes package until a subcommand talks to a cluster.
 
 ``submit`` starts from the MPIJob that Helm rendered (``--from-manifest``, or ``helm
 template`` of ``--chart`` with ``--values``/``--set``) and changes only the run's fields
@@ -13,12 +14,10 @@ codes"). Every error is one line on stderr: ``finetune-job: error: ...``.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -317,24 +316,6 @@ def _bounds(args: argparse.Namespace) -> StuckBounds:
     return StuckBounds(start=args.start_timeout, unschedulable=args.unschedulable_timeout)
 
 
-def guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Known failures become one stderr line and the documented exit code."""
-
-    @functools.wraps(func)
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return func(args)
-        except JobError as e:  # DeployError and InputError among them
-            return _fail(e, e.exit_code)
-
-    return run
-
-
-def _fail(e: Exception, code: int) -> int:
-    print(f"finetune-job: error: {e}", file=sys.stderr)
-    return code
-
-
 def _client(args: argparse.Namespace, kind: kinds.Kind | None = None) -> Any:
     from deploy.client import MPIJobClient
 
@@ -367,7 +348,6 @@ def _note(msg: str) -> None:
     print(f"finetune-job: {msg}", file=sys.stderr)
 
 
-@guarded
 def submit(args: argparse.Namespace) -> int:
     _bounds(args)  # bad input, found before anything is submitted
     drop = args.max_class_drop
@@ -488,7 +468,6 @@ def _cleanup(args: argparse.Namespace, client: Any, name: str) -> None:
         client.delete(name)
 
 
-@guarded
 def wait(args: argparse.Namespace) -> int:
     client = _client(args)
     state = client.wait(
@@ -501,7 +480,6 @@ def wait(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-@guarded
 def status(args: argparse.Namespace) -> int:
     client = _client(args)
     state = client.status(args.name)
@@ -537,7 +515,6 @@ def _problems(client: Any, name: str) -> list[Any]:
     return problems
 
 
-@guarded
 def logs(args: argparse.Namespace) -> int:
     client = _client(args)
     lines: list[str] = []
@@ -578,7 +555,6 @@ def _header(pod: str, attempt: int, attempts: int) -> str:
     return pod_header(pod, attempt, attempts)
 
 
-@guarded
 def delete(args: argparse.Namespace) -> int:
     client = _client(args)
     client.delete(args.name)
@@ -590,7 +566,6 @@ LIST_COLUMNS = ("NAME", "PHASE", "SCHEDULE", "CREATED")
 WIDE_COLUMNS = (*LIST_COLUMNS, "COMPLETED", "REASON", "OUTPUT", "KIND")
 
 
-@guarded
 def list_jobs(args: argparse.Namespace) -> int:
     client = _client(args)
     states = client.list_jobs(args.selector)

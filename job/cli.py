@@ -15,9 +15,10 @@ Runbook (the same lines the Helm chart renders for the MPI Operator's launcher):
 
 Exit codes: one table for every subcommand, ``job.exitcodes`` (README, "Exit codes").
 
-The subcommands load what they need when they run: ``train``, ``prepare`` and ``evaluate``
-need the ``[train]`` extra (MXNet, numpy, OpenCV), ``submit``/``status``/``logs``/...
-the ``[deploy]`` extra (kubernetes); a missing one is named in one line.
+These are the training side's subcommands; ``deploy.entry`` adds the Kubernetes side's to
+them for the ``finetune-job`` command. The subcommands load what they need when they run:
+``train``, ``prepare``, ``evaluate``, ``predict`` and ``export`` need the ``[train]`` extra
+(MXNet, numpy, OpenCV); a missing one is named in one line.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import job
 from job import config as config_mod
@@ -127,7 +128,11 @@ def bounded(kind: type, low: float, high: float, high_open: bool = False) -> Cal
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
+AddCommands = Callable[[Any], None]  # adds subcommands to an argparse subparsers object
+
+
+def build_parser(*more: AddCommands) -> argparse.ArgumentParser:
+    """The training subcommands, and those each of ``more`` adds (the upper layer's)."""
     parser = Parser(
         prog="finetune-job",
         description=__doc__.split("\n\n")[0],
@@ -274,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_s3_arguments(export)
     export.set_defaults(func=_export)
 
-    _register_deploy(sub)
+    for add in more:
+        add(sub)
     parser._commands = sub.choices  # for usage errors naming the command
     return parser
 
@@ -292,14 +298,6 @@ def _s3_storage(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from job.storage import S3Settings, Storage
 
     return Storage(S3Settings.from_config(config_mod.flag_values(vars(args), config_mod.S3_KEYS)))
-
-
-def _register_deploy(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    # The one import of deploy from job: the command line offers its subcommands. deploy.cli
-    # loads the kubernetes package only when a subcommand runs.
-    from deploy import cli as deploy_cli
-
-    deploy_cli.register(sub)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -415,10 +413,14 @@ def _set_thread_defaults(threads: int) -> None:
         os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None,
+    build: Callable[[], argparse.ArgumentParser] = build_parser,
+) -> int:
+    """Parse ``argv`` with the parser ``build`` makes and run the command under the guard."""
     logs.configure("text")  # train switches to its config's log_format once it is known
     try:
-        args = build_parser().parse_args(argv)
+        args = build().parse_args(argv)
     except SystemExit as e:  # --help, --version, or a usage error already printed in one line
         return e.code if isinstance(e.code, int) else ExitCode.BAD_INPUT
     func: Callable[[argparse.Namespace], int] = args.func
@@ -426,7 +428,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_guarded(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Run a command; known failures become one line on stderr and an exit code."""
+    """Run a command; known failures become one line on stderr and an exit code. The one
+    guard of every subcommand, the Kubernetes side's included."""
     from job.errors import JobError
 
     try:

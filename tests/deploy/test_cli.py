@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from commands import guarded
 from fake_apiserver import (
     failed,
     launcher_pod,
@@ -17,21 +18,18 @@ from fake_apiserver import (
     warning,
 )
 
-from deploy import cli
+from deploy import cli, entry
 from deploy import constants as c
 from deploy.errors import BadInputError, JobStuckError, JobTimeoutError, NotFoundError
 from job.exitcodes import ExitCode
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="finetune-job")
-    cli.register(p.add_subparsers(dest="command", required=True))
-    return p
+    return entry.build_parser()
 
 
 def run(*argv: str) -> int:
-    args = parser().parse_args(argv)
-    return args.func(args)
+    return guarded(*argv)
 
 
 def write_summary(val_top1: float):
@@ -70,9 +68,7 @@ def test_help_shows_an_example(command, capsys):
 
 
 def test_main_command_has_the_subcommands():
-    from job.cli import build_parser
-
-    args = build_parser().parse_args(["status", "r1"])
+    args = entry.build_parser().parse_args(["status", "r1"])
     assert args.func is cli.status
 
 

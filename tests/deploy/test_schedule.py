@@ -4,15 +4,14 @@ worker resuming from that predecessor's checkpoint."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
 import pytest
 import yaml
+from commands import guarded
 from fake_apiserver import failed, running, succeeded
 
-from deploy import cli
 from job import train
 from job.config import Config
 from job.exitcodes import ExitCode
@@ -21,10 +20,7 @@ SCHEDULE = "flowers-weekly"
 
 
 def run(*argv: str) -> int:
-    p = argparse.ArgumentParser(prog="finetune-job")
-    cli.register(p.add_subparsers(dest="command", required=True))
-    args = p.parse_args(argv)
-    return args.func(args)
+    return guarded(*argv)
 
 
 @pytest.fixture

@@ -3,12 +3,12 @@ import sys
 
 import pytest
 
-from job.cli import build_parser
+from deploy.entry import build_parser
 
 
 def finetune(*args, env=None):
     return subprocess.run(
-        [sys.executable, "-m", "job.cli", *args],
+        [sys.executable, "-m", "deploy.entry", *args],
         capture_output=True,
         text=True,
         env=env,
@@ -124,7 +124,7 @@ def test_version_comes_from_the_package_metadata(capsys):
     from importlib.metadata import version
 
     import job
-    from job.cli import main
+    from deploy.entry import main
 
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"finetune-job {version('finetune-job')}"
@@ -199,7 +199,7 @@ def test_train_epilog_explains_variables_and_precedence(capsys):
     ],
 )
 def test_usage_errors_are_one_line_with_a_help_hint(capsys, argv, message):
-    from job.cli import main
+    from deploy.entry import main
 
     assert main(argv) == 2
     lines = capsys.readouterr().err.splitlines()
