@@ -27,7 +27,8 @@ from deploy import kinds, manifest
 from deploy import schedule as schedule_mod
 from deploy.errors import BadInputError, DeployError, JobFailedError, JobTimeoutError
 from deploy.status import StuckBounds
-from job import registry
+from job import layout, registry
+from job import storage as st
 from job.errors import GateError, JobError
 from job.exitcodes import ExitCode
 
@@ -140,9 +141,9 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--timeout",
         type=float,
-        default=24 * 3600.0,
+        default=c.WAIT_TIMEOUT,
         metavar="SECONDS",
-        help="give up waiting after this long (default: 86400)",
+        help=f"give up waiting after this long (default: {c.WAIT_TIMEOUT:g})",
     )
     _stuck_args(p)
     p.add_argument(
@@ -193,9 +194,9 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--timeout",
         type=float,
-        default=24 * 3600.0,
+        default=c.WAIT_TIMEOUT,
         metavar="SECONDS",
-        help="give up waiting after this long (default: 86400)",
+        help=f"give up waiting after this long (default: {c.WAIT_TIMEOUT:g})",
     )
     _stuck_args(p)
     _cluster_args(p)
@@ -233,7 +234,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--timeout",
         type=float,
-        default=24 * 3600.0,
+        default=c.WAIT_TIMEOUT,
         metavar="SECONDS",
         help="with --follow: stop after this long",
     )
@@ -453,9 +454,7 @@ def _wait_and_gate(
 
 def _save_logs(client: Any, storage: Any, run: manifest.Run) -> None:
     """Keep the launcher's log next to the run's output before anything is cleaned up."""
-    from job.storage import join
-
-    uri = join(run.output, "launcher.log")
+    uri = st.join(run.output, layout.LAUNCHER_LOG)
     try:  # every launcher attempt: the earlier ones say why the launcher was restarted
         storage.write_bytes(uri, client.launcher_log_text(run.name).encode())
         _note(f"launcher log saved to {uri}")

@@ -485,7 +485,7 @@ class MPIJobClient:
         follow: bool = False,
         previous: bool = False,
         tail_lines: int | None = None,
-        timeout: float = 24 * 3600.0,
+        timeout: float = c.WAIT_TIMEOUT,
         stuck: StuckBounds | None = None,
     ) -> Iterator[str]:
         """The launcher's log as lines (no line ends): ``for line in client.logs(run)``.

@@ -69,6 +69,8 @@ FAILED_CREATE = "FailedCreate"  # the Job controller's event when it cannot crea
 OPERATOR_FAILED = "MPIJobFailed"  # the operator's event when it cannot create a worker pod
 FAILED_MOUNT = "FailedMount"  # kubelet's event when a volume (Secret, ConfigMap) is missing
 WARNING = "Warning"
+# How long a wait (submit --wait, wait, logs --follow) lasts by default (seconds).
+WAIT_TIMEOUT = 24 * 3600.0
 # How long such a state may last before waiting gives up (seconds; 0: never give up).
 # Unschedulable waits longer: a cluster autoscaler may be adding a node.
 START_TIMEOUT = 300.0

@@ -50,6 +50,7 @@ REGION = r"^([a-z0-9](-?[a-z0-9])*)?$"  # empty, or like us-east-1 (botocore rej
 HOST = r"^[A-Za-z0-9.:_-]+$"  # an IPv4/IPv6 address or a host name
 SEED_MAX = 2**32 - 1  # numpy's seed range
 EPOCHS_MAX = 100_000
+DAY = 86400  # seconds
 
 
 class ConfigError(ValueError):
@@ -277,7 +278,7 @@ class Config:
         "after which every rank exits non-zero, naming the phase; 0: off",
         group="run control",
         minimum=0,
-        maximum=7 * 86400,
+        maximum=7 * DAY,
     )
     # What the run hands over (OUTPUT/: model, model.onnx, triton/, eval.json, report.html).
     export: str = _opt(
@@ -395,7 +396,7 @@ class Config:
         group="S3",
         minimum=0,
         exclusive_minimum=True,
-        maximum=86400,
+        maximum=DAY,
     )
     s3_read_timeout: float = _opt(
         60.0,
@@ -403,7 +404,7 @@ class Config:
         group="S3",
         minimum=0,
         exclusive_minimum=True,
-        maximum=86400,
+        maximum=DAY,
     )
 
     def __post_init__(self) -> None:

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -310,9 +309,10 @@ def _start_s3():  # type: ignore[no-untyped-def]
 
 
 def _read_summary(out: str) -> dict:
-    from job.storage import Storage, join
+    from job import layout
+    from job.storage import Storage
 
-    return json.loads(Storage().read_bytes(join(out, "summary.json")))
+    return layout.read_summary(Storage(), out)
 
 
 def _print_table(results: dict[str, dict], seconds: float) -> None:

@@ -19,7 +19,7 @@ import mxnet as mx
 import numpy as np
 from mxnet import gluon
 
-from job import evaluation
+from job import evaluation, layout
 from job import storage as st
 from job.data import Batch, Dataset, DataStats, Loader, LoaderSettings, load_dataset, to_ndarray
 from job.errors import InputError
@@ -30,10 +30,10 @@ def load_export(
     model_dir: str, storage: Storage, ctx: mx.Context
 ) -> tuple[gluon.SymbolBlock, dict]:
     try:
-        summary = json.loads(storage.read_bytes(st.join(model_dir, "summary.json")))
+        summary = layout.read_summary(storage, model_dir)
         with tempfile.TemporaryDirectory(prefix="finetune-eval-") as tmp:
             paths = []
-            for name in ("model-symbol.json", "model-0000.params"):
+            for name in (layout.SYMBOL, layout.EXPORT_PARAMS):
                 paths.append(os.path.join(tmp, name))
                 storage.download(st.join(model_dir, name), paths[-1])
             with warnings.catch_warnings():  # "Cannot decide type for ... data": it is float32

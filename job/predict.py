@@ -28,7 +28,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from job import augment
+from job import augment, layout
 from job import storage as st
 from job.errors import InputError
 from job.prepare import IMAGE_SUFFIXES
@@ -64,9 +64,9 @@ def mxnet_engine(model_dir: str, storage: Storage) -> tuple[Engine, dict[str, An
 def onnx_engine(model_dir: str, storage: Storage) -> tuple[Engine, dict[str, Any]]:
     from job import onnx_export as ox
 
-    uri = st.join(model_dir, "model.onnx")
+    uri = st.join(model_dir, layout.ONNX)
     try:
-        summary = json.loads(storage.read_bytes(st.join(model_dir, "summary.json")))
+        summary = layout.read_summary(storage, model_dir)
         with storage.local_copy(uri) as path:
             sess = ox.session(path)
     except StorageError as e:

@@ -41,6 +41,11 @@ from job.watchdog import Watchdog
 log = logging.getLogger(__name__)
 
 
+def scaled_lr(cfg: Config, workers: int) -> float:
+    """The scaling rule: the per-worker rate times the workers (the global batch grows so)."""
+    return cfg.lr * workers
+
+
 def lr_at(position: float, cfg: Config, workers: int, step_epochs: float) -> float:
     """Learning rate of the step that starts ``position`` epochs into training (2.5: halfway
     through the third epoch) and covers ``step_epochs`` of an epoch.
@@ -51,7 +56,7 @@ def lr_at(position: float, cfg: Config, workers: int, step_epochs: float) -> flo
     2. Warmup: linear from ~0 to the scaled rate over ``warmup_epochs``.
     3. Decay: cosine to 0 at the end, or ×``lr_decay`` at each of ``lr_steps``.
     """
-    peak = cfg.lr * workers
+    peak = scaled_lr(cfg, workers)
     if position < cfg.warmup_epochs:
         return peak * min(1.0, (position + step_epochs) / cfg.warmup_epochs)
     if cfg.lr_schedule == "step":
@@ -507,7 +512,7 @@ def build(
     trainer = dist.trainer(
         net.collect_params(),
         "sgd",
-        {"learning_rate": cfg.lr * dist.size, "momentum": cfg.momentum, "wd": cfg.wd},
+        {"learning_rate": scaled_lr(cfg, dist.size), "momentum": cfg.momentum, "wd": cfg.wd},
         cfg.fp16_allreduce,
     )
     return Run(
@@ -664,7 +669,7 @@ def log_start(cfg: Config, dist: Dist, run_: Run) -> None:
         cfg.batch_size,
         cfg.batch_size * dist.size,
         run_.train.steps_per_epoch,
-        cfg.lr * dist.size,
+        scaled_lr(cfg, dist.size),
         cfg.lr,
         dist.size,
         len(run_.classes),
