@@ -74,6 +74,9 @@ class Rule:
     pattern_help: str = ""  # the pattern in words, for the error line
     s3_uri: bool = False  # strings that start with a scheme (SCHEME) must match S3_URI
     unique: bool = False  # lists: no item twice
+    # Where the key shows up besides flags, variables and files:
+    chart: bool = False  # a value of the chart's `training` block (values.yaml), with its default
+    run: bool = False  # defines the run: part of the fingerprint a resume must match
 
     def bounds_text(self) -> str:
         """The numeric bounds in words, e.g. '>= 1', '> 0 and <= 1'."""
@@ -121,16 +124,25 @@ class Config:
         "dataset root written by finetune-job prepare (local path or s3://)",
         group="data",
         required=True,
+        chart=True,
     )
     output: str = _uri(
         "where checkpoints, the exported model and summary.json go (local path or s3://)",
         group="data",
         required=True,
         nonempty=True,
+        chart=True,
     )
-    synthetic: bool = _opt(False, "train on random in-memory batches; needs no data", group="data")
+    synthetic: bool = _opt(
+        False, "train on random in-memory batches; needs no data", group="data", run=True
+    )
     synthetic_classes: int = _opt(
-        10, "classes of the synthetic dataset", group="data", minimum=2, maximum=100_000
+        10,
+        "classes of the synthetic dataset",
+        group="data",
+        minimum=2,
+        maximum=100_000,
+        run=True,
     )
     synthetic_images: int = _opt(
         512,
@@ -138,23 +150,47 @@ class Config:
         group="data",
         minimum=1,
         maximum=10**9,
+        run=True,
     )
     # Model.
-    model: str = _opt("resnet18_v2", "Gluon model-zoo ResNet", choices=MODELS, group="model")
+    model: str = _opt(
+        "resnet18_v2", "Gluon model-zoo ResNet", choices=MODELS, group="model", chart=True, run=True
+    )
     pretrained: str = _uri(
-        "zoo, none, or a save_parameters file (path or s3://)", "zoo", group="model", nonempty=True
+        "zoo, none, or a save_parameters file (path or s3://)",
+        "zoo",
+        group="model",
+        nonempty=True,
+        run=True,
     )
     head_lr_mult: float = _opt(
-        10.0, "learning-rate multiplier of the new output layer", group="model", minimum=0
+        10.0,
+        "learning-rate multiplier of the new output layer",
+        group="model",
+        minimum=0,
+        run=True,
     )
-    freeze_features: bool = _opt(False, "train only the output layer", group="model")
+    freeze_features: bool = _opt(False, "train only the output layer", group="model", run=True)
     image_size: int = _opt(
-        224, "network input size in pixels (square crops)", group="model", minimum=16, maximum=2048
+        224,
+        "network input size in pixels (square crops)",
+        group="model",
+        minimum=16,
+        maximum=2048,
+        run=True,
     )
     # Optimisation.
-    epochs: int = _opt(10, "training epochs", group="optimisation", minimum=1, maximum=EPOCHS_MAX)
+    epochs: int = _opt(
+        10, "training epochs", group="optimisation", minimum=1, maximum=EPOCHS_MAX, chart=True
+    )
     batch_size: int = _opt(
-        32, "images per worker per step", group="optimisation", minimum=1, maximum=4096
+        32,
+        "images per worker per step",
+        group="optimisation",
+        minimum=1,
+        maximum=4096,
+        chart=True,
+        run=True,
     )
     lr: float = _opt(
         0.01,
@@ -162,13 +198,25 @@ class Config:
         group="optimisation",
         minimum=0,
         exclusive_minimum=True,
+        chart=True,
+        run=True,
     )
     momentum: float = _opt(
-        0.9, "SGD momentum", group="optimisation", minimum=0, maximum=1, exclusive_maximum=True
+        0.9,
+        "SGD momentum",
+        group="optimisation",
+        minimum=0,
+        maximum=1,
+        exclusive_maximum=True,
+        run=True,
     )
-    wd: float = _opt(1e-4, "weight decay", group="optimisation", minimum=0, maximum=1)
+    wd: float = _opt(1e-4, "weight decay", group="optimisation", minimum=0, maximum=1, run=True)
     lr_schedule: str = _opt(
-        "cosine", "decay after warmup", choices=("cosine", "step"), group="optimisation"
+        "cosine",
+        "decay after warmup",
+        choices=("cosine", "step"),
+        group="optimisation",
+        run=True,
     )
     lr_steps: tuple[int, ...] = _opt(
         (30, 60, 90),
@@ -177,6 +225,7 @@ class Config:
         minimum=1,
         maximum=EPOCHS_MAX,
         unique=True,
+        run=True,
     )
     lr_decay: float = _opt(
         0.1,
@@ -185,6 +234,7 @@ class Config:
         minimum=0,
         exclusive_minimum=True,
         maximum=1,
+        run=True,
     )
     warmup_epochs: float = _opt(
         1.0,
@@ -192,25 +242,54 @@ class Config:
         group="optimisation",
         minimum=0,
         maximum=EPOCHS_MAX,
+        run=True,
     )
     fp16_allreduce: bool = _opt(
-        False, "compress gradients to float16 for the allreduce", group="optimisation"
+        False,
+        "compress gradients to float16 for the allreduce",
+        group="optimisation",
+        run=True,
     )
     # Augmentation (0 disables a jitter).
     flip_prob: float = _opt(
-        0.5, "probability of a horizontal flip", group="augmentation", minimum=0, maximum=1
+        0.5,
+        "probability of a horizontal flip",
+        group="augmentation",
+        minimum=0,
+        maximum=1,
+        run=True,
     )
     brightness: float = _opt(
-        0.4, "brightness jitter (factor in 1 +- x)", group="augmentation", minimum=0, maximum=1
+        0.4,
+        "brightness jitter (factor in 1 +- x)",
+        group="augmentation",
+        minimum=0,
+        maximum=1,
+        run=True,
     )
     contrast: float = _opt(
-        0.4, "contrast jitter (factor in 1 +- x)", group="augmentation", minimum=0, maximum=1
+        0.4,
+        "contrast jitter (factor in 1 +- x)",
+        group="augmentation",
+        minimum=0,
+        maximum=1,
+        run=True,
     )
     saturation: float = _opt(
-        0.4, "saturation jitter (factor in 1 +- x)", group="augmentation", minimum=0, maximum=1
+        0.4,
+        "saturation jitter (factor in 1 +- x)",
+        group="augmentation",
+        minimum=0,
+        maximum=1,
+        run=True,
     )
     hue: float = _opt(
-        0.1, "hue jitter (turns of the hue circle)", group="augmentation", minimum=0, maximum=0.5
+        0.1,
+        "hue jitter (turns of the hue circle)",
+        group="augmentation",
+        minimum=0,
+        maximum=0.5,
+        run=True,
     )
     tta: bool = _opt(
         False, "also evaluate with the mean softmax of five crops", group="augmentation"
@@ -222,6 +301,7 @@ class Config:
         group="run control",
         minimum=0,
         maximum=SEED_MAX,
+        run=True,
     )
     resume: str = _opt(
         "auto",
@@ -258,6 +338,7 @@ class Config:
         group="run control",
         minimum=1,
         maximum=10**7,
+        run=True,
     )
     strict_data: bool = _opt(
         False,
@@ -324,6 +405,7 @@ class Config:
         group="metrics",
         minimum=0,
         maximum=65535,
+        chart=True,
     )
     metrics_address: str = _opt(
         "0.0.0.0",
