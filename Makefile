@@ -84,6 +84,7 @@ test: install  ## the whole test suite (slow tests included)
 	$(BIN)/python -m pytest -m cluster
 
 test-fast: install  ## the test suite without tests marked slow
+	$(MAKE) --no-print-directory apt EXTRA_APT="$(TEST_APT_PACKAGES)"
 	$(BIN)/python -m pytest $(FAST_TESTS)
 
 lint: install  ## ruff and mypy
@@ -110,7 +111,10 @@ image:  ## build the image with podman: FLAVOUR=gpu (default) or cpu; IMAGE_BUIL
 	podman build --format docker --layers -t $(IMAGE):$(VERSION)-$(FLAVOUR) --build-arg VERSION=$(VERSION) \
 	  $(if $(filter cpu,$(FLAVOUR)),$(CPU_ARGS)) $(IMAGE_BUILD_ARGS) .
 
+# prometheus-pushgateway: the operator-emulation test runs Debian's binary in a container.
+IMAGE_TEST_APT_PACKAGES := prometheus-pushgateway podman buildah runc uidmap fuse-overlayfs debootstrap
 image-test: install  ## lint the Dockerfile; build the CPU image on a debootstrapped base and train in it
+	$(MAKE) --no-print-directory apt EXTRA_APT="$(IMAGE_TEST_APT_PACKAGES)"
 	$(BIN)/python -m pytest tests/image -v
 
 HELM ?= helm

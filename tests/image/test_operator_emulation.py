@@ -24,6 +24,7 @@ import threading
 import time
 from pathlib import Path
 
+import prometheus_tools
 import pytest
 from chart_tools import by_kind, find_or_install_helm, one, render
 from operator_emulation import (
@@ -125,11 +126,12 @@ def _services(cluster: Cluster) -> tuple[str, str]:
         {"PYTHONPATH": "/opt/host-site", "S3_IGNORE_SUBDOMAIN_BUCKETNAME": "true"},
     )
     cluster.podman("exec", s3, "true")
+    binary = prometheus_tools.binary("prometheus-pushgateway")  # apt-installs it if missing
     pushgateway = cluster.service(
         "pushgateway",
         PUSHGATEWAY_NAME,
         ["/usr/bin/prometheus-pushgateway", f"--web.listen-address=:{PUSHGATEWAY_PORT}"],
-        ["/usr/bin/prometheus-pushgateway:/usr/bin/prometheus-pushgateway:ro"],
+        [f"{binary}:/usr/bin/prometheus-pushgateway:ro"],
     )
     return s3, pushgateway
 
