@@ -7,7 +7,7 @@ and context. Waiting is watch-based with a deadline: watches on the one MPIJob
 (``deploy.watches``) resume from the last ``resourceVersion`` when the server closes them,
 and relist when the server says that version is gone (410). A pod that cannot start (image
 pull, missing Secret, no node fits; the MPI Operator sets no condition for those) ends the
-wait with JobStuckError after a bound (``deploy.status.StuckBounds``). Every API failure
+wait with JobStuckError after a bound (``deploy.stuck.StuckBounds``). Every API failure
 becomes a named error from ``deploy.errors`` carrying ``namespace/name``.
 
 Example::
@@ -52,7 +52,8 @@ from deploy.errors import (
     server_message,
 )
 from deploy.kinds import Kind
-from deploy.status import JobState, Problem, StuckBounds, StuckTracker, job_state, pod_problems
+from deploy.status import JobState, job_state
+from deploy.stuck import Problem, StuckBounds, StuckTracker, pod_problems
 from deploy.watches import ERROR, RELIST, Feed, Item
 
 log = logging.getLogger("finetune_job.deploy")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from commands import guarded
 from fake_apiserver import (
     failed,
     launcher_pod,
@@ -17,8 +16,9 @@ from fake_apiserver import (
     waiting,
     warning,
 )
+from in_process import guarded
 
-from deploy import cli, entry
+from deploy import commands, entry
 from deploy import constants as c
 from deploy.errors import BadInputError, JobStuckError, JobTimeoutError, NotFoundError
 from job.exitcodes import ExitCode
@@ -69,7 +69,7 @@ def test_help_shows_an_example(command, capsys):
 
 def test_main_command_has_the_subcommands():
     args = entry.build_parser().parse_args(["status", "r1"])
-    assert args.func is cli.status
+    assert args.func is commands.status
 
 
 def test_dry_run_prints_the_objects(capsys, helm):

@@ -9,8 +9,8 @@ import os
 
 import pytest
 import yaml
-from commands import guarded
 from fake_apiserver import failed, running, succeeded
+from in_process import guarded
 
 from job import train
 from job.config import Config
