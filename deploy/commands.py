@@ -156,7 +156,7 @@ def logs(args: argparse.Namespace) -> int:
 
 
 def _header(pod: str, attempt: int, attempts: int) -> str:
-    from deploy.client import pod_header
+    from deploy.logs import pod_header
 
     return pod_header(pod, attempt, attempts)
 
