@@ -304,9 +304,9 @@ def _train(args: argparse.Namespace) -> int:
     cfg = config_mod.load(vars(args))
     logs.configure(cfg.log_format)
     _set_thread_defaults(cfg.threads)
-    from job import train
+    from job import lifecycle
 
-    train.run(cfg)
+    lifecycle.run(cfg)
     return ExitCode.OK
 
 

@@ -169,7 +169,7 @@ def test_bad_input_battery_in_real_processes(launch_env, tmp_path, argv, env, me
 def test_a_run_on_the_edges_of_the_rules_trains(tiny_dataset, tmp_path):
     """Values on the bounds that once crashed the job, or could, in one short real run:
     one-record shuffle buffer, smallest crop, batch of one, full jitter, largest seed."""
-    from job import train
+    from job import lifecycle
 
     cfg = c.Config(
         data=tiny_dataset,
@@ -199,7 +199,7 @@ def test_a_run_on_the_edges_of_the_rules_trains(tiny_dataset, tmp_path):
         metrics_port=0,
         head_lr_mult=0.0,
     )
-    summary = train.run(cfg)
+    summary = lifecycle.run(cfg)
     assert summary is not None and [h["epoch"] for h in summary["history"]] == [1]
 
 

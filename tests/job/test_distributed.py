@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from job import train
+from job import lifecycle
 from job.config import Config
 
 pytestmark = pytest.mark.slow
@@ -32,7 +32,7 @@ COMMON = [
 def source_model(tiny_dataset, tmp_path_factory):
     """A source model trained from scratch in one process (its head has 3 classes too)."""
     out = str(tmp_path_factory.mktemp("source"))
-    train.run(
+    lifecycle.run(
         Config(
             data=tiny_dataset,
             output=out,

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from job import fingerprint, train
+from job import fingerprint, lifecycle
 from job.config import FIELDS, Config
 from job.errors import InputError
 
@@ -49,7 +49,7 @@ def test_the_rules_say_which_keys_define_the_run():
 def trained(tmp_path_factory) -> str:
     """One epoch of a small synthetic run; copied by each test that resumes it."""
     out = str(tmp_path_factory.mktemp("fingerprint") / "run")
-    train.run(config(out))
+    lifecycle.run(config(out))
     return out
 
 
@@ -73,7 +73,7 @@ def output(trained, tmp_path) -> str:
 )
 def test_a_resume_with_another_fingerprint_is_refused_naming_the_first_key(output, change, key):
     with pytest.raises(InputError, match=rf"belongs to another run: '{key}' was .*, now "):
-        train.run(config(output, epochs=2, **change))
+        lifecycle.run(config(output, epochs=2, **change))
     assert json.load(open(os.path.join(output, "summary.json")))["epochs"] == 1  # untouched
 
 
@@ -83,19 +83,19 @@ def test_another_dataset_is_another_run(tiny_dataset, tmp_path):
     shutil.copytree(tiny_dataset, data)
     out = str(tmp_path / "run")
     kw = dict(synthetic=False, data=data, model="resnet18_v2")
-    train.run(config(out, **kw))
+    lifecycle.run(config(out, **kw))
     manifest = os.path.join(data, "manifest.json")
     doc = json.load(open(manifest))
     json.dump(doc, open(manifest, "w"), indent=4)  # same classes, other bytes
     with pytest.raises(InputError, match="'manifest_sha256' was"):
-        train.run(config(out, epochs=2, **kw))
+        lifecycle.run(config(out, epochs=2, **kw))
 
 
 @pytest.mark.slow
 def test_the_same_run_with_more_epochs_and_other_run_control_keys_resumes(output):
     first = json.load(open(os.path.join(output, "summary.json")))
     assert first["resumed_from"] is None
-    summary = train.run(config(output, epochs=2, log_interval=1, keep_checkpoints=1, tta=True))
+    summary = lifecycle.run(config(output, epochs=2, log_interval=1, keep_checkpoints=1, tta=True))
     assert [h["epoch"] for h in summary["history"]] == [1, 2]
     assert summary["resumed_from"].startswith(os.path.join(output, "checkpoints", "step-"))
 
@@ -103,7 +103,7 @@ def test_the_same_run_with_more_epochs_and_other_run_control_keys_resumes(output
 @pytest.mark.slow
 def test_resume_force_resumes_another_runs_checkpoint(output):
     before = json.load(open(os.path.join(output, "summary.json")))["history"]
-    summary = train.run(config(output, epochs=2, lr=0.02, resume="force"))
+    summary = lifecycle.run(config(output, epochs=2, lr=0.02, resume="force"))
     assert summary["history"][0] == before[0]  # epoch 1 came from the checkpoint
 
 
@@ -126,8 +126,8 @@ def test_the_command_exits_2_with_one_line_and_no_traceback(output, launch_env):
 def test_resume_from_another_output_checks_the_fingerprint_too(output, tmp_path):
     other = str(tmp_path / "next")
     with pytest.raises(InputError, match="'lr' was 0.01, now 0.02"):
-        train.run(config(other, epochs=2, lr=0.02, resume_from=output))
-    summary = train.run(config(other, epochs=2, resume_from=output))
+        lifecycle.run(config(other, epochs=2, lr=0.02, resume_from=output))
+    summary = lifecycle.run(config(other, epochs=2, resume_from=output))
     assert summary["resumed_from"].startswith(os.path.join(output, "checkpoints", "step-"))
     assert [h["epoch"] for h in summary["history"]] == [1, 2]
     assert os.path.exists(os.path.join(other, "summary.json"))

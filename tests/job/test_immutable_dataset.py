@@ -13,8 +13,8 @@ import subprocess
 
 import pytest
 
+from job import lifecycle
 from job import prepare as prepare_module
-from job import train
 from job.config import Config
 from job.errors import DataError, InputError
 from job.prepare import prepare, verify_dataset
@@ -156,7 +156,7 @@ def test_training_refuses_a_shard_that_does_not_match_the_manifest(tiny_dataset,
         open(idx, "w").write("\n".join(lines[:-3]) + "\n")
         match = rf"{shard['idx']}: indexes {shard['count'] - 3} records, the manifest says"
     with pytest.raises(DataError, match=match):
-        train.run(config(data, str(tmp_path / "out")))
+        lifecycle.run(config(data, str(tmp_path / "out")))
 
 
 def test_the_prepare_command_refuses_with_one_line_and_overwrites_when_told(

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 
-from job import outputs, train
+from job import lifecycle, outputs, train
 from job.evaluate import evaluate_export
 from job.storage import Storage
 
@@ -157,7 +157,7 @@ def test_the_chosen_epoch_is_exported_and_judged(
     scores = iter([0.5, 0.9, 0.9, 0.4])
     monkeypatch.setattr(train.Run, "evaluate", lambda self: {"val_top1": next(scores)})
     out = str(tmp_path / "run")
-    summary = train.run(
+    summary = lifecycle.run(
         small_config(tiny_dataset, out, epochs=4, keep_checkpoints=4, export=export, onnx=False)
     )
     assert summary["exported_epoch"] == epoch

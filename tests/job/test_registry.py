@@ -237,12 +237,12 @@ def every_image_with_every_label(dataset: str, dest: Path) -> str:
 
 @pytest.mark.slow
 def test_a_real_run_that_loses_a_class_past_the_limit_is_not_promoted(tiny_dataset, tmp_path):
-    from job import train
+    from job import lifecycle
     from job.config import Config
 
     data = every_image_with_every_label(tiny_dataset, tmp_path / "ds")
     root = tmp_path / "root"
-    train.run(
+    lifecycle.run(
         Config(data=data, output=str(root / "runs" / "r2"), pretrained="none", image_size=32,
                batch_size=8, epochs=1, metrics_port=0, data_workers=2, onnx=False)
     )  # fmt: skip

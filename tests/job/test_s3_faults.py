@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from job import data as data_mod
-from job import train
+from job import lifecycle
 from job.config import Config
 from job.data import DataStats, Loader, LoaderSettings, Piece, ShardReader, load_dataset
 from job.errors import DataError
@@ -220,7 +220,7 @@ def test_training_on_corrupt_shards_finishes_and_reports_the_count(
     s3_corrupt, s3_server, s3_bucket
 ):
     root, _ = s3_corrupt
-    summary = train.run(
+    summary = lifecycle.run(
         Config(
             data=root,
             output=f"{s3_bucket}/run",

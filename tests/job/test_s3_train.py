@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from job import train
+from job import lifecycle
 from job.config import Config
 from job.errors import InputError
 from job.evaluate import evaluate_export
@@ -119,7 +119,7 @@ def test_train_with_outputs_on_s3_then_resume_with_more_epochs(s3_dataset, s3_se
     root, _, _ = s3_dataset
     out = f"{s3_bucket}/run"
     storage = Storage(S3Settings(endpoint_url=s3_server))
-    first = train.run(config(root, out, s3_server, epochs=1))
+    first = lifecycle.run(config(root, out, s3_server, epochs=1))
     names = {uri[len(out) + 1 :] for uri in storage.list(out)}
     first_ckpt = (
         "checkpoints/" + json.loads(storage.read_bytes(f"{out}/checkpoints/latest"))["checkpoint"]
@@ -138,7 +138,7 @@ def test_train_with_outputs_on_s3_then_resume_with_more_epochs(s3_dataset, s3_se
     } <= names
     assert json.loads(storage.read_bytes(f"{out}/summary.json"))["epochs"] == 1
 
-    second = train.run(config(root, out, s3_server, epochs=2))  # finds the S3 checkpoint
+    second = lifecycle.run(config(root, out, s3_server, epochs=2))  # finds the S3 checkpoint
     assert [h["epoch"] for h in second["history"]] == [1, 2]
     assert second["history"][0] == first["history"][0]  # epoch 1 was not trained again
     pointer = json.loads(storage.read_bytes(f"{out}/checkpoints/latest"))

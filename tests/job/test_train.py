@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mxnet.gluon.model_zoo import vision
 
-from job import train
+from job import lifecycle, train
 from job.config import Config
 from job.errors import DivergedError
 
@@ -39,7 +39,7 @@ def params(path):
 @pytest.mark.slow
 def test_summary_and_exported_files(tiny_dataset, tmp_path):
     out = str(tmp_path / "run")
-    summary = train.run(config(tiny_dataset, out, tta=True))
+    summary = lifecycle.run(config(tiny_dataset, out, tta=True))
     on_disk = json.load(open(os.path.join(out, "summary.json")))
     assert on_disk == json.loads(json.dumps(summary))
     for key in (
@@ -71,7 +71,7 @@ def test_resumed_run_continues_from_the_saved_epoch_with_identical_parameters(
     tiny_dataset, tmp_path, monkeypatch
 ):
     straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
-    train.run(config(tiny_dataset, straight, epochs=3))
+    lifecycle.run(config(tiny_dataset, straight, epochs=3))
 
     save = train.Run.checkpoint
 
@@ -81,9 +81,9 @@ def test_resumed_run_continues_from_the_saved_epoch_with_identical_parameters(
 
     monkeypatch.setattr(train.Run, "checkpoint", crash_after_first_checkpoint)
     with pytest.raises(SimulatedCrashError):
-        train.run(config(tiny_dataset, interrupted, epochs=3))
+        lifecycle.run(config(tiny_dataset, interrupted, epochs=3))
     monkeypatch.undo()
-    resumed = train.run(config(tiny_dataset, interrupted, epochs=3))
+    resumed = lifecycle.run(config(tiny_dataset, interrupted, epochs=3))
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]  # no epoch counted twice
     a = params(os.path.join(straight, "model.params"))
     b = params(os.path.join(interrupted, "model.params"))
@@ -94,7 +94,7 @@ def test_resumed_run_continues_from_the_saved_epoch_with_identical_parameters(
 @pytest.mark.slow
 def test_checkpoint_loads_exactly_what_was_saved(tiny_dataset, tmp_path):
     out = str(tmp_path / "run")
-    train.run(config(tiny_dataset, out, epochs=1))
+    lifecycle.run(config(tiny_dataset, out, epochs=1))
     from job.checkpoint import Checkpointer
     from job.storage import Storage
 
@@ -116,7 +116,7 @@ def test_checkpoint_loads_exactly_what_was_saved(tiny_dataset, tmp_path):
 @pytest.mark.slow
 def test_old_checkpoints_are_pruned(tiny_dataset, tmp_path):
     out = str(tmp_path / "run")
-    train.run(config(tiny_dataset, out, epochs=4, keep_checkpoints=2))
+    lifecycle.run(config(tiny_dataset, out, epochs=4, keep_checkpoints=2))
     pointer = json.load(open(os.path.join(out, "checkpoints", "latest")))
     run_id = pointer["run_id"]
     names = sorted(os.listdir(os.path.join(out, "checkpoints")))
@@ -146,7 +146,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
         match=r"training loss is (nan|inf) at epoch 2 .*"
         r"Last good checkpoint: .*step-",
     ):
-        train.run(cfg)
+        lifecycle.run(cfg)
     pointer = json.load(open(os.path.join(out, "checkpoints", "latest")))
     state = json.load(open(os.path.join(out, "checkpoints", pointer["checkpoint"], "state.json")))
     assert state["progress"]["epoch"] == 1
@@ -161,7 +161,9 @@ def test_input_batchnorm_statistics_train(tiny_dataset, tmp_path):
     parameters, so without an input gradient its stats stay exactly 0/1 and eval collapses.
     (No accuracy threshold: what a tiny run reaches is not behaviour; the stats moving is.)"""
     out = str(tmp_path / "run")
-    train.run(config(tiny_dataset, out, epochs=2, brightness=0, contrast=0, saturation=0, hue=0))
+    lifecycle.run(
+        config(tiny_dataset, out, epochs=2, brightness=0, contrast=0, saturation=0, hue=0)
+    )
     weights = params(os.path.join(out, "model.params"))
     assert not np.allclose(weights["features.0.running_mean"], 0)
     assert not np.allclose(weights["features.0.running_var"], 1)
@@ -179,7 +181,7 @@ def test_frozen_features_stay_put(tiny_dataset, tmp_path):
     path = str(tmp_path / "source.params")
     source.save_parameters(path)
     out = str(tmp_path / "run")
-    train.run(config(tiny_dataset, out, pretrained=path, freeze_features=True, head_lr_mult=10))
+    lifecycle.run(config(tiny_dataset, out, pretrained=path, freeze_features=True, head_lr_mult=10))
     before, after = params(path), params(os.path.join(out, "model.params"))
     for key in before:
         if key.startswith("features."):
@@ -191,7 +193,7 @@ def test_frozen_features_stay_put(tiny_dataset, tmp_path):
 @pytest.mark.slow
 def test_synthetic_run_needs_no_data(tmp_path):
     out = str(tmp_path / "run")
-    summary = train.run(
+    summary = lifecycle.run(
         Config(
             output=out,
             synthetic=True,
