@@ -8,10 +8,10 @@
    side 256, JPEG quality 95, shards of 500 records).
 2. Starts moto's S3 server as its own process on 127.0.0.1 and uploads the shards.
 3. Measures, one after the other, pinned to ``--cores`` CPUs:
-   - ours: ``job.data.Loader`` streaming the shards from S3 → decode (cv2) → random crop
+   - ours: ``job.input.data.Loader`` streaming the shards from S3 → decode (cv2) → random crop
      224, mirror, mean/std (colour jitter off, and on) → float32
      (64, 3, 224, 224) batches; also with colour jitter on, and with each batch turned into
-     an NDArray (shared memory with ``job.data.to_ndarray``, or copied by ``mx.nd.array``);
+     an NDArray (shared memory with ``job.input.data.to_ndarray``, or copied by ``mx.nd.array``);
    - ``mx.io.ImageRecordIter`` on the same JPEG bytes in one local .rec (rand_crop,
      rand_mirror, mean/std, preprocess_threads = cores); also with its colour jitter
      (brightness, contrast, saturation, random_h: the closest it has to ours);
@@ -99,8 +99,8 @@ def rate(batches, count: int, batch_size: int, consume=None) -> float:
 def ours(root: str, storage, cores: int, batches: int, jitter: bool, ndarray: str) -> float:
     import mxnet as mx
 
-    from job.augment import Jitter
-    from job.data import DataStats, Loader, LoaderSettings, load_dataset, to_ndarray
+    from job.input.augment import Jitter
+    from job.input.data import DataStats, Loader, LoaderSettings, load_dataset, to_ndarray
 
     settings = LoaderSettings(
         batch_size=64,
@@ -230,7 +230,7 @@ def main() -> int:
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
-    from job.prepare import prepare
+    from job.input.prepare import prepare
     from job.storage import S3Settings, Storage
 
     work = args.workdir or tempfile.mkdtemp(prefix="finetune-bench-")

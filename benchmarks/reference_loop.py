@@ -134,7 +134,7 @@ def main() -> int:
         worker(args)
         return 0
 
-    from job.prepare import prepare
+    from job.input.prepare import prepare
     from job.storage import S3Settings, Storage
 
     print(machine(), flush=True)

@@ -52,7 +52,7 @@ CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
 CONFIG_VOLUME = "training-config"
 
 # Kubernetes object names (DNS-1123 labels). Run names are shorter, to leave room for the
-# names the MPI Operator derives from them: see job.registry.MAX_RUN_NAME.
+# names the MPI Operator derives from them: see job.outputs.registry.MAX_RUN_NAME.
 MAX_NAME = 63
 # A run that cannot start. The MPI Operator sets no condition for these, so the client reads
 # them from the run's pods (container waiting reasons, the PodScheduled condition) and from

@@ -10,7 +10,7 @@ starts from what Helm rendered (the MPIJob and the ConfigMap holding its ``confi
 
 ``build_run`` then changes only what belongs to one run:
 
-- the name, ``<prefix>-<UTC yyyymmdd-hhmmss>-<4 random>`` (``job.registry.run_name``);
+- the name, ``<prefix>-<UTC yyyymmdd-hhmmss>-<4 random>`` (``job.outputs.registry.run_name``);
 - labels ``finetune-job/run`` and ``finetune-job/schedule`` on the MPIJob and its pods, and
   ``app.kubernetes.io/managed-by: finetune-job-deploy`` (Helm does not manage the run);
 - its output, ``<training.output>/runs/<name>`` (annotation ``finetune-job/output``);
@@ -51,7 +51,7 @@ from deploy import constants as c
 from deploy import kinds
 from deploy.errors import BadInputError
 from job import config as config_mod
-from job import registry
+from job.outputs import registry
 
 CHART = "finetune-job"
 CONFIG_MAP_SUFFIX = "-training"

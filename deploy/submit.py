@@ -27,9 +27,10 @@ from deploy import kinds, manifest
 from deploy import schedule as schedule_mod
 from deploy.errors import BadInputError, DeployError, JobFailedError, JobTimeoutError
 from deploy.stuck import StuckBounds
-from job import layout, registry
+from job import layout
 from job import storage as st
 from job.errors import JobError
+from job.outputs import registry
 
 
 @dataclass(frozen=True)

@@ -304,14 +304,14 @@ def _train(args: argparse.Namespace) -> int:
     cfg = config_mod.load(vars(args))
     logs.configure(cfg.log_format)
     _set_thread_defaults(cfg.threads)
-    from job import lifecycle
+    from job.training import lifecycle
 
     lifecycle.run(cfg)
     return ExitCode.OK
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from job import prepare
+    from job.input import prepare
 
     config_mod.check_uri("prepare DEST", args.dest)
     storage = _s3_storage(args)
@@ -334,7 +334,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     _set_thread_defaults(0)
-    from job import evaluate
+    from job.outputs import evaluate
 
     config_mod.check_uri("evaluate --data", args.data)
     config_mod.check_uri("evaluate --model", args.model)
@@ -362,7 +362,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     _set_thread_defaults(0)
-    from job import predict
+    from job.outputs import predict
 
     predict.predict(
         args.model,
@@ -382,10 +382,10 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     _set_thread_defaults(0)
-    from job import outputs
+    from job.outputs import export
 
     keys = config_mod.flag_values(vars(args), EXPORT_KEYS)
-    check = outputs.export_run(
+    check = export.export_run(
         args.onnx,
         _s3_storage(args),
         preprocess=keys["onnx_preprocess"],

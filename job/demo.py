@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write_comparison(results: dict[str, dict], path: str) -> None:
-    from job import report
+    from job.outputs import report
 
     title = f"Target classes ({', '.join(TARGET_SHAPES)}): fine-tuned vs from scratch"
     with open(path, "w", encoding="utf-8") as fh:

@@ -57,7 +57,7 @@ def shape_images(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def tiny_dataset(shape_images: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """`shape_images` prepared into RecordIO shards of 25 records (shorter side 36)."""
-    from job.prepare import prepare
+    from job.input.prepare import prepare
     from job.storage import Storage
 
     root = str(tmp_path_factory.mktemp("dataset"))

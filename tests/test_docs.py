@@ -25,8 +25,8 @@ def test_every_config_key_is_in_the_configuration_table():
 
 
 def test_every_metric_is_in_the_metrics_table():
-    from job.data import DataStats
-    from job.metrics import Metrics
+    from job.input.data import DataStats
+    from job.training.metrics import Metrics
 
     metrics = Metrics(rank=0)
     metrics.watch_data(DataStats())

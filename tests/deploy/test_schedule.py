@@ -12,9 +12,9 @@ import yaml
 from fake_apiserver import failed, running, succeeded
 from in_process import guarded
 
-from job import lifecycle
 from job.config import Config
 from job.exitcodes import ExitCode
+from job.training import lifecycle
 
 SCHEDULE = "flowers-weekly"
 

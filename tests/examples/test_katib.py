@@ -22,7 +22,7 @@ from chart_tools import (
 from deploy import constants as c
 from job import config as config_mod
 from job.cli import build_parser
-from job.progress import METRIC_KEYS
+from job.training.progress import METRIC_KEYS
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"

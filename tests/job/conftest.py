@@ -30,7 +30,7 @@ def small_config(data: str, output: str, **kw):
 def finished_run(tiny_dataset, tmp_path_factory) -> tuple[str, dict]:
     """A 2-epoch resnet18_v2 run on `tiny_dataset` with every output (the uint8 ONNX
     variant too): (OUTPUT, summary)."""
-    from job import lifecycle
+    from job.training import lifecycle
 
     out = str(tmp_path_factory.mktemp("finished") / "run")
     summary = lifecycle.run(small_config(tiny_dataset, out, onnx_preprocess=True))

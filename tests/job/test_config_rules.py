@@ -169,7 +169,7 @@ def test_bad_input_battery_in_real_processes(launch_env, tmp_path, argv, env, me
 def test_a_run_on_the_edges_of_the_rules_trains(tiny_dataset, tmp_path):
     """Values on the bounds that once crashed the job, or could, in one short real run:
     one-record shuffle buffer, smallest crop, batch of one, full jitter, largest seed."""
-    from job import lifecycle
+    from job.training import lifecycle
 
     cfg = c.Config(
         data=tiny_dataset,
@@ -206,7 +206,7 @@ def test_a_run_on_the_edges_of_the_rules_trains(tiny_dataset, tmp_path):
 def test_a_metrics_port_past_65535_for_a_local_rank_is_one_line():
     """metrics_port 65535 is valid, but local rank 1 would serve on 65536."""
     from job.errors import InputError
-    from job.metrics import Metrics
+    from job.training.metrics import Metrics
 
     with pytest.raises(
         InputError, match=r"^metrics_port: cannot serve /metrics on 127.0.0.1:65536"

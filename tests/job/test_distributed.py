@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 
-from job import lifecycle
 from job.config import Config
+from job.training import lifecycle
 
 pytestmark = pytest.mark.slow
 

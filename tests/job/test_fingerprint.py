@@ -10,9 +10,9 @@ import subprocess
 
 import pytest
 
-from job import fingerprint, lifecycle
 from job.config import FIELDS, Config
 from job.errors import InputError
+from job.training import fingerprint, lifecycle
 
 
 def config(output: str, **kw) -> Config:

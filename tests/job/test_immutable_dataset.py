@@ -13,12 +13,12 @@ import subprocess
 
 import pytest
 
-from job import lifecycle
-from job import prepare as prepare_module
 from job.config import Config
 from job.errors import DataError, InputError
-from job.prepare import prepare, verify_dataset
+from job.input import prepare as prepare_module
+from job.input.prepare import prepare, verify_dataset
 from job.storage import S3Settings, Storage, StorageError
+from job.training import lifecycle
 
 PREP = dict(resize=36, val_fraction=0.2, shard_size=25, workers=1)
 
@@ -51,7 +51,7 @@ def test_prepare_refuses_a_non_empty_destination(shape_images, tiny_dataset, tmp
 
 
 def test_the_manifest_carries_each_shards_size_count_and_digest(tiny_dataset):
-    from job.records import read_index
+    from job.input.records import read_index
 
     for split in manifest_of(tiny_dataset)["splits"].values():
         for shard in split["shards"]:

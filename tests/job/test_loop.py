@@ -13,14 +13,14 @@ import pytest
 from mxnet import gluon
 from prometheus_client import CollectorRegistry
 
-from job.checkpoint import Checkpointer
 from job.config import Config
-from job.data import Batch
-from job.distributed import Single
 from job.errors import PreemptedError
-from job.metrics import Metrics
+from job.input.data import Batch
 from job.storage import Storage
-from job.train import Run
+from job.training.checkpoint import Checkpointer
+from job.training.distributed import Single
+from job.training.loop import Run
+from job.training.metrics import Metrics
 
 CLASSES, SIZE, BATCH = 3, 16, 4
 

@@ -9,8 +9,9 @@ import threading
 
 import pytest
 
-from job import layout, registry
+from job import layout
 from job.errors import GateError
+from job.outputs import registry
 from job.storage import S3Settings, Storage
 
 

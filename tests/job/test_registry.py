@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from job import registry
 from job.errors import GateError, InputError
 from job.exitcodes import ExitCode
+from job.outputs import registry
 from job.storage import Storage
 
 
@@ -237,8 +237,8 @@ def every_image_with_every_label(dataset: str, dest: Path) -> str:
 
 @pytest.mark.slow
 def test_a_real_run_that_loses_a_class_past_the_limit_is_not_promoted(tiny_dataset, tmp_path):
-    from job import lifecycle
     from job.config import Config
+    from job.training import lifecycle
 
     data = every_image_with_every_label(tiny_dataset, tmp_path / "ds")
     root = tmp_path / "root"

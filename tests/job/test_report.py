@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from job import report
+from job.outputs import report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(

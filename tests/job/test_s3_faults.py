@@ -20,13 +20,13 @@ from urllib.parse import urlparse
 import numpy as np
 import pytest
 
-from job import data as data_mod
-from job import lifecycle
 from job.config import Config
-from job.data import DataStats, Loader, LoaderSettings, Piece, ShardReader, load_dataset
 from job.errors import DataError
-from job.records import read_index
+from job.input import data as data_mod
+from job.input.data import DataStats, Loader, LoaderSettings, Piece, ShardReader, load_dataset
+from job.input.records import read_index
 from job.storage import S3Settings, Storage
+from job.training import lifecycle
 
 
 class CuttingProxy:

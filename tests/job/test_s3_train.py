@@ -12,12 +12,12 @@ import subprocess
 
 import pytest
 
-from job import lifecycle
 from job.config import Config
 from job.errors import InputError
-from job.evaluate import evaluate_export
-from job.prepare import prepare
+from job.input.prepare import prepare
+from job.outputs.evaluate import evaluate_export
 from job.storage import S3Settings, Storage
+from job.training import lifecycle
 
 
 class RecordingStorage(Storage):

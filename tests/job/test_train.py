@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from mxnet.gluon.model_zoo import vision
 
-from job import lifecycle, train
 from job.config import Config
 from job.errors import DivergedError
+from job.training import lifecycle, loop
 
 
 def config(data, output, **kw):
@@ -73,13 +73,13 @@ def test_resumed_run_continues_from_the_saved_epoch_with_identical_parameters(
     straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
     lifecycle.run(config(tiny_dataset, straight, epochs=3))
 
-    save = train.Run.checkpoint
+    save = loop.Run.checkpoint
 
     def crash_after_first_checkpoint(self):
         save(self)
         raise SimulatedCrashError
 
-    monkeypatch.setattr(train.Run, "checkpoint", crash_after_first_checkpoint)
+    monkeypatch.setattr(loop.Run, "checkpoint", crash_after_first_checkpoint)
     with pytest.raises(SimulatedCrashError):
         lifecycle.run(config(tiny_dataset, interrupted, epochs=3))
     monkeypatch.undo()
@@ -95,8 +95,8 @@ def test_resumed_run_continues_from_the_saved_epoch_with_identical_parameters(
 def test_checkpoint_loads_exactly_what_was_saved(tiny_dataset, tmp_path):
     out = str(tmp_path / "run")
     lifecycle.run(config(tiny_dataset, out, epochs=1))
-    from job.checkpoint import Checkpointer
     from job.storage import Storage
+    from job.training.checkpoint import Checkpointer
 
     ckpt = Checkpointer(Storage(), out, keep=3)
     folder = ckpt.latest()

@@ -7,9 +7,9 @@ import threading
 
 import pytest
 
-from job import distributed, watchdog
 from job.exitcodes import ExitCode
-from job.watchdog import Watchdog
+from job.training import distributed, watchdog
+from job.training.watchdog import Watchdog
 
 
 class Clock:

@@ -1,6 +1,6 @@
 """The parts of a run, built on every rank: the data loaders, the model (loaded, broadcast
 from rank 0), the distributed optimizer and the run's fingerprint. Everything here does I/O
-or talks to other ranks; ``job.train.Run`` gets the results and does neither."""
+or talks to other ranks; ``job.training.loop.Run`` gets the results and does neither."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ import threading
 import mxnet as mx
 from mxnet import autograd
 
-from job import fingerprint, model, watchdog
-from job.augment import Jitter
 from job.config import Config
-from job.data import DataStats, Loader, LoaderSettings, SyntheticLoader, load_dataset
-from job.distributed import Dist
-from job.metrics import Metrics
+from job.input.augment import Jitter
+from job.input.data import DataStats, Loader, LoaderSettings, SyntheticLoader, load_dataset
 from job.storage import Storage
-from job.train import Run, scaled_lr
-from job.watchdog import Watchdog
+from job.training import fingerprint, model, watchdog
+from job.training.distributed import Dist
+from job.training.loop import Run, scaled_lr
+from job.training.metrics import Metrics
+from job.training.watchdog import Watchdog
 
 
 def build(

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from job.data.loader import Batch, LoaderSettings
+from job.input.data.loader import Batch, LoaderSettings
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO
 
-from job.data.manifest import Piece, Shard
-from job.data.stats import DataStats
 from job.errors import DataError, JobError
-from job.records import Corruption, Record, RecordStream, read_index
+from job.input.data.manifest import Piece, Shard
+from job.input.data.stats import DataStats
+from job.input.records import Corruption, Record, RecordStream, read_index
 from job.storage import Storage, StorageError, StreamError
 
 log = logging.getLogger(__name__)

@@ -75,7 +75,7 @@ class Checkpointer:
         config: dict[str, Any],
         fingerprint: dict[str, Any] | None = None,
     ) -> str:
-        """Write a checkpoint; ``fingerprint`` (job.fingerprint) says which run it belongs to."""
+        """Write a checkpoint; ``fingerprint`` (job.training.fingerprint) says whose it is."""
         name = f"step-{progress.step:08d}-{self.run_id}"
         folder = st.join(self.root, name)
         with tempfile.TemporaryDirectory(prefix="finetune-ckpt-") as tmp:

@@ -15,12 +15,19 @@ The package, by responsibility: ``manifest`` (the dataset model and shard assign
 and ``synthetic`` (the in-memory dataset).
 """
 
-from job.data.loader import Batch, BufferPool, Loader, LoaderSettings, to_ndarray
-from job.data.manifest import Dataset, Piece, Shard, assign_shards, load_dataset, parse_manifest
-from job.data.reader import Sample, ShardReader, _Attempts
-from job.data.stats import DataStats
-from job.data.streams import background, shuffled
-from job.data.synthetic import SyntheticLoader
+from job.input.data.loader import Batch, BufferPool, Loader, LoaderSettings, to_ndarray
+from job.input.data.manifest import (
+    Dataset,
+    Piece,
+    Shard,
+    assign_shards,
+    load_dataset,
+    parse_manifest,
+)
+from job.input.data.reader import Sample, ShardReader, _Attempts
+from job.input.data.stats import DataStats
+from job.input.data.streams import background, shuffled
+from job.input.data.synthetic import SyntheticLoader
 
 __all__ = [
     "Batch",

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from job.records import Corruption
+from job.input.records import Corruption
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,10 @@ from typing import Any
 
 from mxnet import gluon
 
-from job import layout, onnx_export, report, triton
+from job import layout
 from job import storage as st
 from job.config import Config
+from job.outputs import onnx_export, report, triton
 from job.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -137,8 +138,8 @@ class RunOutputs:
 
     def _evaluate(self, net: Any, classes: list[str], ctx: Any) -> tuple[Any, Any, dict]:
         """eval.json of the exported model on the validation split (None without one)."""
-        from job.data import load_dataset
-        from job.evaluate import evaluate_net, read_images
+        from job.input.data import load_dataset
+        from job.outputs.evaluate import evaluate_net, read_images
 
         cfg = self.cfg
         if cfg.synthetic:
@@ -229,7 +230,7 @@ def export_run(
     (one from before the job wrote them, or again with other options)."""
     import mxnet as mx
 
-    from job.evaluate import load_export
+    from job.outputs.evaluate import load_export
 
     ctx = mx.cpu()
     _, summary = load_export(model_dir, storage, ctx)  # fails in one line if not a run

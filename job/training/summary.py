@@ -10,8 +10,9 @@ from typing import Any
 import numpy as np
 from mxnet import gluon
 
-from job import __version__, watchdog
-from job.train import Run
+from job import __version__
+from job.training import watchdog
+from job.training.loop import Run
 
 CORRUPT_RECORDS_COUNTS = (
     "distinct corrupt records skipped over the whole job (all ranks, all epochs, restarts "

@@ -46,12 +46,12 @@ from typing import IO, Any
 import cv2
 import imagesize
 
-from job import records
 from job import storage as st
-from job.augment import resize_shorter
 from job.errors import InputError
-from job.progress import CountProgress
+from job.input import records
+from job.input.augment import resize_shorter
 from job.storage import Storage
+from job.training.progress import CountProgress
 
 log = logging.getLogger(__name__)
 
@@ -381,7 +381,7 @@ def _write_split(
 class _ShardWriter:
     """Streams records straight into the next shard of a split (a local file, or an S3
     multipart upload: no local copy), hashing them on the way; ``finish`` closes the shard,
-    writes its ``.idx`` and starts a new one. Needs no MXNet: :mod:`job.records` frames the
+    writes its ``.idx`` and starts a new one. Needs no MXNet: :mod:`job.input.records` frames the
     records as ``mx.recordio`` does."""
 
     def __init__(self, split: str, dest: str, storage: Storage, prefix: str) -> None:
@@ -438,7 +438,7 @@ class _ShardWriter:
 
 def verify_dataset(root: str, manifest: dict, storage: Storage) -> None:
     """Re-read every shard; a checksum or record-count mismatch is an error naming the shard."""
-    from job.records import RecordStream
+    from job.input.records import RecordStream
 
     for split_ in manifest["splits"].values():
         for shard in split_["shards"]:

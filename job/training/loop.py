@@ -1,7 +1,7 @@
 """The training loop: epochs of steps on every rank, an evaluation and a checkpoint after each.
 
-Runbook: see ``job/cli.py``. The parts come in built (``job.build``) and the process around
-the loop (watchdog, SIGTERM, metrics server, Pushgateway, summary) is ``job.lifecycle``.
+Runbook: see ``job/cli.py``. The parts come in built (``job.training.build``) and the process around
+the loop (watchdog, SIGTERM, metrics server, Pushgateway, summary) is ``job.training.lifecycle``.
 Only rank 0 logs progress and writes checkpoints.
 """
 
@@ -19,18 +19,18 @@ from typing import Any
 import mxnet as mx
 from mxnet import autograd, gluon
 
-from job import fingerprint, watchdog
-from job.checkpoint import Checkpointer, Progress
 from job.config import Config
-from job.data import DataStats, to_ndarray
-from job.distributed import Dist
 from job.errors import DivergedError, PreemptedError
-from job.evaluate import count_correct
-from job.metrics import Metrics
-from job.outputs import RunOutputs
-from job.progress import ProgressLog
+from job.input.data import DataStats, to_ndarray
+from job.outputs.evaluate import count_correct
+from job.outputs.export import RunOutputs
 from job.storage import Storage
-from job.watchdog import Watchdog
+from job.training import fingerprint, watchdog
+from job.training.checkpoint import Checkpointer, Progress
+from job.training.distributed import Dist
+from job.training.metrics import Metrics
+from job.training.progress import ProgressLog
+from job.training.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class Queued:
 
 
 class Run:
-    """One training run over parts built elsewhere (``job.build``): no I/O, no setup here.
+    """One training run over parts built elsewhere (``job.training.build``): no I/O, no setup here.
 
     ``train``/``val`` yield batches, ``dist`` is the distributed backend (Horovod, or one
     process), ``metrics`` the Prometheus sink, ``storage`` where outputs go, ``watchdog``
@@ -134,7 +134,7 @@ class Run:
         self.stop_requested = stop or threading.Event()  # SIGTERM; acted on at a step boundary
         self.watchdog = watchdog or Watchdog(0)
         self.checkpointer = Checkpointer(storage, cfg.output, cfg.keep_checkpoints)
-        # What makes this run this run (job.fingerprint): saved with every checkpoint and
+        # What makes this run this run (job.training.fingerprint): saved with every checkpoint and
         # compared before one is resumed.
         self.fingerprint = fingerprint or {}
         # What the run hands over; rank 0 evaluates the export alone, each batch progress.

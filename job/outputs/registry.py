@@ -10,7 +10,7 @@ rewrites ``latest`` -- the last write of the run, so a bad or unfinished run nev
 ``latest``. A later run given ``--pretrained <root>/latest`` starts from that model:
 ``resolve_pretrained`` turns the pointer into the model's URI.
 
-These are training-output concepts: ``job.model`` resolves ``latest`` and ``deploy`` names
+These are training-output concepts: ``job.training.model`` resolves ``latest`` and ``deploy`` names
 and gates the runs it submits, both through this module.
 """
 

@@ -15,13 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from job import augment
-from job.data.manifest import Dataset, Piece, assign_shards
-from job.data.reader import Sample, ShardReader
-from job.data.stats import DataStats
-from job.data.streams import background, shuffled
 from job.errors import DataError, InputError
-from job.records import Corruption, Record
+from job.input import augment
+from job.input.data.manifest import Dataset, Piece, assign_shards
+from job.input.data.reader import Sample, ShardReader
+from job.input.data.stats import DataStats
+from job.input.data.streams import background, shuffled
+from job.input.records import Corruption, Record
 from job.storage import Storage
 
 log = logging.getLogger(__name__)

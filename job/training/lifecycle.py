@@ -16,16 +16,18 @@ from typing import Any
 
 import mxnet as mx
 
-from job import __version__, distributed, pipeline_metrics, summary
+from job import __version__
 from job import storage as st
-from job.build import build
 from job.config import Config
-from job.distributed import Dist
 from job.errors import InputError, PreemptedError
-from job.metrics import Metrics, read_basic_auth
+from job.outputs import pipeline_metrics
 from job.storage import S3Settings, Storage
-from job.train import Run, scaled_lr
-from job.watchdog import Watchdog
+from job.training import distributed, summary
+from job.training.build import build
+from job.training.distributed import Dist
+from job.training.loop import Run, scaled_lr
+from job.training.metrics import Metrics, read_basic_auth
+from job.training.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
