@@ -51,6 +51,7 @@ from deploy import constants as c
 from deploy import kinds
 from deploy.errors import BadInputError
 from job import config as config_mod
+from job import sources
 from job.outputs import registry
 
 CHART = "finetune-job"
@@ -266,7 +267,7 @@ def config_yaml(training: Mapping[str, Any]) -> str:
 def check_training(training: Mapping[str, Any]) -> None:
     """The run's config must make a valid ``job.config.Config`` (its rules, not a copy)."""
     try:
-        config_mod.from_mapping(training, "values training")
+        sources.from_mapping(training, "values training")
     except config_mod.ConfigError as e:
         raise BadInputError(str(e)) from e
 

@@ -16,7 +16,6 @@ saved next to its output, gated and promoted to ``latest``. Failures raise the e
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,10 +26,19 @@ from deploy import kinds, manifest
 from deploy import schedule as schedule_mod
 from deploy.errors import BadInputError, DeployError, JobFailedError, JobTimeoutError
 from deploy.stuck import StuckBounds
-from job import layout
+from job import config, layout, rules
 from job import storage as st
 from job.errors import JobError
 from job.outputs import registry
+from job.rules import ConfigError, Rule
+
+# The bounded options of submit (and wait), checked by job.rules as Config's keys are;
+# --max-class-drop overrides training.max_class_drop and takes its rule.
+SUBMIT_RULES = {
+    "--start-timeout": Rule(help="seconds a pod may fail to start", minimum=0),
+    "--unschedulable-timeout": Rule(help="seconds a pod may stay unschedulable", minimum=0),
+    "--max-class-drop": config.rule("max_class_drop"),
+}
 
 
 @dataclass(frozen=True)
@@ -65,12 +73,13 @@ class SubmitOptions:
         for flag, value in (
             ("--start-timeout", self.stuck.start),
             ("--unschedulable-timeout", self.stuck.unschedulable),
+            ("--max-class-drop", self.max_class_drop),
         ):
-            if not math.isfinite(value) or value < 0:
-                raise BadInputError(f"{flag} must be a number of seconds >= 0 (got {value:g})")
-        drop = self.max_class_drop
-        if drop is not None and not 0 <= drop <= 1:  # not-a-number fails this too
-            raise BadInputError(f"--max-class-drop must be a recall drop in [0, 1] (got {drop:g})")
+            if value is not None:
+                try:
+                    rules.typed(float, SUBMIT_RULES[flag], value, flag)
+                except ConfigError as e:
+                    raise BadInputError(str(e)) from e
         if self.from_manifest and (self.values or self.set):
             raise BadInputError(
                 "--values/--set go to `helm template`; with --from-manifest the manifest is "

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from job import config as c
+from job import rules, sources
 
 SCHEMA_PATH = Path("charts") / "finetune-job" / "values.schema.json"
 VALUES_PATH = Path("charts") / "finetune-job" / "values.yaml"
@@ -63,8 +64,8 @@ def property_schema(name: str) -> dict[str, Any]:
     if rule.pattern:
         prop["pattern"] = rule.pattern
     if rule.s3_uri:
-        prop["if"] = {"pattern": c.SCHEME}
-        prop["then"] = {"pattern": c.S3_URI}
+        prop["if"] = {"pattern": rules.SCHEME}
+        prop["then"] = {"pattern": rules.S3_URI}
     return prop
 
 
@@ -161,7 +162,7 @@ def config_table() -> str:
             rule = c.rule(name)
             if rule.group != group:
                 continue
-            default = f"`{c.show_default(name)}`"
+            default = f"`{sources.show_default(name)}`"
             if rule.required:
                 default = "required unless synthetic" if name == "data" else "required"
             run = "yes" if rule.run else ""

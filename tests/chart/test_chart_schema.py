@@ -13,6 +13,7 @@ import yaml
 from chart_tools import CHART, HelmError, lint, render
 
 from job import config as job_config
+from job import sources
 
 SCHEMA = json.loads((CHART / "values.schema.json").read_text(encoding="utf-8"))
 TRAINING = SCHEMA["properties"]["training"]
@@ -237,4 +238,4 @@ def test_helm_lint_accepts_every_training_value_on_a_bound(helm, edge):
     }
     assert training
     lint(helm, _merged({"training": training}))
-    job_config.from_mapping({**REQUIRED["training"], **training}, "values training")
+    sources.from_mapping({**REQUIRED["training"], **training}, "values training")

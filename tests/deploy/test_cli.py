@@ -399,7 +399,7 @@ def test_bad_start_timeouts_are_bad_input(api, submit_args, capsys, value):
     assert run(*submit_args, "--wait", "--start-timeout", value) == BadInputError.exit_code
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [err.splitlines()[-1]]  # one line
-    assert err.startswith("finetune-job: error: --start-timeout must be")
+    assert err.startswith("finetune-job: error: --start-timeout: must be")
     assert not api.objects  # nothing submitted
 
 

@@ -21,6 +21,7 @@ from chart_tools import (
 
 from deploy import constants as c
 from job import config as config_mod
+from job import sources
 from job.cli import build_parser
 from job.training.progress import METRIC_KEYS
 
@@ -164,7 +165,7 @@ def test_a_trial_validates_as_an_mpijob_and_its_command_parses(chart_docs, tmp_p
     config_file = tmp_path / "config.yaml"
     config_file.write_text(config_text, encoding="utf-8")
     argv[argv.index("--config") + 1] = str(config_file)
-    cfg = config_mod.load(vars(build_parser().parse_args(argv)), environ={})
+    cfg = sources.load(vars(build_parser().parse_args(argv)), environ={})
     assert cfg.lr == 0.02 and cfg.head_lr_mult == 5.0  # the flags win over the config file
     assert cfg.output == "s3://runs/katib/flowers/finetune-lr-x1"
     assert cfg.data == VALUES["training"]["data"] and cfg.model == VALUES["training"]["model"]

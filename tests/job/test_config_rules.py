@@ -14,7 +14,7 @@ import pytest
 import yaml
 from config_cases import BASE, KEYS, all_bad_cases, edge_values
 
-from job import cli
+from job import cli, commands, sources
 from job import config as c
 
 EXIT_BAD_INPUT = 2
@@ -36,7 +36,7 @@ def cli_run(monkeypatch, capsys, tmp_path):
     def accept(threads: int) -> None:
         raise Accepted
 
-    monkeypatch.setattr(cli, "_set_thread_defaults", accept)
+    monkeypatch.setattr(commands, "_set_thread_defaults", accept)
 
     def run(argv: list[str], env: dict[str, str] | None = None, config: dict | None = None):
         for var, value in (env or {}).items():
@@ -93,7 +93,7 @@ def test_bad_yaml_value_is_one_line(cli_run, case):
 def test_bad_mapping_value_names_the_source(case):
     """The function deploy calls for the chart's values: the same rules, its source named."""
     with pytest.raises(c.ConfigError) as info:
-        c.from_mapping({**BASE, case.key: case.value}, "values training")
+        sources.from_mapping({**BASE, case.key: case.value}, "values training")
     message = str(info.value)
     assert "\n" not in message and f"config key '{case.key}'" in message
     assert _source(case, "values training") in message
@@ -124,14 +124,14 @@ def test_every_key_has_a_group_help_and_a_bad_case():
 
 def test_the_error_names_value_and_rule():
     with pytest.raises(c.ConfigError) as info:
-        c.from_mapping({**BASE, "shuffle_buffer": 0}, "values training")
+        sources.from_mapping({**BASE, "shuffle_buffer": 0}, "values training")
     assert str(info.value) == (
         "config key 'shuffle_buffer' from values training: must be >= 1 and <= 10000000, got 0"
     )
 
 
 def test_lr_steps_in_any_order_mean_the_same_schedule():
-    assert c.from_mapping({**BASE, "lr_steps": [60, 30]}, "x").lr_steps == (30, 60)
+    assert sources.from_mapping({**BASE, "lr_steps": [60, 30]}, "x").lr_steps == (30, 60)
 
 
 def test_config_built_in_code_obeys_the_rules():
