@@ -16,7 +16,8 @@ import pytest
 from job.config import Config
 from job.errors import DataError, InputError
 from job.input import prepare as prepare_module
-from job.input.prepare import prepare, verify_dataset
+from job.input.prepare import prepare
+from job.input.shards import verify_dataset
 from job.storage import S3Settings, Storage, StorageError
 from job.training import lifecycle
 
