@@ -137,13 +137,16 @@ def ours(root: str, storage, cores: int, batches: int, jitter: bool, ndarray: st
 RECORD_ITER_JITTER = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "random_h": 18}
 
 
-def record_iter(rec: str, cores: int, batches: int, jitter: bool = False) -> float:
-    import mxnet as mx
-
-    it = mx.io.ImageRecordIter(
+def record_iter_args(
+    rec: str, image_size: int, batch_size: int, threads: int, jitter: bool
+) -> dict[str, object]:
+    """The benchmarks' one ImageRecordIter argument set, the closest to our loader: random
+    crop and mirror, our mean/std, shuffled, ``threads`` decode threads; ``jitter`` adds
+    RECORD_ITER_JITTER."""
+    return dict(
         path_imgrec=rec,
-        data_shape=(3, 224, 224),
-        batch_size=64,
+        data_shape=(3, image_size, image_size),
+        batch_size=batch_size,
         rand_crop=True,
         rand_mirror=True,
         **(RECORD_ITER_JITTER if jitter else {}),
@@ -153,9 +156,15 @@ def record_iter(rec: str, cores: int, batches: int, jitter: bool = False) -> flo
         std_r=STD[0],
         std_g=STD[1],
         std_b=STD[2],
-        preprocess_threads=cores,
+        preprocess_threads=threads,
         shuffle=True,
     )
+
+
+def record_iter(rec: str, cores: int, batches: int, jitter: bool = False) -> float:
+    import mxnet as mx
+
+    it = mx.io.ImageRecordIter(**record_iter_args(rec, 224, 64, cores, jitter))
 
     def forever():
         while True:

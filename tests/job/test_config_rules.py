@@ -166,15 +166,14 @@ def test_bad_input_battery_in_real_processes(launch_env, tmp_path, argv, env, me
 
 
 @pytest.mark.slow
-def test_a_run_on_the_edges_of_the_rules_trains(tiny_dataset, tmp_path):
+def test_a_run_on_the_edges_of_the_rules_trains(tiny_dataset, tmp_path, make_config):
     """Values on the bounds that once crashed the job, or could, in one short real run:
     one-record shuffle buffer, smallest crop, batch of one, full jitter, largest seed."""
     from job.training import lifecycle
 
-    cfg = c.Config(
-        data=tiny_dataset,
-        output=str(tmp_path / "out"),
-        pretrained="none",
+    cfg = make_config(
+        tiny_dataset,
+        tmp_path / "out",
         model="resnet18_v1",
         image_size=16,
         batch_size=1,
@@ -196,7 +195,6 @@ def test_a_run_on_the_edges_of_the_rules_trains(tiny_dataset, tmp_path):
         data_workers=1,
         keep_checkpoints=1,
         tta=True,
-        metrics_port=0,
         head_lr_mult=0.0,
     )
     summary = lifecycle.run(cfg)

@@ -10,27 +10,29 @@ import subprocess
 
 import pytest
 
-from job.config import FIELDS, Config
+from job.config import FIELDS
 from job.errors import InputError
 from job.training import fingerprint, lifecycle
 
+# The run these tests resume: small and synthetic, with Config's own head_lr_mult and warmup
+# (the command-line test below gives no such flags, and they are part of the fingerprint).
+RUN = dict(
+    synthetic=True,
+    synthetic_classes=3,
+    synthetic_images=16,
+    model="resnet18_v1",
+    epochs=1,
+    data_workers=1,
+    head_lr_mult=FIELDS["head_lr_mult"].default,
+    warmup_epochs=FIELDS["warmup_epochs"].default,
+    log_interval=FIELDS["log_interval"].default,
+)
 
-def config(output: str, **kw) -> Config:
-    base = dict(
-        synthetic=True,
-        synthetic_classes=3,
-        synthetic_images=16,
-        output=output,
-        pretrained="none",
-        model="resnet18_v1",
-        image_size=32,
-        batch_size=8,
-        epochs=1,
-        metrics_port=0,
-        data_workers=1,
-    )
-    base.update(kw)
-    return Config(**base)
+
+@pytest.fixture(scope="session")
+def config(make_config):
+    """``config(output, **overrides)``: the RUN into ``output``."""
+    return lambda output, **kw: make_config("", output, **{**RUN, **kw})
 
 
 def test_the_rules_say_which_keys_define_the_run():
@@ -46,7 +48,7 @@ def test_the_rules_say_which_keys_define_the_run():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> str:
+def trained(tmp_path_factory, config) -> str:
     """One epoch of a small synthetic run; copied by each test that resumes it."""
     out = str(tmp_path_factory.mktemp("fingerprint") / "run")
     lifecycle.run(config(out))
@@ -71,14 +73,16 @@ def output(trained, tmp_path) -> str:
     ],
     ids=["lr", "seed", "classes", "model", "batch_size"],
 )
-def test_a_resume_with_another_fingerprint_is_refused_naming_the_first_key(output, change, key):
+def test_a_resume_with_another_fingerprint_is_refused_naming_the_first_key(
+    output, change, key, config
+):
     with pytest.raises(InputError, match=rf"belongs to another run: '{key}' was .*, now "):
         lifecycle.run(config(output, epochs=2, **change))
     assert json.load(open(os.path.join(output, "summary.json")))["epochs"] == 1  # untouched
 
 
 @pytest.mark.slow
-def test_another_dataset_is_another_run(tiny_dataset, tmp_path):
+def test_another_dataset_is_another_run(tiny_dataset, tmp_path, config):
     data = str(tmp_path / "ds")
     shutil.copytree(tiny_dataset, data)
     out = str(tmp_path / "run")
@@ -92,7 +96,7 @@ def test_another_dataset_is_another_run(tiny_dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_same_run_with_more_epochs_and_other_run_control_keys_resumes(output):
+def test_the_same_run_with_more_epochs_and_other_run_control_keys_resumes(output, config):
     first = json.load(open(os.path.join(output, "summary.json")))
     assert first["resumed_from"] is None
     summary = lifecycle.run(config(output, epochs=2, log_interval=1, keep_checkpoints=1, tta=True))
@@ -101,7 +105,7 @@ def test_the_same_run_with_more_epochs_and_other_run_control_keys_resumes(output
 
 
 @pytest.mark.slow
-def test_resume_force_resumes_another_runs_checkpoint(output):
+def test_resume_force_resumes_another_runs_checkpoint(output, config):
     before = json.load(open(os.path.join(output, "summary.json")))["history"]
     summary = lifecycle.run(config(output, epochs=2, lr=0.02, resume="force"))
     assert summary["history"][0] == before[0]  # epoch 1 came from the checkpoint
@@ -123,7 +127,7 @@ def test_the_command_exits_2_with_one_line_and_no_traceback(output, launch_env):
 
 
 @pytest.mark.slow
-def test_resume_from_another_output_checks_the_fingerprint_too(output, tmp_path):
+def test_resume_from_another_output_checks_the_fingerprint_too(output, tmp_path, config):
     other = str(tmp_path / "next")
     with pytest.raises(InputError, match="'lr' was 0.01, now 0.02"):
         lifecycle.run(config(other, epochs=2, lr=0.02, resume_from=output))

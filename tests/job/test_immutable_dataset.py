@@ -13,7 +13,6 @@ import subprocess
 
 import pytest
 
-from job.config import Config
 from job.errors import DataError, InputError
 from job.input import prepare as prepare_module
 from job.input.prepare import prepare
@@ -128,22 +127,10 @@ def test_a_shard_breaking_off_stops_the_workers_promptly(shape_images, tmp_path,
     assert not [f for _, _, files in os.walk(dest) for f in files if ".tmp-" in f]
 
 
-def config(data: str, output: str) -> Config:
-    return Config(
-        data=data,
-        output=output,
-        pretrained="none",
-        model="resnet18_v1",
-        image_size=32,
-        batch_size=8,
-        epochs=1,
-        metrics_port=0,
-        data_workers=1,
-    )
-
-
 @pytest.mark.parametrize("damage", ["truncated rec", "other idx"])
-def test_training_refuses_a_shard_that_does_not_match_the_manifest(tiny_dataset, tmp_path, damage):
+def test_training_refuses_a_shard_that_does_not_match_the_manifest(
+    tiny_dataset, tmp_path, damage, make_config
+):
     data = str(tmp_path / "ds")
     shutil.copytree(tiny_dataset, data)
     shard = manifest_of(data)["splits"]["train"]["shards"][1]
@@ -157,7 +144,7 @@ def test_training_refuses_a_shard_that_does_not_match_the_manifest(tiny_dataset,
         open(idx, "w").write("\n".join(lines[:-3]) + "\n")
         match = rf"{shard['idx']}: indexes {shard['count'] - 3} records, the manifest says"
     with pytest.raises(DataError, match=match):
-        lifecycle.run(config(data, str(tmp_path / "out")))
+        lifecycle.run(make_config(data, tmp_path / "out", model="resnet18_v1", epochs=1))
 
 
 def test_the_prepare_command_refuses_with_one_line_and_overwrites_when_told(

@@ -20,8 +20,6 @@ from job.outputs.evaluate import evaluate_export
 from job.storage import Storage
 from job.training import lifecycle, loop
 
-from .conftest import small_config
-
 
 def read(out, name):
     return json.load(open(os.path.join(out, name)))
@@ -151,7 +149,7 @@ def test_best_epoch_ties_go_to_the_later_epoch():
 @pytest.mark.slow
 @pytest.mark.parametrize(("export", "epoch"), [("best", 3), ("last", 4)])
 def test_the_chosen_epoch_is_exported_and_judged(
-    tiny_dataset, tmp_path, monkeypatch, export, epoch
+    tiny_dataset, tmp_path, monkeypatch, export, epoch, make_config
 ):
     """Validation top-1 is fixed per epoch (0.5, 0.9, 0.9, 0.4) so the choice is known; the
     exported parameters must be those the run checkpointed after that epoch."""
@@ -159,7 +157,7 @@ def test_the_chosen_epoch_is_exported_and_judged(
     monkeypatch.setattr(loop.Run, "evaluate", lambda self: {"val_top1": next(scores)})
     out = str(tmp_path / "run")
     summary = lifecycle.run(
-        small_config(tiny_dataset, out, epochs=4, keep_checkpoints=4, export=export, onnx=False)
+        make_config(tiny_dataset, out, epochs=4, keep_checkpoints=4, export=export, onnx=False)
     )
     assert summary["exported_epoch"] == epoch
     assert summary["val_top1"] == [0.5, 0.9, 0.9, 0.4][epoch - 1]
