@@ -23,7 +23,9 @@ from job.exitcodes import ExitCode
 
 
 def _bounds(args: argparse.Namespace) -> StuckBounds:
-    return StuckBounds(start=args.start_timeout, unschedulable=args.unschedulable_timeout)
+    bounds = StuckBounds(start=args.start_timeout, unschedulable=args.unschedulable_timeout)
+    submit_mod.check_stuck(bounds)
+    return bounds
 
 
 def _client(args: argparse.Namespace) -> Any:

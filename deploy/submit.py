@@ -41,6 +41,20 @@ SUBMIT_RULES = {
 }
 
 
+def check_option(flag: str, value: float) -> None:
+    """``value`` against the flag's rule in SUBMIT_RULES; BadInputError names the flag."""
+    try:
+        rules.typed(float, SUBMIT_RULES[flag], value, flag)
+    except ConfigError as e:
+        raise BadInputError(str(e)) from e
+
+
+def check_stuck(stuck: StuckBounds) -> None:
+    """The bounds of a wait for pods that cannot start (submit, wait, logs --follow)."""
+    check_option("--start-timeout", stuck.start)
+    check_option("--unschedulable-timeout", stuck.unschedulable)
+
+
 @dataclass(frozen=True)
 class SubmitOptions:
     """What ``finetune-job submit`` takes, flag for flag."""
@@ -70,16 +84,9 @@ class SubmitOptions:
 
     def check(self) -> None:
         """Bad input, found before anything is submitted."""
-        for flag, value in (
-            ("--start-timeout", self.stuck.start),
-            ("--unschedulable-timeout", self.stuck.unschedulable),
-            ("--max-class-drop", self.max_class_drop),
-        ):
-            if value is not None:
-                try:
-                    rules.typed(float, SUBMIT_RULES[flag], value, flag)
-                except ConfigError as e:
-                    raise BadInputError(str(e)) from e
+        check_stuck(self.stuck)
+        if self.max_class_drop is not None:
+            check_option("--max-class-drop", self.max_class_drop)
         if self.from_manifest and (self.values or self.set):
             raise BadInputError(
                 "--values/--set go to `helm template`; with --from-manifest the manifest is "

@@ -297,6 +297,9 @@ def test_wait_command(api, submit_args, kubeconfig_path, capsys):
         "message": "denied",
     }
     assert run("wait", "nope", *cluster) == NotFoundError.exit_code
+    capsys.readouterr()
+    assert run("wait", name, "--start-timeout", "-1", *cluster) == BadInputError.exit_code
+    assert "--start-timeout: must be >= 0, got -1.0" in capsys.readouterr().err
 
 
 # ---- logs ----------------------------------------------------------------------------------
