@@ -31,8 +31,8 @@ RUN = dict(
 
 @pytest.fixture(scope="session")
 def config(make_config):
-    """``config(output, **overrides)``: the RUN into ``output``."""
-    return lambda output, **kw: make_config("", output, **{**RUN, **kw})
+    """``config(output, data="", **overrides)``: the RUN into ``output``."""
+    return lambda output, data="", **kw: make_config(data, output, **{**RUN, **kw})
 
 
 def test_the_rules_say_which_keys_define_the_run():
