@@ -8,10 +8,10 @@
    side 256, JPEG quality 95, shards of 500 records).
 2. Starts moto's S3 server as its own process on 127.0.0.1 and uploads the shards.
 3. Measures, one after the other, pinned to ``--cores`` CPUs:
-   - ours: ``job.data.Loader`` streaming the shards from S3 → decode (cv2) → random crop
+   - ours: ``job.input.data.Loader`` streaming the shards from S3 → decode (cv2) → random crop
      224, mirror, mean/std (colour jitter off, and on) → float32
      (64, 3, 224, 224) batches; also with colour jitter on, and with each batch turned into
-     an NDArray (shared memory with ``job.data.to_ndarray``, or copied by ``mx.nd.array``);
+     an NDArray (shared memory with ``job.input.data.to_ndarray``, or copied by ``mx.nd.array``);
    - ``mx.io.ImageRecordIter`` on the same JPEG bytes in one local .rec (rand_crop,
      rand_mirror, mean/std, preprocess_threads = cores); also with its colour jitter
      (brightness, contrast, saturation, random_h: the closest it has to ours);
@@ -99,8 +99,8 @@ def rate(batches, count: int, batch_size: int, consume=None) -> float:
 def ours(root: str, storage, cores: int, batches: int, jitter: bool, ndarray: str) -> float:
     import mxnet as mx
 
-    from job.augment import Jitter
-    from job.data import DataStats, Loader, LoaderSettings, load_dataset, to_ndarray
+    from job.input.augment import Jitter
+    from job.input.data import DataStats, Loader, LoaderSettings, load_dataset, to_ndarray
 
     settings = LoaderSettings(
         batch_size=64,
@@ -137,13 +137,16 @@ def ours(root: str, storage, cores: int, batches: int, jitter: bool, ndarray: st
 RECORD_ITER_JITTER = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "random_h": 18}
 
 
-def record_iter(rec: str, cores: int, batches: int, jitter: bool = False) -> float:
-    import mxnet as mx
-
-    it = mx.io.ImageRecordIter(
+def record_iter_args(
+    rec: str, image_size: int, batch_size: int, threads: int, jitter: bool
+) -> dict[str, object]:
+    """The benchmarks' one ImageRecordIter argument set, the closest to our loader: random
+    crop and mirror, our mean/std, shuffled, ``threads`` decode threads; ``jitter`` adds
+    RECORD_ITER_JITTER."""
+    return dict(
         path_imgrec=rec,
-        data_shape=(3, 224, 224),
-        batch_size=64,
+        data_shape=(3, image_size, image_size),
+        batch_size=batch_size,
         rand_crop=True,
         rand_mirror=True,
         **(RECORD_ITER_JITTER if jitter else {}),
@@ -153,9 +156,15 @@ def record_iter(rec: str, cores: int, batches: int, jitter: bool = False) -> flo
         std_r=STD[0],
         std_g=STD[1],
         std_b=STD[2],
-        preprocess_threads=cores,
+        preprocess_threads=threads,
         shuffle=True,
     )
+
+
+def record_iter(rec: str, cores: int, batches: int, jitter: bool = False) -> float:
+    import mxnet as mx
+
+    it = mx.io.ImageRecordIter(**record_iter_args(rec, 224, 64, cores, jitter))
 
     def forever():
         while True:
@@ -230,7 +239,7 @@ def main() -> int:
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
-    from job.prepare import prepare
+    from job.input.prepare import prepare
     from job.storage import S3Settings, Storage
 
     work = args.workdir or tempfile.mkdtemp(prefix="finetune-bench-")

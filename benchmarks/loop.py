@@ -68,7 +68,7 @@ def compute_only(steps: int, threads: int) -> float:
     code = f"""
 import time, mxnet as mx
 from mxnet import autograd, gluon
-from job.model import build
+from job.training.model import build
 from job.config import Config
 from job.storage import Storage
 cfg = Config(output="x", synthetic=True, model="{MODEL}", pretrained="none", image_size={SIZE})

@@ -31,11 +31,10 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from input_pipeline import MEAN, STD, machine, make_images, start_moto  # noqa: E402
+from input_pipeline import machine, make_images, record_iter_args, start_moto  # noqa: E402
 
 BIN = os.path.dirname(sys.executable)
 MODEL = "resnet18_v1"
-JITTER = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "random_h": 18}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -47,22 +46,9 @@ def worker(args: argparse.Namespace) -> None:
     hvd.init()
     ctx = mx.cpu()
     data = mx.io.ImageRecordIter(
-        path_imgrec=args.rec,
-        data_shape=(3, args.image_size, args.image_size),
-        batch_size=args.batch_size,
-        rand_crop=True,
-        rand_mirror=True,
-        mean_r=MEAN[0],
-        mean_g=MEAN[1],
-        mean_b=MEAN[2],
-        std_r=STD[0],
-        std_g=STD[1],
-        std_b=STD[2],
-        preprocess_threads=args.threads,
-        shuffle=True,
+        **record_iter_args(args.rec, args.image_size, args.batch_size, args.threads, True),
         num_parts=hvd.size(),
         part_index=hvd.rank(),
-        **JITTER,
     )
     net = gluon.model_zoo.vision.get_model(MODEL, pretrained=False, classes=10)
     net.initialize(mx.init.Xavier(rnd_type="gaussian", factor_type="in", magnitude=2), ctx=ctx)
@@ -134,7 +120,7 @@ def main() -> int:
         worker(args)
         return 0
 
-    from job.prepare import prepare
+    from job.input.prepare import prepare
     from job.storage import S3Settings, Storage
 
     print(machine(), flush=True)

@@ -52,7 +52,7 @@ CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
 CONFIG_VOLUME = "training-config"
 
 # Kubernetes object names (DNS-1123 labels). Run names are shorter, to leave room for the
-# names the MPI Operator derives from them: see job.registry.MAX_RUN_NAME.
+# names the MPI Operator derives from them: see job.outputs.registry.MAX_RUN_NAME.
 MAX_NAME = 63
 # A run that cannot start. The MPI Operator sets no condition for these, so the client reads
 # them from the run's pods (container waiting reasons, the PodScheduled condition) and from
@@ -69,6 +69,8 @@ FAILED_CREATE = "FailedCreate"  # the Job controller's event when it cannot crea
 OPERATOR_FAILED = "MPIJobFailed"  # the operator's event when it cannot create a worker pod
 FAILED_MOUNT = "FailedMount"  # kubelet's event when a volume (Secret, ConfigMap) is missing
 WARNING = "Warning"
+# How long a wait (submit --wait, wait, logs --follow) lasts by default (seconds).
+WAIT_TIMEOUT = 24 * 3600.0
 # How long such a state may last before waiting gives up (seconds; 0: never give up).
 # Unschedulable waits longer: a cluster autoscaler may be adding a node.
 START_TIMEOUT = 300.0

@@ -10,7 +10,7 @@ starts from what Helm rendered (the MPIJob and the ConfigMap holding its ``confi
 
 ``build_run`` then changes only what belongs to one run:
 
-- the name, ``<prefix>-<UTC yyyymmdd-hhmmss>-<4 random>`` (``job.registry.run_name``);
+- the name, ``<prefix>-<UTC yyyymmdd-hhmmss>-<4 random>`` (``job.outputs.registry.run_name``);
 - labels ``finetune-job/run`` and ``finetune-job/schedule`` on the MPIJob and its pods, and
   ``app.kubernetes.io/managed-by: finetune-job-deploy`` (Helm does not manage the run);
 - its output, ``<training.output>/runs/<name>`` (annotation ``finetune-job/output``);
@@ -51,7 +51,8 @@ from deploy import constants as c
 from deploy import kinds
 from deploy.errors import BadInputError
 from job import config as config_mod
-from job import registry
+from job import sources
+from job.outputs import registry
 
 CHART = "finetune-job"
 CONFIG_MAP_SUFFIX = "-training"
@@ -266,7 +267,7 @@ def config_yaml(training: Mapping[str, Any]) -> str:
 def check_training(training: Mapping[str, Any]) -> None:
     """The run's config must make a valid ``job.config.Config`` (its rules, not a copy)."""
     try:
-        config_mod.from_mapping(training, "values training")
+        sources.from_mapping(training, "values training")
     except config_mod.ConfigError as e:
         raise BadInputError(str(e)) from e
 

@@ -11,13 +11,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from deploy import constants as c
 from deploy import kinds
 from deploy.errors import BadInputError
-from job.storage import Storage, StorageError, join
+from job import layout
+from job.storage import Storage
 
 
 def selector(schedule: str) -> str:
@@ -57,15 +57,7 @@ def resumable_predecessor(client: Any, storage: Storage, schedule: str) -> tuple
     if not finished or not finished[-1].failed or not finished[-1].output:
         return None
     output = finished[-1].output
-    try:
-        if storage.exists(join(output, "summary.json")):
-            return None
-        pointer_uri = join(output, "checkpoints", "latest")
-        if not storage.exists(pointer_uri):
-            return None
-        pointer = json.loads(storage.read_bytes(pointer_uri))
-        folder = join(output, "checkpoints", str(pointer["checkpoint"]))
-        state = json.loads(storage.read_bytes(join(folder, "state.json")))
-        return output, str(state["config"]["pretrained"])
-    except (StorageError, ValueError, KeyError, TypeError):
-        return None  # nothing usable to resume: start afresh
+    config = layout.checkpointed_config(storage, output)
+    if config is None or not isinstance(config.get("pretrained"), str):
+        return None  # finished after all, or nothing usable to resume: start afresh
+    return output, config["pretrained"]

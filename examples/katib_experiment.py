@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         current = EXPERIMENT.read_text(encoding="utf-8") if EXPERIMENT.exists() else ""
         if current != wanted:
-            print(f"{EXPERIMENT} is stale: run `make examples`", file=sys.stderr)
+            print(f"{EXPERIMENT} is stale: run `make generate`", file=sys.stderr)
             return 1
         return 0
     EXPERIMENT.write_text(wanted, encoding="utf-8")

@@ -4,10 +4,11 @@ its metrics as KFP artifacts.
 The component runs in the job's image (it has ``finetune-job`` and its ``deploy`` side) and
 does what a scheduled retraining does: ``finetune-job submit --from-manifest --wait`` takes
 the MPIJob the chart rendered, makes it this run's, submits it, waits for it (and for the
-promotion gate), and prints the run's summary.json on stdout. The component turns that summary
-into the same metrics document ``--metrics-file`` writes (job/pipeline_metrics.py) and logs it
-into a ``Metrics`` artifact (name → number) and, when the run's evaluation gave one, a
-``ClassificationMetrics`` confusion matrix, which the KFP UI shows and compares across runs.
+promotion gate), and prints the run's summary.json on stdout. The component turns that
+summary into the same metrics document ``--metrics-file`` writes
+(job/outputs/pipeline_metrics.py) and logs it into a ``Metrics`` artifact (name → number)
+and, when the run's evaluation gave one, a ``ClassificationMetrics`` confusion matrix, which
+the KFP UI shows and compares across runs.
 
     pip install -e ".[kfp]"
     python examples/kfp_pipeline.py finetune.yaml       # compile; upload it in the KFP UI
@@ -46,7 +47,7 @@ def finetune(
     import subprocess
     import tempfile
 
-    from job import pipeline_metrics
+    from job.outputs import pipeline_metrics
 
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
         fh.write(manifest_yaml)

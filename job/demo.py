@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -281,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write_comparison(results: dict[str, dict], path: str) -> None:
-    from job import report
+    from job.outputs import report
 
     title = f"Target classes ({', '.join(TARGET_SHAPES)}): fine-tuned vs from scratch"
     with open(path, "w", encoding="utf-8") as fh:
@@ -310,9 +309,10 @@ def _start_s3():  # type: ignore[no-untyped-def]
 
 
 def _read_summary(out: str) -> dict:
-    from job.storage import Storage, join
+    from job import layout
+    from job.storage import Storage
 
-    return json.loads(Storage().read_bytes(join(out, "summary.json")))
+    return layout.read_summary(Storage(), out)
 
 
 def _print_table(results: dict[str, dict], seconds: float) -> None:

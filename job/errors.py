@@ -48,3 +48,14 @@ class GateError(JobError):
     def __init__(self, message: str, summary: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.summary = summary
+
+
+class StorageError(JobError):
+    """A storage operation failed; the message names the URI."""
+
+
+class StreamError(StorageError):
+    """A streamed read broke off (dropped connection, read timeout, short body).
+
+    The bytes read before it are good; the reader may resume with a ranged request.
+    """

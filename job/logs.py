@@ -2,7 +2,7 @@
 
 - ``text``: ``2026-12-03T07:50:00.123Z INFO message``.
 - ``json``: one object per line, ``{"time": "2026-12-03T07:50:00.123Z", "level": "INFO",
-  "logger": "job.train", "message": "...", ...extra fields}`` (python-json-logger).
+  "logger": "job.training.loop", "message": "...", ...extra fields}`` (python-json-logger).
 
 Both carry the same RFC 3339 UTC timestamp (milliseconds, ``Z``). ``configure`` installs the
 formatter on the root logger, so library lines that go through ``logging`` (MXNet's and
@@ -111,7 +111,11 @@ def active_format() -> str:
 
 
 def render(
-    fmt: str, message: str, fields: dict[str, Any] | None = None, *, name: str = "job.progress"
+    fmt: str,
+    message: str,
+    fields: dict[str, Any] | None = None,
+    *,
+    name: str = "job.training.progress",
 ) -> str:
     """One line as ``configure``'s handler would write it; ``fields`` become JSON keys (text
     shows only the message)."""

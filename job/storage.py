@@ -1,9 +1,9 @@
 """One small storage layer for local paths and ``s3://`` URIs.
 
 Every input and output of the job goes through :class:`Storage`, so each feature works on
-both. S3 access uses boto3 with botocore's own retries and timeouts; the endpoint, region
-and credentials come from the settings or the standard AWS chain (environment, profile,
-web identity), so AWS, MinIO, Ceph and test servers all work.
+both. S3 access (``job.s3``) uses boto3 with botocore's own retries and timeouts; the
+endpoint, region and credentials come from the settings or the standard AWS chain
+(environment, profile, web identity), so AWS, MinIO, Ceph and test servers all work.
 """
 
 from __future__ import annotations
@@ -13,81 +13,12 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import IO, Any
 
-from job.errors import JobError
-
-
-class StorageError(JobError):
-    """A storage operation failed; the message names the URI."""
-
-
-class StreamError(StorageError):
-    """A streamed read broke off (dropped connection, read timeout, short body).
-
-    The bytes read before it are good; the reader may resume with a ranged request.
-    """
-
-
-@dataclass(frozen=True)
-class S3Settings:
-    """How to reach S3. Empty ``endpoint_url``/``region``: boto3 decides (AWS_ENDPOINT_URL,
-    AWS_REGION / AWS_DEFAULT_REGION, ~/.aws/config), as every AWS tool does."""
-
-    endpoint_url: str = ""
-    region: str = ""
-    max_attempts: int = 5  # botocore attempts per request, the first one included
-    retry_mode: str = "standard"  # standard | adaptive | legacy
-    connect_timeout: float = 10.0
-    read_timeout: float = 60.0
-    # Uploads at least this large go in parts of multipart_chunksize, max_concurrency at once.
-    multipart_threshold: int = 64 << 20
-    multipart_chunksize: int = 16 << 20
-    max_concurrency: int = 8
-
-    @classmethod
-    def from_config(cls, values: Mapping[str, Any]) -> S3Settings:
-        """From the config keys ``s3_*`` (a Config's ``to_dict()``, or parsed flags)."""
-        return cls(**{k[len("s3_") :]: v for k, v in values.items() if k.startswith("s3_")})
-
-
-def stream_errors() -> tuple[type[BaseException], ...]:
-    """What a streamed S3 body raises when the connection drops mid-read."""
-    from http.client import IncompleteRead, RemoteDisconnected
-
-    from botocore.exceptions import (
-        ConnectionClosedError,
-        IncompleteReadError,
-        ReadTimeoutError,
-        ResponseStreamingError,
-    )
-    from urllib3.exceptions import ProtocolError
-    from urllib3.exceptions import ReadTimeoutError as Urllib3ReadTimeoutError
-
-    return (
-        ReadTimeoutError,
-        ResponseStreamingError,
-        IncompleteReadError,
-        ConnectionClosedError,
-        ProtocolError,
-        Urllib3ReadTimeoutError,
-        IncompleteRead,
-        RemoteDisconnected,
-        OSError,  # ConnectionResetError, TimeoutError, BrokenPipeError, ...
-    )
-
-
-def is_s3(uri: str) -> bool:
-    return uri.startswith("s3://")
-
-
-def split_s3(uri: str) -> tuple[str, str]:
-    bucket, _, key = uri[len("s3://") :].partition("/")
-    if not bucket:
-        raise StorageError(f"{uri}: no bucket in S3 URI")
-    return bucket, key
+from job import s3
+from job.errors import StorageError, StreamError
+from job.s3 import S3Settings, is_s3, split_s3
 
 
 def join(base: str, *parts: str) -> str:
@@ -105,22 +36,7 @@ class Storage:
     @property
     def client(self) -> Any:
         if self._client is None:
-            import boto3
-            from botocore.config import Config as BotoConfig
-
-            s = self.s3_settings
-            config = BotoConfig(
-                retries={"total_max_attempts": s.max_attempts, "mode": s.retry_mode},
-                connect_timeout=s.connect_timeout,
-                read_timeout=s.read_timeout,
-                max_pool_connections=32,
-            )
-            self._client = boto3.session.Session().client(
-                "s3",
-                endpoint_url=s.endpoint_url or None,
-                region_name=s.region or None,
-                config=config,
-            )
+            self._client = s3.new_client(self.s3_settings)
         return self._client
 
     @contextlib.contextmanager
@@ -136,7 +52,7 @@ class Storage:
         try:
             yield
         except ClientError as e:
-            raise StorageError(f"{uri}: {action} failed: {_client_error(e, uri)}") from e
+            raise StorageError(f"{uri}: {action} failed: {s3.client_error(e, uri)}") from e
         except NoCredentialsError as e:
             raise StorageError(
                 f"{uri}: {action} failed: no AWS credentials found (set AWS_ACCESS_KEY_ID and "
@@ -193,7 +109,7 @@ class Storage:
             extra["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
         with self._errors(uri, "GET"):
             body = self.client.get_object(Bucket=bucket, Key=key, **extra)["Body"]
-        return _S3Stream(uri, body, start)  # type: ignore[return-value]
+        return s3.S3Stream(uri, body, start)  # type: ignore[return-value]
 
     def read_range(self, uri: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of ``uri`` (one ranged GET on S3)."""
@@ -468,44 +384,6 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _client_error(e: Any, uri: str) -> str:
-    err = e.response.get("Error", {})
-    code = str(err.get("Code", "?"))
-    if code in ("NoSuchBucket",) or (code == "404" and e.operation_name == "HeadBucket"):
-        return f"bucket '{split_s3(uri)[0]}' does not exist"
-    if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-        return f"access denied ({code}): check the credentials and the bucket policy"
-    return f"{code} {err.get('Message', '')}".strip()
-
-
-class _S3Stream:
-    """An S3 GET body whose read errors become :class:`StreamError` naming URI and offset."""
-
-    def __init__(self, uri: str, body: Any, start: int) -> None:
-        self._uri, self._body, self._pos = uri, body, start
-        self._errors = stream_errors()
-
-    def read(self, n: int = -1) -> bytes:
-        try:
-            data: bytes = self._body.read(None if n < 0 else n)
-        except self._errors as e:
-            raise StreamError(
-                f"{self._uri}: read broke off at byte {self._pos}: {type(e).__name__}: {e}"
-            ) from e
-        self._pos += len(data)
-        return data
-
-    def close(self) -> None:
-        with contextlib.suppress(*self._errors):  # closing a broken connection may fail too
-            self._body.close()
-
-    def __enter__(self) -> _S3Stream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class _Limited:

@@ -5,11 +5,40 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 
 VENV_BIN = os.path.dirname(sys.executable)
+
+
+# A small, fast training run: 32-pixel images, batches of 8, two epochs, fresh weights, no
+# metrics port. Tests override what they are about.
+SMALL_RUN = dict(
+    pretrained="none",
+    head_lr_mult=1.0,
+    image_size=32,
+    batch_size=8,
+    epochs=2,
+    lr=0.01,
+    warmup_epochs=0.5,
+    metrics_port=0,
+    log_interval=2,
+    data_workers=2,
+)
+
+
+@pytest.fixture(scope="session")
+def make_config():
+    """The one builder of a training Config in the tests: ``make_config(data, output,
+    **overrides)``, a SMALL_RUN on ``data`` (a dataset root; "" with ``synthetic=True``)
+    into ``output``."""
+    from job.config import Config
+
+    def build(data: str, output: object, **overrides: object) -> Config:
+        return Config(**{**SMALL_RUN, "data": data, "output": str(output), **overrides})
+
+    return build
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +52,18 @@ def launchers() -> dict[str, list[str]]:
         ).split(),
         "horovodrun": "horovodrun -np 2 -H localhost:2".split(),
     }
+
+
+@pytest.fixture(scope="session")
+def train_on_two(launchers):
+    """``train_on_two(launcher, *flags, prefix=())``: `finetune-job train FLAGS` as two
+    processes under ``launcher`` ("mpirun" or "horovodrun"), with ``prefix`` run before the
+    job on every rank. Run it with ``launch_env``."""
+
+    def command(launcher: str, *flags: str, prefix: Sequence[str] = ()) -> list[str]:
+        return [*launchers[launcher], *prefix, "finetune-job", "train", *flags]
+
+    return command
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +98,7 @@ def shape_images(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def tiny_dataset(shape_images: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """`shape_images` prepared into RecordIO shards of 25 records (shorter side 36)."""
-    from job.prepare import prepare
+    from job.input.prepare import prepare
     from job.storage import Storage
 
     root = str(tmp_path_factory.mktemp("dataset"))

@@ -21,7 +21,13 @@ from typing import Any
 
 import pytest
 
-APT_PACKAGES = ("prometheus", "prometheus-pushgateway")  # promtool comes with prometheus
+# The Debian package that brings each binary.
+PACKAGES = {
+    "prometheus": "prometheus",
+    "promtool": "prometheus",
+    "prometheus-pushgateway": "prometheus-pushgateway",
+}
+APT_PACKAGES = tuple(dict.fromkeys(PACKAGES.values()))
 _apt_tried: list[str] = []  # the one apt-get attempt of this session, and its outcome
 
 
@@ -35,7 +41,10 @@ def binary(name: str) -> str:
         _apt_tried.append(_apt_install())
     found = shutil.which(name)
     if not found:
-        pytest.skip(f"{name} is missing and apt-get could not install it: {_apt_tried[0]}")
+        pytest.skip(
+            f"{name} is missing (Debian package {PACKAGES[name]}; `make test` installs it) and "
+            f"apt-get could not install it: {_apt_tried[0]}"
+        )
     return found
 
 

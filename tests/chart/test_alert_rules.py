@@ -11,8 +11,8 @@ from chart_tools import CHART
 from prometheus_client import CollectorRegistry
 from prometheus_tools import promtool
 
-from job.data import DataStats
-from job.metrics import Metrics
+from job.input.data import DataStats
+from job.training.metrics import Metrics
 
 FILES = CHART / "files"
 ALERTS = FILES / "alerts.yaml"

@@ -18,7 +18,7 @@ from chart_tools import (
     replica_pod,
 )
 
-from job import config as job_config
+from job import sources
 
 DATA, OUTPUT = "s3://datasets/flowers", "s3://runs/flowers"
 
@@ -157,7 +157,7 @@ def test_config_file_holds_the_training_values_and_loads_as_a_job_config(helm, t
     _, text = launcher_command_and_config(render(helm, values(training=training)))
     path = tmp_path / "config.yaml"
     path.write_text(text, encoding="utf-8")
-    config = job_config.load({"config": str(path)}, environ={})
+    config = sources.load({"config": str(path)}, environ={})
     assert (config.data, config.output) == (DATA, OUTPUT)
     for key, value in training.items():
         got = getattr(config, key)

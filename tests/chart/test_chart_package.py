@@ -41,7 +41,9 @@ def registry(tmp_path_factory) -> Iterator[str]:
     storage in a temporary folder; yields host:port once /v2/ answers."""
     binary = shutil.which("docker-registry")
     if binary is None:
-        pytest.skip("docker-registry is missing: `make test` apt-installs it (TEST_APT_PACKAGES)")
+        pytest.skip(
+            "docker-registry is missing (Debian package docker-registry; `make test` installs it)"
+        )
     root = tmp_path_factory.mktemp("registry")
     port = free_port()
     config = {

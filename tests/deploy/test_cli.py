@@ -16,22 +16,20 @@ from fake_apiserver import (
     waiting,
     warning,
 )
+from in_process import guarded
 
-from deploy import cli
+from deploy import commands, entry
 from deploy import constants as c
 from deploy.errors import BadInputError, JobStuckError, JobTimeoutError, NotFoundError
 from job.exitcodes import ExitCode
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="finetune-job")
-    cli.register(p.add_subparsers(dest="command", required=True))
-    return p
+    return entry.build_parser()
 
 
 def run(*argv: str) -> int:
-    args = parser().parse_args(argv)
-    return args.func(args)
+    return guarded(*argv)
 
 
 def write_summary(val_top1: float):
@@ -70,10 +68,8 @@ def test_help_shows_an_example(command, capsys):
 
 
 def test_main_command_has_the_subcommands():
-    from job.cli import build_parser
-
-    args = build_parser().parse_args(["status", "r1"])
-    assert args.func is cli.status
+    args = entry.build_parser().parse_args(["status", "r1"])
+    assert args.func is commands.status
 
 
 def test_dry_run_prints_the_objects(capsys, helm):
@@ -301,6 +297,9 @@ def test_wait_command(api, submit_args, kubeconfig_path, capsys):
         "message": "denied",
     }
     assert run("wait", "nope", *cluster) == NotFoundError.exit_code
+    capsys.readouterr()
+    assert run("wait", name, "--start-timeout", "-1", *cluster) == BadInputError.exit_code
+    assert "--start-timeout: must be >= 0, got -1.0" in capsys.readouterr().err
 
 
 # ---- logs ----------------------------------------------------------------------------------
@@ -403,7 +402,7 @@ def test_bad_start_timeouts_are_bad_input(api, submit_args, capsys, value):
     assert run(*submit_args, "--wait", "--start-timeout", value) == BadInputError.exit_code
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [err.splitlines()[-1]]  # one line
-    assert err.startswith("finetune-job: error: --start-timeout must be")
+    assert err.startswith("finetune-job: error: --start-timeout: must be")
     assert not api.objects  # nothing submitted
 
 

@@ -27,7 +27,7 @@ from deploy.errors import (
     NotFoundError,
     PermissionDeniedError,
 )
-from deploy.status import StuckBounds
+from deploy.stuck import StuckBounds
 
 NS = "team-a"
 

@@ -4,27 +4,23 @@ worker resuming from that predecessor's checkpoint."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
 import pytest
 import yaml
 from fake_apiserver import failed, running, succeeded
+from in_process import guarded
 
-from deploy import cli
-from job import train
 from job.config import Config
 from job.exitcodes import ExitCode
+from job.training import lifecycle
 
 SCHEDULE = "flowers-weekly"
 
 
 def run(*argv: str) -> int:
-    p = argparse.ArgumentParser(prog="finetune-job")
-    cli.register(p.add_subparsers(dest="command", required=True))
-    args = p.parse_args(argv)
-    return args.func(args)
+    return guarded(*argv)
 
 
 @pytest.fixture
@@ -98,7 +94,7 @@ def test_a_run_failed_by_an_evicted_worker_is_resumed_by_the_next_tick(api, subm
     # The first run trains one epoch and checkpoints; then a worker is evicted and the
     # operator marks the whole MPIJob Failed, before any summary.
     cfg = Config(**{**first_config, "epochs": 1, "metrics_port": 0})
-    train.run(cfg)
+    lifecycle.run(cfg)
     os.remove(os.path.join(cfg.output, "summary.json"))
     failed("Worker pod flowers-worker-1 was evicted: the node was low on memory")(
         api, "team-a", first
@@ -112,7 +108,7 @@ def test_a_run_failed_by_an_evicted_worker_is_resumed_by_the_next_tick(api, subm
     assert second_config["resume_from"] == cfg.output
     assert second_config["output"] != cfg.output
 
-    summary = train.run(Config(**{**second_config, "metrics_port": 0}))
+    summary = lifecycle.run(Config(**{**second_config, "metrics_port": 0}))
     assert summary["resumed_from"].startswith(os.path.join(cfg.output, "checkpoints", "step-"))
     assert [h["epoch"] for h in summary["history"]] == [1, 2]  # epoch 1 was not trained again
     on_disk = json.load(open(os.path.join(second_config["output"], "summary.json")))

@@ -5,14 +5,8 @@ from __future__ import annotations
 import pytest
 
 from deploy import constants as c
-from deploy.status import (
-    START,
-    UNSCHEDULABLE,
-    StuckBounds,
-    StuckTracker,
-    job_state,
-    pod_problems,
-)
+from deploy.status import job_state
+from deploy.stuck import START, UNSCHEDULABLE, StuckBounds, StuckTracker, pod_problems
 
 
 def job(*conds: tuple[str, str]) -> dict:

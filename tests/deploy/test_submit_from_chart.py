@@ -14,7 +14,7 @@ import yaml
 from chart_tools import CHART, CI_VALUES, by_kind, one, render, validate_mpijob, validate_trainer
 
 from deploy import constants as c
-from job import cli as job_cli
+from deploy import entry
 
 RELEASE = "ft"
 BASE = {"training": {"data": "s3://b/ds", "output": "s3://b/flowers"}}
@@ -58,7 +58,7 @@ SERVER_FIELDS = ("namespace", "uid", "creationTimestamp", "resourceVersion")
 
 def submit(*argv: str) -> int:
     """`finetune-job submit ...` as the console script runs it (one line and a code on error)."""
-    return job_cli.main(["submit", *argv])
+    return entry.main(["submit", *argv])
 
 
 def created(api, kind: str) -> dict:
@@ -296,7 +296,7 @@ def test_the_trainjob_runs_flags_parse_as_the_jobs_config(helm, tmp_path):
     """The TrainJob's launcher args end in flags that the job's own parser takes, and they
     win over the config file the runtime mounts."""
     from deploy import manifest
-    from job import config as config_mod
+    from job import sources
 
     path = next(iter(TRAINJOB_CASES))
     rendered = manifest.parse(yaml.safe_dump_all(render(helm, BASE, files=[path])), "x.yaml")
@@ -306,6 +306,6 @@ def test_the_trainjob_runs_flags_parse_as_the_jobs_config(helm, tmp_path):
     config_file = tmp_path / "config.yaml"
     config_file.write_text(rendered.config_map["data"][c.CONFIG_KEY])
     argv[argv.index("--config") + 1] = str(config_file)
-    cfg = config_mod.load(vars(job_cli.build_parser().parse_args(argv)), environ={})
+    cfg = sources.load(vars(entry.build_parser().parse_args(argv)), environ={})
     assert cfg.output == run.output
     assert cfg.pretrained == "s3://b/flowers/runs/r0/model.params"

@@ -14,7 +14,7 @@ from deploy import constants as c
 from deploy import kinds, manifest
 from deploy.client import MPIJobClient
 from deploy.errors import JobFailedError, JobStuckError, NotFoundError
-from deploy.status import StuckBounds
+from deploy.stuck import StuckBounds
 
 NS = "team-a"
 BASE = {"training": {"data": "s3://b/ds", "output": "s3://b/flowers"}}

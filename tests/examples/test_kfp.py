@@ -22,7 +22,7 @@ from fake_apiserver import FakeApiServer, kubeconfig, succeeded  # noqa: E402
 from kfp.dsl import ClassificationMetrics, Metrics  # noqa: E402
 
 from deploy import constants as c  # noqa: E402
-from job import pipeline_metrics  # noqa: E402
+from job.outputs import pipeline_metrics  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 sys.path.insert(0, str(EXAMPLES))

@@ -2,8 +2,8 @@ import cv2
 import numpy as np
 import pytest
 
-from job import augment
-from job.augment import Jitter
+from job.input import augment
+from job.input.augment import Jitter
 
 
 def image(h, w, seed=0):

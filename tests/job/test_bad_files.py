@@ -22,9 +22,10 @@ import numpy as np
 import pytest
 from mxnet.gluon.model_zoo import vision
 
-from job import data, model, prepare
 from job.errors import InputError
+from job.input import data, prepare
 from job.storage import S3Settings, Storage
+from job.training import model
 
 EXIT_BAD_INPUT = 2
 

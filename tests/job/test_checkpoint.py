@@ -11,8 +11,8 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from job.checkpoint import Checkpointer, CheckpointInvalidError, Progress, file_facts
 from job.storage import S3Settings, Storage
+from job.training.checkpoint import Checkpointer, CheckpointInvalidError, Progress, file_facts
 
 
 def small_net(seed: int = 0) -> tuple[mx.gluon.Block, mx.gluon.Trainer]:
@@ -107,7 +107,7 @@ def test_an_invalid_latest_falls_back_to_the_newest_complete_checkpoint(tmp_path
         open(params, "wb").write(bytes(data))
     else:
         os.remove(os.path.join(newest, "checkpoint.json"))
-    with caplog.at_level(logging.WARNING, logger="job.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="job.training.checkpoint"):
         step, loaded = restored_step(Checkpointer(Storage(), out, keep=5))
     assert step == 2
     for key, value in saved[2].items():
@@ -132,7 +132,7 @@ def test_nothing_complete_left_starts_afresh_with_one_warning(tmp_path, caplog):
     save_steps(Checkpointer(Storage(), out, keep=3), [1])
     os.remove(os.path.join(folder_of(out, 1), "model.params"))
     net, trainer = small_net()
-    with caplog.at_level(logging.WARNING, logger="job.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="job.training.checkpoint"):
         assert Checkpointer(Storage(), out, keep=3).restore(net, trainer, mx.cpu()) is None
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
 
@@ -167,7 +167,7 @@ def test_on_s3_a_pointer_to_a_partial_folder_falls_back(s3_server, s3_bucket, ca
     saved = save_steps(Checkpointer(storage, out, keep=3), [1, 2])
     pointer = json.loads(storage.read_bytes(f"{out}/checkpoints/latest"))
     storage.delete_prefix(f"{out}/checkpoints/{pointer['checkpoint']}")
-    with caplog.at_level(logging.WARNING, logger="job.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="job.training.checkpoint"):
         step, loaded = restored_step(Checkpointer(storage, out, keep=3))
     assert step == 1
     for key, value in saved[1].items():

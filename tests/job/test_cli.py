@@ -3,12 +3,12 @@ import sys
 
 import pytest
 
-from job.cli import build_parser
+from deploy.entry import build_parser
 
 
 def finetune(*args, env=None):
     return subprocess.run(
-        [sys.executable, "-m", "job.cli", *args],
+        [sys.executable, "-m", "deploy.entry", *args],
         capture_output=True,
         text=True,
         env=env,
@@ -104,7 +104,8 @@ def test_prepare_takes_the_s3_keys_of_the_config_typed(launch_env, shape_images,
         "finetune-job: error: config key 's3_max_attempts' from --s3-max-attempts: "
         "expected int, got 'many'"
     )
-    from job.config import S3_KEYS, flag_values
+    from job.config import S3_KEYS
+    from job.sources import flag_values
 
     assert flag_values({"s3_read_timeout": "2.5"}, S3_KEYS)["s3_read_timeout"] == 2.5
     assert flag_values({}, S3_KEYS)["s3_max_attempts"] == 5
@@ -124,7 +125,7 @@ def test_version_comes_from_the_package_metadata(capsys):
     from importlib.metadata import version
 
     import job
-    from job.cli import main
+    from deploy.entry import main
 
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"finetune-job {version('finetune-job')}"
@@ -179,9 +180,9 @@ def test_train_epilog_explains_variables_and_precedence(capsys):
         (["train", "--epochz", "3"], "finetune-job train: error: unrecognized arguments: --epochz"),
         (["train", "--data"], "finetune-job train: error: argument --data: expected one argument"),
         (["prepare", "src"], "finetune-job prepare: error: the following arguments are required"),
-        (["prepare", "a", "b", "--resize", "3"], "argument --resize: must be in [16, 8192]"),
-        (["prepare", "a", "b", "--max-pixels", "0"], "argument --max-pixels: must be in [1,"),
-        (["prepare", "a", "b", "--val-fraction", "1"], "argument --val-fraction: must be in"),
+        (["prepare", "a", "b", "--resize", "3"], "--resize: must be >= 16 and <= 8192, got 3"),
+        (["prepare", "a", "b", "--max-pixels", "0"], "argument --max-pixels: must be >= 1 and"),
+        (["prepare", "a", "b", "--val-fraction", "1"], "--val-fraction: must be >= 0 and < 1"),
         (["evaluate", "--data", "d", "--model", "m", "--batch-size", "x"], "expected int, got 'x'"),
         (["nosuch"], "finetune-job: error: argument COMMAND: invalid choice: 'nosuch'"),
         ([], "finetune-job: error: the following arguments are required: COMMAND"),
@@ -199,7 +200,7 @@ def test_train_epilog_explains_variables_and_precedence(capsys):
     ],
 )
 def test_usage_errors_are_one_line_with_a_help_hint(capsys, argv, message):
-    from job.cli import main
+    from deploy.entry import main
 
     assert main(argv) == 2
     lines = capsys.readouterr().err.splitlines()
@@ -219,7 +220,8 @@ def test_a_usage_error_in_a_real_process_is_one_line(launch_env):
 
 
 def test_prepare_and_evaluate_read_the_s3_variables_too(monkeypatch):
-    from job.config import S3_KEYS, flag_values
+    from job.config import S3_KEYS
+    from job.sources import flag_values
 
     values = flag_values({}, S3_KEYS, {"FINETUNE_S3_MAX_ATTEMPTS": "7"})
     assert values["s3_max_attempts"] == 7

@@ -3,14 +3,14 @@ import argparse
 import pytest
 import yaml
 
-from job import config
+from job import sources
 from job.config import Config, ConfigError
 
 
 def parse(argv, environ=None):
     parser = argparse.ArgumentParser()
-    config.add_arguments(parser)
-    return config.load(vars(parser.parse_args(argv)), environ or {})
+    sources.add_arguments(parser)
+    return sources.load(vars(parser.parse_args(argv)), environ or {})
 
 
 def test_defaults_need_only_output_and_data():

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from config_cases import BASE, KEYS, all_bad_cases, edge_values
 
-from job import cli
+from job import cli, commands, sources
 from job import config as c
 
 EXIT_BAD_INPUT = 2
@@ -36,7 +36,7 @@ def cli_run(monkeypatch, capsys, tmp_path):
     def accept(threads: int) -> None:
         raise Accepted
 
-    monkeypatch.setattr(cli, "_set_thread_defaults", accept)
+    monkeypatch.setattr(commands, "_set_thread_defaults", accept)
 
     def run(argv: list[str], env: dict[str, str] | None = None, config: dict | None = None):
         for var, value in (env or {}).items():
@@ -93,7 +93,7 @@ def test_bad_yaml_value_is_one_line(cli_run, case):
 def test_bad_mapping_value_names_the_source(case):
     """The function deploy calls for the chart's values: the same rules, its source named."""
     with pytest.raises(c.ConfigError) as info:
-        c.from_mapping({**BASE, case.key: case.value}, "values training")
+        sources.from_mapping({**BASE, case.key: case.value}, "values training")
     message = str(info.value)
     assert "\n" not in message and f"config key '{case.key}'" in message
     assert _source(case, "values training") in message
@@ -124,14 +124,14 @@ def test_every_key_has_a_group_help_and_a_bad_case():
 
 def test_the_error_names_value_and_rule():
     with pytest.raises(c.ConfigError) as info:
-        c.from_mapping({**BASE, "shuffle_buffer": 0}, "values training")
+        sources.from_mapping({**BASE, "shuffle_buffer": 0}, "values training")
     assert str(info.value) == (
         "config key 'shuffle_buffer' from values training: must be >= 1 and <= 10000000, got 0"
     )
 
 
 def test_lr_steps_in_any_order_mean_the_same_schedule():
-    assert c.from_mapping({**BASE, "lr_steps": [60, 30]}, "x").lr_steps == (30, 60)
+    assert sources.from_mapping({**BASE, "lr_steps": [60, 30]}, "x").lr_steps == (30, 60)
 
 
 def test_config_built_in_code_obeys_the_rules():
@@ -166,15 +166,14 @@ def test_bad_input_battery_in_real_processes(launch_env, tmp_path, argv, env, me
 
 
 @pytest.mark.slow
-def test_a_run_on_the_edges_of_the_rules_trains(tiny_dataset, tmp_path):
+def test_a_run_on_the_edges_of_the_rules_trains(tiny_dataset, tmp_path, make_config):
     """Values on the bounds that once crashed the job, or could, in one short real run:
     one-record shuffle buffer, smallest crop, batch of one, full jitter, largest seed."""
-    from job import train
+    from job.training import lifecycle
 
-    cfg = c.Config(
-        data=tiny_dataset,
-        output=str(tmp_path / "out"),
-        pretrained="none",
+    cfg = make_config(
+        tiny_dataset,
+        tmp_path / "out",
         model="resnet18_v1",
         image_size=16,
         batch_size=1,
@@ -196,17 +195,16 @@ def test_a_run_on_the_edges_of_the_rules_trains(tiny_dataset, tmp_path):
         data_workers=1,
         keep_checkpoints=1,
         tta=True,
-        metrics_port=0,
         head_lr_mult=0.0,
     )
-    summary = train.run(cfg)
+    summary = lifecycle.run(cfg)
     assert summary is not None and [h["epoch"] for h in summary["history"]] == [1]
 
 
 def test_a_metrics_port_past_65535_for_a_local_rank_is_one_line():
     """metrics_port 65535 is valid, but local rank 1 would serve on 65536."""
     from job.errors import InputError
-    from job.metrics import Metrics
+    from job.training.metrics import Metrics
 
     with pytest.raises(
         InputError, match=r"^metrics_port: cannot serve /metrics on 127.0.0.1:65536"

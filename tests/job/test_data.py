@@ -5,8 +5,16 @@ import random
 import numpy as np
 import pytest
 
-from job.data import DataStats, Loader, LoaderSettings, Shard, assign_shards, load_dataset, shuffled
 from job.errors import InputError
+from job.input.data import (
+    DataStats,
+    Loader,
+    LoaderSettings,
+    Shard,
+    assign_shards,
+    load_dataset,
+    shuffled,
+)
 from job.storage import Storage
 
 

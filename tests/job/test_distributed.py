@@ -6,8 +6,7 @@ import subprocess
 
 import pytest
 
-from job import train
-from job.config import Config
+from job.training import lifecycle
 
 pytestmark = pytest.mark.slow
 
@@ -29,42 +28,21 @@ COMMON = [
 
 
 @pytest.fixture(scope="module")
-def source_model(tiny_dataset, tmp_path_factory):
+def source_model(tiny_dataset, tmp_path_factory, make_config):
     """A source model trained from scratch in one process (its head has 3 classes too)."""
     out = str(tmp_path_factory.mktemp("source"))
-    train.run(
-        Config(
-            data=tiny_dataset,
-            output=out,
-            pretrained="none",
-            head_lr_mult=1,
-            image_size=32,
-            batch_size=8,
-            epochs=2,
-            lr=0.01,
-            metrics_port=0,
-        )
-    )
+    lifecycle.run(make_config(tiny_dataset, out))
     return os.path.join(out, "model.params")
 
 
 @pytest.mark.parametrize("launcher", ["horovodrun", "mpirun"])
 def test_two_workers_fine_tune_and_end_identical(
-    launcher, launchers, tiny_dataset, source_model, launch_env, tmp_path
+    launcher, train_on_two, tiny_dataset, source_model, launch_env, tmp_path
 ):
     out = str(tmp_path / "out")
-    cmd = [
-        *launchers[launcher],
-        "finetune-job",
-        "train",
-        "--data",
-        tiny_dataset,
-        "--output",
-        out,
-        "--pretrained",
-        source_model,
-        *COMMON,
-    ]
+    cmd = train_on_two(
+        launcher, "--data", tiny_dataset, "--output", out, "--pretrained", source_model, *COMMON
+    )
     result = subprocess.run(cmd, env=launch_env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.load(open(os.path.join(out, "summary.json")))

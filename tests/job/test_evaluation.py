@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from job import evaluation, registry
+from job.outputs import evaluation, registry
 
 NAMES = ["cat", "dog", "fox"]
 

@@ -13,12 +13,12 @@ import subprocess
 
 import pytest
 
-from job import prepare as prepare_module
-from job import train
-from job.config import Config
 from job.errors import DataError, InputError
-from job.prepare import prepare, verify_dataset
+from job.input import prepare as prepare_module
+from job.input.prepare import prepare
+from job.input.shards import verify_dataset
 from job.storage import S3Settings, Storage, StorageError
+from job.training import lifecycle
 
 PREP = dict(resize=36, val_fraction=0.2, shard_size=25, workers=1)
 
@@ -51,7 +51,7 @@ def test_prepare_refuses_a_non_empty_destination(shape_images, tiny_dataset, tmp
 
 
 def test_the_manifest_carries_each_shards_size_count_and_digest(tiny_dataset):
-    from job.records import read_index
+    from job.input.records import read_index
 
     for split in manifest_of(tiny_dataset)["splits"].values():
         for shard in split["shards"]:
@@ -127,22 +127,10 @@ def test_a_shard_breaking_off_stops_the_workers_promptly(shape_images, tmp_path,
     assert not [f for _, _, files in os.walk(dest) for f in files if ".tmp-" in f]
 
 
-def config(data: str, output: str) -> Config:
-    return Config(
-        data=data,
-        output=output,
-        pretrained="none",
-        model="resnet18_v1",
-        image_size=32,
-        batch_size=8,
-        epochs=1,
-        metrics_port=0,
-        data_workers=1,
-    )
-
-
 @pytest.mark.parametrize("damage", ["truncated rec", "other idx"])
-def test_training_refuses_a_shard_that_does_not_match_the_manifest(tiny_dataset, tmp_path, damage):
+def test_training_refuses_a_shard_that_does_not_match_the_manifest(
+    tiny_dataset, tmp_path, damage, make_config
+):
     data = str(tmp_path / "ds")
     shutil.copytree(tiny_dataset, data)
     shard = manifest_of(data)["splits"]["train"]["shards"][1]
@@ -156,7 +144,7 @@ def test_training_refuses_a_shard_that_does_not_match_the_manifest(tiny_dataset,
         open(idx, "w").write("\n".join(lines[:-3]) + "\n")
         match = rf"{shard['idx']}: indexes {shard['count'] - 3} records, the manifest says"
     with pytest.raises(DataError, match=match):
-        train.run(config(data, str(tmp_path / "out")))
+        lifecycle.run(make_config(data, tmp_path / "out", model="resnet18_v1", epochs=1))
 
 
 def test_the_prepare_command_refuses_with_one_line_and_overwrites_when_told(

@@ -48,9 +48,9 @@ def test_json_carries_library_lines_and_warnings_in_one_format(restore_logging):
         warnings.simplefilter("always")  # shown even if an earlier test in this process warned
         logs.configure("json", out)  # inside: logging's hook over catch_warnings' own
         warnings.warn("a python warning", UserWarning, stacklevel=1)
-    logging.getLogger("job.train").info("resumed", extra={"epoch": 3})
+    logging.getLogger("job.training.loop").info("resumed", extra={"epoch": 3})
     objects = [json.loads(line) for line in out.getvalue().splitlines()]
-    assert [o["logger"] for o in objects] == ["mxnet.gluon", "py.warnings", "job.train"]
+    assert [o["logger"] for o in objects] == ["mxnet.gluon", "py.warnings", "job.training.loop"]
     assert objects[0]["message"] == "a library line 7" and objects[0]["level"] == "WARNING"
     assert "a python warning" in objects[1]["message"]
     assert "\n" not in objects[1]["message"]

@@ -13,14 +13,13 @@ import pytest
 from mxnet import gluon
 from prometheus_client import CollectorRegistry
 
-from job.checkpoint import Checkpointer
-from job.config import Config
-from job.data import Batch
-from job.distributed import Single
 from job.errors import PreemptedError
-from job.metrics import Metrics
+from job.input.data import Batch
 from job.storage import Storage
-from job.train import Run
+from job.training.checkpoint import Checkpointer
+from job.training.distributed import Single
+from job.training.loop import Run
+from job.training.metrics import Metrics
 
 CLASSES, SIZE, BATCH = 3, 16, 4
 
@@ -81,42 +80,44 @@ class RecordingTrainer(gluon.Trainer):
         super().set_learning_rate(lr)
 
 
-def config(out, **kw) -> Config:
-    base = dict(
-        output=str(out),
-        synthetic=True,  # no data root needed; the batches come from the test
-        model="resnet18_v1",  # a name for the summary; the network is the test's Tiny
-        epochs=2,
-        batch_size=BATCH,
-        image_size=SIZE,
-        lr=0.1,
-        warmup_epochs=1.0,
-        log_interval=100,
-        metrics_port=0,
-        step_timeout=0,
-    )
-    base.update(kw)
-    return Config(**base)
+# The run: synthetic (the batches come from the test), steps of BATCH images of SIZE
+# pixels, no step watchdog; "model" only names the network in the summary (it is Tiny).
+RUN = dict(
+    synthetic=True,
+    model="resnet18_v1",
+    batch_size=BATCH,
+    image_size=SIZE,
+    lr=0.1,
+    warmup_epochs=1.0,
+    log_interval=100,
+    step_timeout=0,
+)
 
 
-def make_run(out, loader, stop=None, **kw) -> Run:
-    mx.random.seed(0)
-    net = Tiny()
-    net.initialize(mx.init.Xavier())
-    net.hybridize()
-    net(mx.nd.zeros((BATCH, 3, SIZE, SIZE)))
-    return Run(
-        config(out, **kw),
-        dist=Single(),
-        net=net,
-        trainer=RecordingTrainer(net.collect_params()),
-        train=loader,
-        val=None,
-        classes=[f"c{i}" for i in range(CLASSES)],
-        storage=Storage(),
-        metrics=Metrics(0, CollectorRegistry()),
-        stop=stop,
-    )
+@pytest.fixture
+def make_run(make_config):
+    """``make_run(out, loader, stop=None, **overrides)``: a Run of Tiny over ``loader``."""
+
+    def build(out, loader, stop=None, **kw) -> Run:
+        mx.random.seed(0)
+        net = Tiny()
+        net.initialize(mx.init.Xavier())
+        net.hybridize()
+        net(mx.nd.zeros((BATCH, 3, SIZE, SIZE)))
+        return Run(
+            make_config("", out, **{**RUN, **kw}),
+            dist=Single(),
+            net=net,
+            trainer=RecordingTrainer(net.collect_params()),
+            train=loader,
+            val=None,
+            classes=[f"c{i}" for i in range(CLASSES)],
+            storage=Storage(),
+            metrics=Metrics(0, CollectorRegistry()),
+            stop=stop,
+        )
+
+    return build
 
 
 def state(out) -> dict:
@@ -125,7 +126,7 @@ def state(out) -> dict:
     return json.load(open(os.path.join(folder, "state.json")))
 
 
-def test_lr_warms_up_over_the_first_epoch_then_decays_by_cosine(tmp_path):
+def test_lr_warms_up_over_the_first_epoch_then_decays_by_cosine(tmp_path, make_run):
     run = make_run(tmp_path, Batches(4))
     run.fit()
     rates = run.trainer.rates
@@ -135,7 +136,7 @@ def test_lr_warms_up_over_the_first_epoch_then_decays_by_cosine(tmp_path):
     assert rates == pytest.approx([0.025, 0.05, 0.075, 0.1, *cosine])
 
 
-def test_each_epoch_is_checkpointed_with_its_progress_and_weights(tmp_path):
+def test_each_epoch_is_checkpointed_with_its_progress_and_weights(tmp_path, make_run):
     run = make_run(tmp_path, Batches(4))
     run.fit()
     saved = state(tmp_path)
@@ -153,7 +154,9 @@ def test_each_epoch_is_checkpointed_with_its_progress_and_weights(tmp_path):
 
 
 @pytest.mark.parametrize("log_interval", [1, 100], ids=["every-step-synced", "pipelined"])
-def test_sigterm_stops_at_an_agreed_step_that_is_checkpointed_and_resumed(tmp_path, log_interval):
+def test_sigterm_stops_at_an_agreed_step_that_is_checkpointed_and_resumed(
+    tmp_path, log_interval, make_run
+):
     stop = threading.Event()
 
     def sigterm_at_batch_2(epoch, i):
@@ -189,7 +192,7 @@ def test_sigterm_stops_at_an_agreed_step_that_is_checkpointed_and_resumed(tmp_pa
         )
 
 
-def test_phases_are_observed_on_one_sampled_step_per_log_interval(tmp_path):
+def test_phases_are_observed_on_one_sampled_step_per_log_interval(tmp_path, make_run):
     run = make_run(tmp_path, Batches(6), log_interval=4, epochs=1)
     run.fit()
     got = {

@@ -15,9 +15,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_tools import binary, free_port, get, promtool, server
 
-from job.data import DataStats
 from job.errors import InputError
-from job.metrics import PHASES, Metrics
+from job.input.data import DataStats
+from job.training.metrics import PHASES, Metrics
 
 ALLOWED_LABELS = {"rank", "split", "phase"}
 
@@ -231,7 +231,7 @@ def test_final_push_groups_by_rank_with_the_outcome(pushgateway):
 
 def test_an_unreachable_pushgateway_only_warns(caplog):
     url = f"http://127.0.0.1:{free_port()}"
-    with caplog.at_level(logging.WARNING, logger="job.metrics"):
+    with caplog.at_level(logging.WARNING, logger="job.training.metrics"):
         fed().push(url, success=True)
     assert "push failed" in caplog.text and url in caplog.text
 

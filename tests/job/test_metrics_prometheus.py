@@ -65,7 +65,7 @@ def prometheus_config(path: Path, port: int, pushgateway_port: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def run(launch_env, tmp_path_factory) -> Iterator[TwoWorkerRun]:
+def run(launch_env, tmp_path_factory, train_on_two) -> Iterator[TwoWorkerRun]:
     """Prometheus and a Pushgateway on loopback, then `horovodrun -np 2` training that
     serves metrics on P, P+1 and pushes at the end. Everything stops at module end."""
     tmp = tmp_path_factory.mktemp("prometheus")
@@ -82,15 +82,15 @@ def run(launch_env, tmp_path_factory) -> Iterator[TwoWorkerRun]:
         server(pgw_args, pgw_port, str(tmp / "pushgateway.log")) as pushgateway,
         server(prom_args, prom_port, str(tmp / "prometheus.log")) as prometheus,
     ):
-        cmd = [
-            *("horovodrun", "-np", "2", "-H", "localhost:2"),
-            *("finetune-job", "train", "--synthetic", "--pretrained", "none"),
+        cmd = train_on_two(
+            "horovodrun",
+            *("--synthetic", "--pretrained", "none"),
             *("--synthetic-images", str(RUN["images"]), "--batch-size", str(RUN["batch"])),
             *("--epochs", str(RUN["epochs"]), "--image-size", "32", "--log-interval", "10"),
             *("--metrics-port", str(port), "--metrics-address", "127.0.0.1"),
             *("--pushgateway", pushgateway, "--log-format", "json"),
             *("--output", str(tmp / "out")),
-        ]
+        )
         log = tmp / "run.log"
         with open(log, "wb") as out:
             # Its own session, so the finalizer can stop horovodrun, mpirun and both workers.

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from mxnet.gluon.model_zoo import vision
 
-from job import model
 from job.config import Config
 from job.errors import InputError
 from job.storage import Storage
+from job.training import model
 
 
 def source_file(tmp_path, name="resnet18_v2", classes=5):

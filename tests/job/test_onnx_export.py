@@ -12,9 +12,9 @@ from google.protobuf import text_format
 from mxnet.gluon.model_zoo import vision
 from onnx import numpy_helper
 
-from job import onnx_export as ox
-from job import triton
-from job.augment import MEAN_RGB, STD_RGB
+from job.input.augment import MEAN_RGB, STD_RGB
+from job.outputs import onnx_export as ox
+from job.outputs import triton
 
 SIZE, CLASSES = 32, 3
 

@@ -15,11 +15,10 @@ import numpy as np
 import onnx
 import pytest
 
-from job import outputs, train
-from job.evaluate import evaluate_export
+from job.outputs import export
+from job.outputs.evaluate import evaluate_export
 from job.storage import Storage
-
-from .conftest import small_config
+from job.training import lifecycle, loop
 
 
 def read(out, name):
@@ -32,7 +31,7 @@ def test_summary_records_the_onnx_check_and_the_exported_epoch(finished_run):
     assert on_disk["onnx"]["max_abs_diff"] <= 1e-4
     assert 0 <= on_disk["onnx"]["top1_agreement"] <= 1
     assert on_disk["onnx"]["batch_sizes"] == [1, 7]
-    assert on_disk["exported_epoch"] == outputs.best_epoch(on_disk["history"])
+    assert on_disk["exported_epoch"] == export.best_epoch(on_disk["history"])
     exported = on_disk["history"][on_disk["exported_epoch"] - 1]
     assert on_disk["val_top1"] == exported["val_top1"]
     model = onnx.load(os.path.join(out, "model.onnx"))
@@ -143,22 +142,22 @@ def test_export_onnx_of_a_folder_that_is_no_run_is_one_line(tmp_path, launch_env
 def test_best_epoch_ties_go_to_the_later_epoch():
     history = [{"epoch": 1, "val_top1": 0.5}, {"epoch": 2, "val_top1": 0.9},
                {"epoch": 3, "val_top1": 0.9}, {"epoch": 4, "val_top1": 0.4}]  # fmt: skip
-    assert outputs.best_epoch(history) == 3
-    assert outputs.best_epoch([{"epoch": 1}]) is None
+    assert export.best_epoch(history) == 3
+    assert export.best_epoch([{"epoch": 1}]) is None
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("export", "epoch"), [("best", 3), ("last", 4)])
 def test_the_chosen_epoch_is_exported_and_judged(
-    tiny_dataset, tmp_path, monkeypatch, export, epoch
+    tiny_dataset, tmp_path, monkeypatch, export, epoch, make_config
 ):
     """Validation top-1 is fixed per epoch (0.5, 0.9, 0.9, 0.4) so the choice is known; the
     exported parameters must be those the run checkpointed after that epoch."""
     scores = iter([0.5, 0.9, 0.9, 0.4])
-    monkeypatch.setattr(train.Run, "evaluate", lambda self: {"val_top1": next(scores)})
+    monkeypatch.setattr(loop.Run, "evaluate", lambda self: {"val_top1": next(scores)})
     out = str(tmp_path / "run")
-    summary = train.run(
-        small_config(tiny_dataset, out, epochs=4, keep_checkpoints=4, export=export, onnx=False)
+    summary = lifecycle.run(
+        make_config(tiny_dataset, out, epochs=4, keep_checkpoints=4, export=export, onnx=False)
     )
     assert summary["exported_epoch"] == epoch
     assert summary["val_top1"] == [0.5, 0.9, 0.9, 0.4][epoch - 1]

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from job import pipeline_metrics
+from job.outputs import pipeline_metrics
 from job.storage import Storage
 
 SUMMARY = {

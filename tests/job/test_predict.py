@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from job import predict
 from job.errors import InputError
+from job.outputs import predict
 from job.storage import S3Settings, Storage
 
 

@@ -18,23 +18,14 @@ EPOCHS, STEPS = 4, 6  # tiny_dataset: 96 training images, 2 workers × batch 8
 
 
 @pytest.fixture(scope="module")
-def command(tiny_dataset, launchers):
+def command(tiny_dataset, train_on_two):
     """The job under `mpirun -np 2`, writing to ``out``; log lines at every step."""
     flags = (
         f"--pretrained none --head-lr-mult 1 --image-size 32 --batch-size 8 --epochs {EPOCHS} "
         "--lr 0.002 --metrics-port 0 --log-interval 1 --brightness 0 --contrast 0 "
         "--saturation 0 --hue 0"
     ).split()
-    return lambda out: [
-        *launchers["mpirun"],
-        "finetune-job",
-        "train",
-        "--data",
-        tiny_dataset,
-        "--output",
-        out,
-        *flags,
-    ]
+    return lambda out: train_on_two("mpirun", "--data", tiny_dataset, "--output", out, *flags)
 
 
 def run(cmd, env):

@@ -8,8 +8,8 @@ import pytest
 from mxnet import recordio
 
 from job.errors import InputError
-from job.prepare import prepare
-from job.records import RecordStream
+from job.input.prepare import prepare
+from job.input.records import RecordStream
 from job.storage import Storage
 
 
@@ -118,12 +118,12 @@ def test_ends_with_per_class_counts_without_skipped_files(tmp_path, caplog):
         for i in range(count):
             cv2.imwrite(str(src / name / f"{i}.jpg"), np.zeros((20, 20, 3), np.uint8))
     (src / "a" / "broken.jpg").write_bytes(b"not a jpeg")
-    caplog.set_level(logging.INFO, logger="job.prepare")
+    caplog.set_level(logging.INFO, logger="job.input.prepare")
     shown = io.StringIO()  # not a terminal: no bar, lines only every 30 s
     dest = str(tmp_path / "ds")
     prepare(str(src), dest, Storage(), resize=16, val_fraction=0.2, progress_stream=shown)
     assert shown.getvalue() == ""
-    last = [r.getMessage() for r in caplog.records if r.name == "job.prepare"][-1]
+    last = [r.getMessage() for r in caplog.records if r.name == "job.input.prepare"][-1]
     # a: 4 files (1 unreadable) -> 1 val + 2 train or 2 + 1; b: 5 -> 1 val, 4 train
     assert last.startswith("prepare: images per class: a ")
     counts = dict(
@@ -144,7 +144,7 @@ def test_big_jpegs_are_decoded_at_a_reduced_size_that_still_covers_the_resize(
     import cv2
     import numpy as np
 
-    from job.prepare import encode, reduced_decode_flag
+    from job.input.prepare import encode, reduced_decode_flag
 
     rng = np.random.default_rng(0)
     small = rng.integers(0, 255, (8, 12, 3), dtype=np.uint8)
@@ -169,7 +169,7 @@ def test_a_png_is_decoded_whole(tmp_path):
     import cv2
     import numpy as np
 
-    from job.prepare import reduced_decode_flag
+    from job.input.prepare import reduced_decode_flag
 
     path = str(tmp_path / "big.png")
     cv2.imwrite(path, np.zeros((2048, 2048, 3), np.uint8))
@@ -183,7 +183,7 @@ def test_the_workers_stay_a_bounded_window_ahead_of_the_writer():
     import multiprocessing
     import time
 
-    from job.prepare import _Window
+    from job.input.prepare import _Window
 
     window, fed = _Window(chunks=4, chunk=3), []
 

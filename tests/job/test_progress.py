@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from job.progress import CountProgress, Eta, ProgressLog
+from job.training.progress import CountProgress, Eta, ProgressLog
 
 STEP = dict(
     epoch=1,

@@ -9,8 +9,9 @@ import threading
 
 import pytest
 
-from job import registry
+from job import layout
 from job.errors import GateError
+from job.outputs import registry
 from job.storage import S3Settings, Storage
 
 
@@ -39,7 +40,7 @@ class Unconditional(Interleaved):
 
 
 def write_summary(storage: Storage, root: str, run: str, val_top1: float) -> None:
-    uri = registry.join(registry.run_output(root, run), "summary.json")
+    uri = layout.summary(layout.run_folder(root, run))
     storage.write_bytes(uri, json.dumps({"val_top1": val_top1}).encode())
 
 

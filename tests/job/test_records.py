@@ -4,7 +4,7 @@ import struct
 import pytest
 from mxnet import recordio
 
-from job.records import MAGIC_BYTES, RecordStream, frame, index_line, pack, read_index
+from job.input.records import MAGIC_BYTES, RecordStream, frame, index_line, pack, read_index
 
 
 def write_rec(path, payloads):

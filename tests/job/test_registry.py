@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from job import registry
 from job.errors import GateError, InputError
 from job.exitcodes import ExitCode
+from job.outputs import registry
 from job.storage import Storage
 
 
@@ -236,16 +236,14 @@ def every_image_with_every_label(dataset: str, dest: Path) -> str:
 
 
 @pytest.mark.slow
-def test_a_real_run_that_loses_a_class_past_the_limit_is_not_promoted(tiny_dataset, tmp_path):
-    from job import train
-    from job.config import Config
+def test_a_real_run_that_loses_a_class_past_the_limit_is_not_promoted(
+    tiny_dataset, tmp_path, make_config
+):
+    from job.training import lifecycle
 
     data = every_image_with_every_label(tiny_dataset, tmp_path / "ds")
     root = tmp_path / "root"
-    train.run(
-        Config(data=data, output=str(root / "runs" / "r2"), pretrained="none", image_size=32,
-               batch_size=8, epochs=1, metrics_port=0, data_workers=2, onnx=False)
-    )  # fmt: skip
+    lifecycle.run(make_config(data, root / "runs" / "r2", epochs=1, onnx=False))
     doc = json.loads((root / "runs" / "r2" / "eval.json").read_text())
     recalls = [c["recall"] for c in doc["per_class"]]
     assert sum(recalls) == pytest.approx(1.0, abs=1e-5) and min(recalls) <= 1 / 3 + 1e-5

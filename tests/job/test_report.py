@@ -12,11 +12,12 @@ import cv2
 import numpy as np
 import pytest
 
-from job import report
+from job.outputs import report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None, reason="chromium is not installed (`make test` installs it)"
+    CHROMIUM is None,
+    reason="chromium is not installed (Debian package chromium; `make test` installs it)",
 )
 # Reports every <img>'s decoded width once the page has loaded (0: it did not decode).
 PROBE = """<script>

@@ -20,13 +20,12 @@ from urllib.parse import urlparse
 import numpy as np
 import pytest
 
-from job import data as data_mod
-from job import train
-from job.config import Config
-from job.data import DataStats, Loader, LoaderSettings, Piece, ShardReader, load_dataset
 from job.errors import DataError
-from job.records import read_index
+from job.input import data as data_mod
+from job.input.data import DataStats, Loader, LoaderSettings, Piece, ShardReader, load_dataset
+from job.input.records import read_index
 from job.storage import S3Settings, Storage
+from job.training import lifecycle
 
 
 class CuttingProxy:
@@ -217,22 +216,10 @@ def test_strict_data_stops_at_the_first_shard_whose_sha256_differs(s3_corrupt, s
 
 @pytest.mark.slow
 def test_training_on_corrupt_shards_finishes_and_reports_the_count(
-    s3_corrupt, s3_server, s3_bucket
+    s3_corrupt, s3_server, s3_bucket, make_config
 ):
     root, _ = s3_corrupt
-    summary = train.run(
-        Config(
-            data=root,
-            output=f"{s3_bucket}/run",
-            s3_endpoint_url=s3_server,
-            pretrained="none",
-            image_size=32,
-            batch_size=8,
-            epochs=2,
-            metrics_port=0,
-            data_workers=2,
-        )
-    )
+    summary = lifecycle.run(make_config(root, f"{s3_bucket}/run", s3_endpoint_url=s3_server))
     # Every epoch reads the 7 bad records again (the short share is even read twice to fill
     # the epoch's last batches); they are 7 records of the dataset, counted once per job.
     assert summary["corrupt_records"] == 7 and len(summary["history"]) == 2

@@ -6,7 +6,7 @@ import time
 import mxnet as mx
 import numpy as np
 
-from job.data import BufferPool, DataStats, Piece, ShardReader, load_dataset, to_ndarray
+from job.input.data import BufferPool, DataStats, Piece, ShardReader, load_dataset, to_ndarray
 from job.storage import S3Settings, Storage
 
 

@@ -12,12 +12,11 @@ import subprocess
 
 import pytest
 
-from job import train
-from job.config import Config
 from job.errors import InputError
-from job.evaluate import evaluate_export
-from job.prepare import prepare
+from job.input.prepare import prepare
+from job.outputs.evaluate import evaluate_export
 from job.storage import S3Settings, Storage
+from job.training import lifecycle
 
 
 class RecordingStorage(Storage):
@@ -53,26 +52,6 @@ class FlipsAByte:
             data = bytearray(data)
             data[len(data) // 2] ^= 0xFF
         return self.fh.write(bytes(data))
-
-
-def config(data, output, endpoint, **kw):
-    base = dict(
-        data=data,
-        output=output,
-        s3_endpoint_url=endpoint,
-        pretrained="none",
-        head_lr_mult=1.0,
-        image_size=32,
-        batch_size=8,
-        epochs=1,
-        lr=0.01,
-        warmup_epochs=0.5,
-        metrics_port=0,
-        log_interval=4,
-        data_workers=2,
-    )
-    base.update(kw)
-    return Config(**base)
 
 
 @pytest.fixture(scope="module")
@@ -115,11 +94,13 @@ def test_prepare_into_a_missing_bucket_fails_before_any_work(shape_images, s3_se
 
 
 @pytest.mark.slow
-def test_train_with_outputs_on_s3_then_resume_with_more_epochs(s3_dataset, s3_server, s3_bucket):
+def test_train_with_outputs_on_s3_then_resume_with_more_epochs(
+    s3_dataset, s3_server, s3_bucket, make_config
+):
     root, _, _ = s3_dataset
     out = f"{s3_bucket}/run"
     storage = Storage(S3Settings(endpoint_url=s3_server))
-    first = train.run(config(root, out, s3_server, epochs=1))
+    first = lifecycle.run(make_config(root, out, s3_endpoint_url=s3_server, epochs=1))
     names = {uri[len(out) + 1 :] for uri in storage.list(out)}
     first_ckpt = (
         "checkpoints/" + json.loads(storage.read_bytes(f"{out}/checkpoints/latest"))["checkpoint"]
@@ -138,7 +119,9 @@ def test_train_with_outputs_on_s3_then_resume_with_more_epochs(s3_dataset, s3_se
     } <= names
     assert json.loads(storage.read_bytes(f"{out}/summary.json"))["epochs"] == 1
 
-    second = train.run(config(root, out, s3_server, epochs=2))  # finds the S3 checkpoint
+    second = lifecycle.run(
+        make_config(root, out, s3_endpoint_url=s3_server, epochs=2)
+    )  # finds the S3 checkpoint
     assert [h["epoch"] for h in second["history"]] == [1, 2]
     assert second["history"][0] == first["history"][0]  # epoch 1 was not trained again
     pointer = json.loads(storage.read_bytes(f"{out}/checkpoints/latest"))

@@ -52,7 +52,7 @@ def test_username_and_password_files_go_together():
 
 def test_a_missing_credentials_file_fails_naming_the_file(tmp_path):
     from job.errors import InputError
-    from job.metrics import read_basic_auth
+    from job.training.metrics import read_basic_auth
 
     with pytest.raises(InputError, match=str(tmp_path / "nope")):
         read_basic_auth(str(tmp_path / "nope"), str(tmp_path / "nope"))

@@ -8,28 +8,9 @@ import numpy as np
 import pytest
 from mxnet.gluon.model_zoo import vision
 
-from job import train
 from job.config import Config
 from job.errors import DivergedError
-
-
-def config(data, output, **kw):
-    base = dict(
-        data=data,
-        output=output,
-        pretrained="none",
-        head_lr_mult=1.0,
-        image_size=32,
-        batch_size=8,
-        epochs=2,
-        lr=0.01,
-        warmup_epochs=0.5,
-        metrics_port=0,
-        log_interval=2,
-        data_workers=2,
-    )
-    base.update(kw)
-    return Config(**base)
+from job.training import lifecycle, loop
 
 
 def params(path):
@@ -37,9 +18,9 @@ def params(path):
 
 
 @pytest.mark.slow
-def test_summary_and_exported_files(tiny_dataset, tmp_path):
+def test_summary_and_exported_files(tiny_dataset, tmp_path, make_config):
     out = str(tmp_path / "run")
-    summary = train.run(config(tiny_dataset, out, tta=True))
+    summary = lifecycle.run(make_config(tiny_dataset, out, tta=True))
     on_disk = json.load(open(os.path.join(out, "summary.json")))
     assert on_disk == json.loads(json.dumps(summary))
     for key in (
@@ -68,22 +49,22 @@ class SimulatedCrashError(Exception):
 
 @pytest.mark.slow
 def test_resumed_run_continues_from_the_saved_epoch_with_identical_parameters(
-    tiny_dataset, tmp_path, monkeypatch
+    tiny_dataset, tmp_path, monkeypatch, make_config
 ):
     straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
-    train.run(config(tiny_dataset, straight, epochs=3))
+    lifecycle.run(make_config(tiny_dataset, straight, epochs=3))
 
-    save = train.Run.checkpoint
+    save = loop.Run.checkpoint
 
     def crash_after_first_checkpoint(self):
         save(self)
         raise SimulatedCrashError
 
-    monkeypatch.setattr(train.Run, "checkpoint", crash_after_first_checkpoint)
+    monkeypatch.setattr(loop.Run, "checkpoint", crash_after_first_checkpoint)
     with pytest.raises(SimulatedCrashError):
-        train.run(config(tiny_dataset, interrupted, epochs=3))
+        lifecycle.run(make_config(tiny_dataset, interrupted, epochs=3))
     monkeypatch.undo()
-    resumed = train.run(config(tiny_dataset, interrupted, epochs=3))
+    resumed = lifecycle.run(make_config(tiny_dataset, interrupted, epochs=3))
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]  # no epoch counted twice
     a = params(os.path.join(straight, "model.params"))
     b = params(os.path.join(interrupted, "model.params"))
@@ -92,11 +73,11 @@ def test_resumed_run_continues_from_the_saved_epoch_with_identical_parameters(
 
 
 @pytest.mark.slow
-def test_checkpoint_loads_exactly_what_was_saved(tiny_dataset, tmp_path):
+def test_checkpoint_loads_exactly_what_was_saved(tiny_dataset, tmp_path, make_config):
     out = str(tmp_path / "run")
-    train.run(config(tiny_dataset, out, epochs=1))
-    from job.checkpoint import Checkpointer
+    lifecycle.run(make_config(tiny_dataset, out, epochs=1))
     from job.storage import Storage
+    from job.training.checkpoint import Checkpointer
 
     ckpt = Checkpointer(Storage(), out, keep=3)
     folder = ckpt.latest()
@@ -114,9 +95,9 @@ def test_checkpoint_loads_exactly_what_was_saved(tiny_dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_old_checkpoints_are_pruned(tiny_dataset, tmp_path):
+def test_old_checkpoints_are_pruned(tiny_dataset, tmp_path, make_config):
     out = str(tmp_path / "run")
-    train.run(config(tiny_dataset, out, epochs=4, keep_checkpoints=2))
+    lifecycle.run(make_config(tiny_dataset, out, epochs=4, keep_checkpoints=2))
     pointer = json.load(open(os.path.join(out, "checkpoints", "latest")))
     run_id = pointer["run_id"]
     names = sorted(os.listdir(os.path.join(out, "checkpoints")))
@@ -127,10 +108,10 @@ def test_old_checkpoints_are_pruned(tiny_dataset, tmp_path):
 
 @pytest.mark.slow
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
-    tiny_dataset, tmp_path
+    tiny_dataset, tmp_path, make_config
 ):
     out = str(tmp_path / "run")
-    cfg = config(
+    cfg = make_config(
         tiny_dataset,
         out,
         epochs=3,
@@ -146,7 +127,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
         match=r"training loss is (nan|inf) at epoch 2 .*"
         r"Last good checkpoint: .*step-",
     ):
-        train.run(cfg)
+        lifecycle.run(cfg)
     pointer = json.load(open(os.path.join(out, "checkpoints", "latest")))
     state = json.load(open(os.path.join(out, "checkpoints", pointer["checkpoint"], "state.json")))
     assert state["progress"]["epoch"] == 1
@@ -156,12 +137,14 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
 
 
 @pytest.mark.slow
-def test_input_batchnorm_statistics_train(tiny_dataset, tmp_path):
+def test_input_batchnorm_statistics_train(tiny_dataset, tmp_path, make_config):
     """MXNet updates BatchNorm running stats in backward; ResNet v2's input BatchNorm has no
     parameters, so without an input gradient its stats stay exactly 0/1 and eval collapses.
     (No accuracy threshold: what a tiny run reaches is not behaviour; the stats moving is.)"""
     out = str(tmp_path / "run")
-    train.run(config(tiny_dataset, out, epochs=2, brightness=0, contrast=0, saturation=0, hue=0))
+    lifecycle.run(
+        make_config(tiny_dataset, out, epochs=2, brightness=0, contrast=0, saturation=0, hue=0)
+    )
     weights = params(os.path.join(out, "model.params"))
     assert not np.allclose(weights["features.0.running_mean"], 0)
     assert not np.allclose(weights["features.0.running_var"], 1)
@@ -172,14 +155,16 @@ def test_input_batchnorm_statistics_train(tiny_dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_frozen_features_stay_put(tiny_dataset, tmp_path):
+def test_frozen_features_stay_put(tiny_dataset, tmp_path, make_config):
     source = vision.get_model("resnet18_v2", classes=5)
     source.initialize(mx.init.Xavier())
     source(mx.nd.zeros((1, 3, 32, 32)))
     path = str(tmp_path / "source.params")
     source.save_parameters(path)
     out = str(tmp_path / "run")
-    train.run(config(tiny_dataset, out, pretrained=path, freeze_features=True, head_lr_mult=10))
+    lifecycle.run(
+        make_config(tiny_dataset, out, pretrained=path, freeze_features=True, head_lr_mult=10)
+    )
     before, after = params(path), params(os.path.join(out, "model.params"))
     for key in before:
         if key.startswith("features."):
@@ -191,7 +176,7 @@ def test_frozen_features_stay_put(tiny_dataset, tmp_path):
 @pytest.mark.slow
 def test_synthetic_run_needs_no_data(tmp_path):
     out = str(tmp_path / "run")
-    summary = train.run(
+    summary = lifecycle.run(
         Config(
             output=out,
             synthetic=True,

@@ -7,9 +7,9 @@ import threading
 
 import pytest
 
-from job import distributed, watchdog
 from job.exitcodes import ExitCode
-from job.watchdog import Watchdog
+from job.training import distributed, watchdog
+from job.training.watchdog import Watchdog
 
 
 class Clock:
@@ -44,16 +44,25 @@ def dog(rank=1, size=2, timeout=20.0):
 )
 def test_the_line_names_the_phase_and_the_rank_that_stalled(phase, steps, expected):
     w, _, _, _ = dog()
-    w.phase, w.steps, w.checkpoint = phase, steps, "out/checkpoints/step-00000012"
+    w.current, w.steps, w.checkpoint = phase, steps, "out/checkpoints/step-00000012"
     line = w.message()
     assert line.startswith("finetune-job: error: stalled: no step completed on rank 1 for 20 s")
     assert expected in line and line.endswith("last checkpoint: out/checkpoints/step-00000012")
     assert "\n" not in line
 
 
+def test_a_phase_lasts_for_its_block_and_the_one_before_comes_back():
+    w, _, _, _ = dog()
+    with w.phase(watchdog.DATA):
+        with w.phase(watchdog.ALLREDUCE):
+            assert "stuck in allreduce" in w.message()
+        assert "stuck in data wait" in w.message()
+    assert w.current == watchdog.STARTUP
+
+
 def test_more_than_two_ranks_cannot_name_the_one_that_stalled():
     w, _, _, _ = dog(rank=3, size=8)
-    w.phase = watchdog.ALLREDUCE
+    w.current = watchdog.ALLREDUCE
     assert "a rank which stopped responding (one that printed no such line)" in w.message()
 
 

@@ -36,11 +36,6 @@ def flags():
     return job_flags()
 
 
-def train(launchers, data, out, flags, *prefix):
-    return [*launchers["mpirun"], *prefix, "finetune-job", "train", "--data", data,
-            "--output", out, *flags]  # fmt: skip
-
-
 def rank_pids(mpirun: subprocess.Popen) -> dict[int, int]:
     """The training processes mpirun started, by the rank it gave them."""
     ranks = {}
@@ -114,10 +109,10 @@ def finishes(cmd, env) -> str:
 
 
 def test_a_rank_stopped_mid_epoch_ends_the_job_and_a_rerun_resumes(
-    launchers, launch_env, tiny_dataset, flags, tmp_path
+    train_on_two, launch_env, tiny_dataset, flags, tmp_path
 ):
     out = str(tmp_path / "out")
-    cmd = train(launchers, tiny_dataset, out, flags)
+    cmd = train_on_two("mpirun", "--data", tiny_dataset, "--output", out, *flags)
     job = Launch(cmd, launch_env, tmp_path / "log")
     try:
         pids = job.wait_for(f"epoch 2/{EPOCHS} step 2/", ranks=2)
@@ -144,10 +139,10 @@ def test_a_rank_stopped_mid_epoch_ends_the_job_and_a_rerun_resumes(
 
 
 def test_a_rank_stopped_before_the_first_step_ends_the_job(
-    launchers, launch_env, tiny_dataset, flags, tmp_path
+    train_on_two, launch_env, tiny_dataset, flags, tmp_path
 ):
     out = str(tmp_path / "out")
-    cmd = train(launchers, tiny_dataset, out, flags)
+    cmd = train_on_two("mpirun", "--data", tiny_dataset, "--output", out, *flags)
     job = Launch(cmd, launch_env, tmp_path / "log")
     try:
         pids = job.wait_for(ranks=2)  # as soon as the processes exist
@@ -167,13 +162,17 @@ def test_a_rank_stopped_before_the_first_step_ends_the_job(
 
 
 def test_a_worker_that_never_joins_fails_the_launch_with_one_line(
-    launchers, launch_env, tiny_dataset, flags, tmp_path
+    train_on_two, launch_env, tiny_dataset, flags, tmp_path
 ):
     """Rank 1's process starts but never reaches the training (a dead worker at start)."""
     out = str(tmp_path / "out")
     script = 'if [ "$OMPI_COMM_WORLD_RANK" = 1 ]; then exec sleep 100000; fi; exec "$@"'
     never = ["sh", "-c", script, "sh"]
-    job = Launch(train(launchers, tiny_dataset, out, flags, *never), launch_env, tmp_path / "log")
+    job = Launch(
+        train_on_two("mpirun", "--data", tiny_dataset, "--output", out, *flags, prefix=never),
+        launch_env,
+        tmp_path / "log",
+    )
     code, log, seconds = job.end()
     assert code != 0
     lines = stall_lines(log)
@@ -184,14 +183,16 @@ def test_a_worker_that_never_joins_fails_the_launch_with_one_line(
 
 
 def test_a_stall_during_evaluation_ends_the_job_and_a_rerun_resumes(
-    launchers, launch_env, tiny_dataset, flags, tmp_path
+    train_on_two, launch_env, tiny_dataset, flags, tmp_path
 ):
     """The validation shard's index becomes a pipe nobody writes to (a hung network
     filesystem): every rank blocks reading it in epoch 2's evaluation. (The .rec keeps its
     size, which is checked against the manifest before the index is read.)"""
     data, out = str(tmp_path / "data"), str(tmp_path / "out")
     shutil.copytree(tiny_dataset, data)
-    finishes(train(launchers, data, out, job_flags(epochs=1)), launch_env)
+    finishes(
+        train_on_two("mpirun", "--data", data, "--output", out, *job_flags(epochs=1)), launch_env
+    )
     folder, progress = latest(out)
     assert progress["epoch"] == 1
 
@@ -199,7 +200,7 @@ def test_a_stall_during_evaluation_ends_the_job_and_a_rerun_resumes(
     shard = os.path.join(data, manifest["splits"]["val"]["shards"][0]["idx"])
     os.rename(shard, shard + ".real")
     os.mkfifo(shard)
-    cmd = train(launchers, data, out, flags)
+    cmd = train_on_two("mpirun", "--data", data, "--output", out, *flags)
     job = Launch(cmd, launch_env, tmp_path / "log")
     code, log, seconds = job.end()
     assert code != 0

@@ -28,13 +28,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from job import layout
 from job import storage as st
 from job.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
-POINTER = "latest"
-MANIFEST = "checkpoint.json"
-PARTS = ("model.params", "trainer.states", "state.json")
+POINTER = layout.LATEST
+MANIFEST = layout.CHECKPOINT_MANIFEST
+PARTS = (layout.MODEL, layout.TRAINER_STATES, layout.STATE)
 NAME = re.compile(r"^step-(\d{8})-([0-9a-f]+)$")
 
 
@@ -62,7 +63,7 @@ class CheckpointInvalidError(Exception):
 class Checkpointer:
     def __init__(self, storage: Storage, output: str, keep: int) -> None:
         self.storage, self.keep = storage, keep
-        self.root = st.join(output, "checkpoints")
+        self.root = layout.checkpoints(output)
         # A new run gets a new id; a resumed run takes over the id of its checkpoint.
         self.run_id = secrets.token_hex(4)
 
@@ -74,19 +75,19 @@ class Checkpointer:
         config: dict[str, Any],
         fingerprint: dict[str, Any] | None = None,
     ) -> str:
-        """Write a checkpoint; ``fingerprint`` (job.fingerprint) says which run it belongs to."""
+        """Write a checkpoint; ``fingerprint`` (job.training.fingerprint) says whose it is."""
         name = f"step-{progress.step:08d}-{self.run_id}"
         folder = st.join(self.root, name)
         with tempfile.TemporaryDirectory(prefix="finetune-ckpt-") as tmp:
-            net.save_parameters(os.path.join(tmp, "model.params"))
-            trainer.save_states(os.path.join(tmp, "trainer.states"))
+            net.save_parameters(os.path.join(tmp, layout.MODEL))
+            trainer.save_states(os.path.join(tmp, layout.TRAINER_STATES))
             state = {
                 "progress": asdict(progress),
                 "config": config,
                 "fingerprint": fingerprint,
                 "saved_at": time.time(),
             }
-            with open(os.path.join(tmp, "state.json"), "w") as fh:
+            with open(os.path.join(tmp, layout.STATE), "w") as fh:
                 json.dump(state, fh, indent=1)
             files = {part: file_facts(os.path.join(tmp, part)) for part in PARTS}
             for part in PARTS:
@@ -139,7 +140,7 @@ class Checkpointer:
                         folder,
                     )
                 if check is not None:
-                    with open(os.path.join(tmp, "state.json")) as fh:
+                    with open(os.path.join(tmp, layout.STATE)) as fh:
                         check(json.load(fh), folder)
                 self.run_id = str(manifest["run_id"])
                 return (folder, *self._load_local(tmp, net, trainer, ctx))
@@ -158,9 +159,9 @@ class Checkpointer:
 
     @staticmethod
     def _load_local(tmp: str, net: Any, trainer: Any, ctx: Any) -> tuple[Progress, dict[str, Any]]:
-        net.load_parameters(os.path.join(tmp, "model.params"), ctx=ctx)
-        trainer.load_states(os.path.join(tmp, "trainer.states"))
-        with open(os.path.join(tmp, "state.json")) as fh:
+        net.load_parameters(os.path.join(tmp, layout.MODEL), ctx=ctx)
+        trainer.load_states(os.path.join(tmp, layout.TRAINER_STATES))
+        with open(os.path.join(tmp, layout.STATE)) as fh:
             state = json.load(fh)
         return Progress(**state["progress"]), state["config"]
 

@@ -3,8 +3,8 @@
 A stalled rank (a wedged GPU, a hung NFS or S3 read, a stopped process, a network partition)
 leaves every other rank waiting in the next allreduce, forever: nothing exits, so nothing
 restarts the job. Each rank runs this thread. The loop tells it the phase it is in
-(``phase``, a plain attribute write) and when a step completes (``beat``). When no beat came
-for ``timeout`` seconds, the thread prints one line naming the rank, the phase and, where
+(``with dog.phase(...)``) and when a step completes (``beat``). When no beat came for
+``timeout`` seconds, the thread prints one line naming the rank, the phase and, where
 that can be known, the rank that stalled, and ends the process with ``os._exit``: the main
 thread may be blocked inside C code (an allreduce, a device wait) where no Python exception
 can reach it. Nothing is cleaned up on the way out; the last checkpoint is complete (the
@@ -21,7 +21,8 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import IO
 
 from job.exitcodes import ExitCode
@@ -43,7 +44,10 @@ COLLECTIVE = {STARTUP, BROADCAST, ALLREDUCE, EVALUATION_ALLREDUCE}
 
 
 class Watchdog:
-    """One rank's step watchdog; ``timeout`` 0 turns it off (``phase``/``beat`` stay cheap)."""
+    """One rank's step watchdog; ``timeout`` 0 turns it off (``phase``/``beat`` stay cheap).
+
+    ``current`` is the phase the line names; ``with dog.phase(...)`` sets it for a block.
+    """
 
     def __init__(
         self,
@@ -56,7 +60,7 @@ class Watchdog:
     ) -> None:
         self.timeout, self.rank, self.size = timeout, rank, size
         self.stream, self._exit, self._clock = stream, exit, clock
-        self.phase = STARTUP
+        self.current = STARTUP
         self.last_beat = clock()
         self.steps = 0
         self.checkpoint = NONE_YET  # where a restart resumes from (known on rank 0)
@@ -76,7 +80,16 @@ class Watchdog:
         """Every worker joined (``hvd.init()`` returned): the start's first stage is done."""
         self.rank, self.size = rank, size
         self.beat(step=False)
-        self.phase = LOADING
+        self.current = LOADING
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """The block runs in phase ``name``; the phase before it comes back after it."""
+        before, self.current = self.current, name
+        try:
+            yield
+        finally:
+            self.current = before
 
     def beat(self, step: bool = True) -> None:
         """A step (training or evaluation batch) completed on this rank; ``step`` False:
@@ -103,10 +116,10 @@ class Watchdog:
         """The one line: who waited, in which phase, and who stalled where that is known."""
         rank = "?" if self.rank is None else str(self.rank)
         waited = f"no step completed on rank {rank} for {self.timeout:g} s (step_timeout)"
-        where = f"stuck in {self.phase}"
+        where = f"stuck in {self.current}"
         if self.steps == 0:
             where += " before the first step"
-        if self.phase in COLLECTIVE:
+        if self.current in COLLECTIVE:
             where += f", waiting for {self._others()}"
         else:
             where += f": rank {rank} itself stalled"
@@ -120,7 +133,7 @@ class Watchdog:
         )
 
     def _others(self) -> str:
-        what = "which never joined" if self.phase == STARTUP else "which stopped responding"
+        what = "which never joined" if self.current == STARTUP else "which stopped responding"
         if self.size == 2 and self.rank is not None:
             return f"rank {1 - self.rank}, {what}"
         return f"a rank {what} (one that printed no such line)"

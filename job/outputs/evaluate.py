@@ -2,7 +2,7 @@
 
 Loads ``OUTPUT/model-symbol.json`` + ``model-0000.params`` (the serving artefacts) as a
 ``SymbolBlock``, so what is measured is exactly what gets deployed. ``evaluate_net`` is also
-what the end of training runs to write ``eval.json`` (see ``job.evaluation``).
+what the end of training runs to write ``eval.json`` (see ``job.outputs.evaluation``).
 """
 
 from __future__ import annotations
@@ -19,10 +19,19 @@ import mxnet as mx
 import numpy as np
 from mxnet import gluon
 
-from job import evaluation
+from job import layout
 from job import storage as st
-from job.data import Batch, Dataset, DataStats, Loader, LoaderSettings, load_dataset, to_ndarray
 from job.errors import InputError
+from job.input.data import (
+    Batch,
+    Dataset,
+    DataStats,
+    Loader,
+    LoaderSettings,
+    load_dataset,
+    to_ndarray,
+)
+from job.outputs import evaluation
 from job.storage import Storage, StorageError
 
 
@@ -30,10 +39,10 @@ def load_export(
     model_dir: str, storage: Storage, ctx: mx.Context
 ) -> tuple[gluon.SymbolBlock, dict]:
     try:
-        summary = json.loads(storage.read_bytes(st.join(model_dir, "summary.json")))
+        summary = layout.read_summary(storage, model_dir)
         with tempfile.TemporaryDirectory(prefix="finetune-eval-") as tmp:
             paths = []
-            for name in ("model-symbol.json", "model-0000.params"):
+            for name in (layout.SYMBOL, layout.EXPORT_PARAMS):
                 paths.append(os.path.join(tmp, name))
                 storage.download(st.join(model_dir, name), paths[-1])
             with warnings.catch_warnings():  # "Cannot decide type for ... data": it is float32
@@ -197,7 +206,7 @@ def read_images(
     """
     from mxnet import recordio
 
-    from job.records import RecordStream, read_index
+    from job.input.records import RecordStream, read_index
 
     wanted = sorted(set(int(i) for i in ids if int(i) >= 0))
     found: dict[int, bytes] = {}

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from job import onnx_export as ox
+from job.outputs import onnx_export as ox
 
 LABELS = "labels.txt"
 VERSION = "1"

@@ -28,10 +28,11 @@ from typing import IO, Any
 
 import numpy as np
 
-from job import augment
+from job import layout
 from job import storage as st
 from job.errors import InputError
-from job.prepare import IMAGE_SUFFIXES
+from job.input import augment
+from job.input.prepare import IMAGE_SUFFIXES
 from job.storage import Storage, StorageError
 
 
@@ -50,7 +51,7 @@ Engine = Callable[[np.ndarray], np.ndarray]  # NCHW float32 → softmax rows
 def mxnet_engine(model_dir: str, storage: Storage) -> tuple[Engine, dict[str, Any]]:
     import mxnet as mx
 
-    from job.evaluate import load_export
+    from job.outputs.evaluate import load_export
 
     ctx = mx.gpu(0) if mx.context.num_gpus() else mx.cpu()
     net, summary = load_export(model_dir, storage, ctx)
@@ -62,11 +63,11 @@ def mxnet_engine(model_dir: str, storage: Storage) -> tuple[Engine, dict[str, An
 
 
 def onnx_engine(model_dir: str, storage: Storage) -> tuple[Engine, dict[str, Any]]:
-    from job import onnx_export as ox
+    from job.outputs import onnx_export as ox
 
-    uri = st.join(model_dir, "model.onnx")
+    uri = st.join(model_dir, layout.ONNX)
     try:
-        summary = json.loads(storage.read_bytes(st.join(model_dir, "summary.json")))
+        summary = layout.read_summary(storage, model_dir)
         with storage.local_copy(uri) as path:
             sess = ox.session(path)
     except StorageError as e:
@@ -147,8 +148,8 @@ def _dataset_items(
     root: str, split: str, engine: Engine, storage: Storage, size: int, tta: bool, batch: int
 ) -> Iterator[Item]:
     """A prepared dataset's split, through evaluate's own loader (same pixels as evaluate)."""
-    from job.data import DataStats, Loader, LoaderSettings, load_dataset
-    from job.evaluate import image_names
+    from job.input.data import DataStats, Loader, LoaderSettings, load_dataset
+    from job.outputs.evaluate import image_names
 
     dataset = load_dataset(root, storage)
     if not dataset.count(split):

@@ -1,13 +1,7 @@
-"""What a run hands over in OUTPUT, besides checkpoints (rank 0 writes all of it).
-
-    history.csv             one row per epoch, rewritten after every epoch
-    best/model.params       the best epoch's parameters so far (``export: best``)
-    model-symbol.json, model-0000.params, model.params     the exported epoch, for MXNet
-    model.onnx              the same model in ONNX, checked against MXNet (job.onnx_export)
-    triton/                 a Triton model repository (job.triton)
-    eval.json               per-class evaluation of the exported model (job.evaluation)
-    report.html             the page that shows them together (job.report)
-    summary.json            written last: its presence means the rest is complete
+"""What a run hands over in OUTPUT, besides checkpoints (rank 0 writes all of it): the
+history, the best epoch's parameters, the exported model (MXNet, ONNX, Triton), eval.json,
+report.html, and summary.json last, its presence meaning the rest is complete. The file
+names and the tree are ``job.layout``'s.
 
 Every file is built in a local temporary folder and uploaded whole, so S3 and local outputs
 are written alike and a reader never sees half a file.
@@ -27,9 +21,10 @@ from typing import Any
 
 from mxnet import gluon
 
-from job import onnx_export, report, triton
+from job import layout
 from job import storage as st
 from job.config import Config
+from job.outputs import onnx_export, report, triton
 from job.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -45,7 +40,7 @@ HISTORY_COLUMNS = (
     "train_seconds",
     "seconds",
 )
-BEST = "best"
+BEST = layout.BEST
 
 
 def history_csv(history: list[dict[str, Any]]) -> bytes:
@@ -75,18 +70,18 @@ class RunOutputs:
     # After every epoch.
     def epoch_done(self, net: gluon.Block, history: list[dict[str, Any]]) -> None:
         """history.csv; and, when this epoch is the best so far, its parameters."""
-        self.storage.write_bytes(st.join(self.out, "history.csv"), history_csv(history))
+        self.storage.write_bytes(st.join(self.out, layout.HISTORY), history_csv(history))
         epoch = history[-1]["epoch"]
         if self.cfg.export == "best" and best_epoch(history) == epoch:
             with tempfile.TemporaryDirectory(prefix="finetune-best-") as tmp:
-                net.save_parameters(os.path.join(tmp, "model.params"))
+                net.save_parameters(os.path.join(tmp, layout.MODEL))
                 self.storage.upload(
-                    os.path.join(tmp, "model.params"), st.join(self.out, BEST, "model.params")
+                    os.path.join(tmp, layout.MODEL), st.join(self.out, BEST, layout.MODEL)
                 )
             # After the parameters: the epoch named here is the one in the file.
             state = {"epoch": epoch, "val_top1": history[-1]["val_top1"]}
             self.storage.write_bytes(
-                st.join(self.out, BEST, "state.json"), json.dumps(state).encode()
+                st.join(self.out, BEST, layout.STATE), json.dumps(state).encode()
             )
 
     def choose_epoch(self, net: gluon.Block, history: list[dict[str, Any]], ctx: Any) -> int:
@@ -95,7 +90,7 @@ class RunOutputs:
         best = best_epoch(history) if self.cfg.export == "best" else None
         if best is None or best == last:
             return last
-        state_uri = st.join(self.out, BEST, "state.json")
+        state_uri = st.join(self.out, BEST, layout.STATE)
         saved = (
             json.loads(self.storage.read_bytes(state_uri)).get("epoch")
             if self.storage.exists(state_uri)
@@ -105,7 +100,7 @@ class RunOutputs:
             log.warning("best epoch %s has no saved parameters (found %s); exporting the last",
                         best, saved)  # fmt: skip
             return last
-        with self.storage.local_copy(st.join(self.out, BEST, "model.params")) as path:
+        with self.storage.local_copy(st.join(self.out, BEST, layout.MODEL)) as path:
             net.load_parameters(path, ctx=ctx)
         return best
 
@@ -116,35 +111,35 @@ class RunOutputs:
         """Export, check, evaluate and report; summary.json last."""
         cfg, out = self.cfg, self.out
         with tempfile.TemporaryDirectory(prefix="finetune-export-") as tmp:
-            net.export(os.path.join(tmp, "model"), epoch=0)
-            net.save_parameters(os.path.join(tmp, "model.params"))
+            net.export(os.path.join(tmp, layout.EXPORT_PREFIX), epoch=0)
+            net.save_parameters(os.path.join(tmp, layout.MODEL))
             exported = load_symbol_block(tmp, ctx)
             doc, pred, images = self._evaluate(exported, classes, ctx)
-            files = ["model-symbol.json", "model-0000.params", "model.params"]
+            files = [*layout.MXNET_MODEL]
             if doc is not None:
                 summary["eval"] = {k: doc[k] for k in ("images", "top1", "top5", "ece")}
-                _write_json(os.path.join(tmp, "eval.json"), doc)
-                files.append("eval.json")
+                _write_json(os.path.join(tmp, layout.EVAL), doc)
+                files.append(layout.EVAL)
             if cfg.onnx:
                 summary["onnx"] = self._onnx(tmp, exported, classes, pred, ctx)
                 files += [f for f in os.listdir(tmp) if f.endswith(".onnx")]
-                files += _tree(os.path.join(tmp, "triton"), "triton")
-            with open(os.path.join(tmp, "report.html"), "w", encoding="utf-8") as fh:
+                files += _tree(os.path.join(tmp, layout.TRITON), layout.TRITON)
+            with open(os.path.join(tmp, layout.REPORT), "w", encoding="utf-8") as fh:
                 fh.write(report.run_html(summary, doc, images))
-            files.append("report.html")
+            files.append(layout.REPORT)
             for name in files:
                 self.storage.upload(os.path.join(tmp, name), st.join(out, name))
         # The summary goes last: its presence means the outputs are complete.
         self.storage.write_bytes(
-            st.join(out, "summary.json"), json.dumps(summary, indent=1).encode()
+            st.join(out, layout.SUMMARY), json.dumps(summary, indent=1).encode()
         )
         log.info("exported epoch %s: model, ONNX, eval.json, report and summary to %s",
                  summary.get("exported_epoch"), out)  # fmt: skip
 
     def _evaluate(self, net: Any, classes: list[str], ctx: Any) -> tuple[Any, Any, dict]:
         """eval.json of the exported model on the validation split (None without one)."""
-        from job.data import load_dataset
-        from job.evaluate import evaluate_net, read_images
+        from job.input.data import load_dataset
+        from job.outputs.evaluate import evaluate_net, read_images
 
         cfg = self.cfg
         if cfg.synthetic:
@@ -200,10 +195,10 @@ def write_onnx(
     MXNet files; returns the ONNX-vs-MXNet check (``images``: validation crops, NCHW)."""
     import numpy as np
 
-    path = os.path.join(folder, "model.onnx")
+    path = os.path.join(folder, layout.ONNX)
     onnx_export.export(
-        os.path.join(folder, "model-symbol.json"),
-        os.path.join(folder, "model-0000.params"),
+        os.path.join(folder, layout.SYMBOL),
+        os.path.join(folder, layout.EXPORT_PARAMS),
         path,
         image_size,
         len(classes),
@@ -212,10 +207,10 @@ def write_onnx(
         shape = (8, 3, image_size, image_size)
         images = np.random.default_rng(0).standard_normal(shape, np.float32)
     check = onnx_export.compare(path, net, images, ctx)
-    repo = os.path.join(folder, "triton")
+    repo = os.path.join(folder, layout.TRITON)
     triton.write_model(repo, name, path, classes, image_size, max_batch_size)
     if preprocess:
-        pixels = os.path.join(folder, "model-uint8.onnx")
+        pixels = os.path.join(folder, layout.ONNX_UINT8)
         onnx_export.add_preprocessing(path, pixels)
         triton.write_model(
             repo, name + "_uint8", pixels, classes, image_size, max_batch_size, pixels=True
@@ -235,13 +230,13 @@ def export_run(
     (one from before the job wrote them, or again with other options)."""
     import mxnet as mx
 
-    from job.evaluate import load_export
+    from job.outputs.evaluate import load_export
 
     ctx = mx.cpu()
     _, summary = load_export(model_dir, storage, ctx)  # fails in one line if not a run
     image_size = int(summary["config"]["image_size"])
     with tempfile.TemporaryDirectory(prefix="finetune-export-") as tmp:
-        for part in ("model-symbol.json", "model-0000.params"):
+        for part in (layout.SYMBOL, layout.EXPORT_PARAMS):
             storage.download(st.join(model_dir, part), os.path.join(tmp, part))
         net = load_symbol_block(tmp, ctx)
         check = write_onnx(
@@ -255,7 +250,7 @@ def export_run(
             max_batch_size=max_batch_size,
         )
         files = [f for f in os.listdir(tmp) if f.endswith(".onnx")]
-        for rel in files + _tree(os.path.join(tmp, "triton"), "triton"):
+        for rel in files + _tree(os.path.join(tmp, layout.TRITON), layout.TRITON):
             storage.upload(os.path.join(tmp, rel), st.join(model_dir, rel))
     return check
 
@@ -265,9 +260,9 @@ def load_symbol_block(folder: str, ctx: Any) -> gluon.SymbolBlock:
     with warnings.catch_warnings():  # "Cannot decide type for ... data": it is float32
         warnings.simplefilter("ignore", UserWarning)
         return gluon.SymbolBlock.imports(
-            os.path.join(folder, "model-symbol.json"),
+            os.path.join(folder, layout.SYMBOL),
             ["data"],
-            os.path.join(folder, "model-0000.params"),
+            os.path.join(folder, layout.EXPORT_PARAMS),
             ctx=ctx,
         )
 

@@ -18,7 +18,7 @@ from mxnet.gluon.model_zoo import vision
 
 from job.config import Config
 from job.errors import InputError
-from job.registry import resolve_pretrained
+from job.outputs.registry import resolve_pretrained
 from job.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)

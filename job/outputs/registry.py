@@ -1,9 +1,7 @@
 """Training outputs that build on each other: run names, per-run outputs, a gate, ``latest``.
 
-Layout under an output root (local path or ``s3://``)::
-
-    <root>/runs/<run name>/        one training run's output (summary.json, model.params, ...)
-    <root>/latest                  {"run": NAME, "model": ".../model.params", "val_top1": X}
+Under an output root (local path or ``s3://``; the tree is ``job.layout``'s), each run
+writes to ``<root>/runs/<run name>/`` and ``<root>/latest`` names the promoted one.
 
 After a run succeeds, ``finish_run`` reads its ``summary.json`` and, only if it passes the
 gate (``min_accuracy`` on ``val_top1``; optionally not worse than the current ``latest``;
@@ -12,7 +10,7 @@ rewrites ``latest`` -- the last write of the run, so a bad or unfinished run nev
 ``latest``. A later run given ``--pretrained <root>/latest`` starts from that model:
 ``resolve_pretrained`` turns the pointer into the model's URI.
 
-These are training-output concepts: ``job.model`` resolves ``latest`` and ``deploy`` names
+These are training-output concepts: ``job.training.model`` resolves ``latest`` and ``deploy`` names
 and gates the runs it submits, both through this module.
 """
 
@@ -27,14 +25,11 @@ import string
 from dataclasses import dataclass
 from typing import Any
 
+from job import layout
 from job.errors import GateError, InputError
 from job.storage import Storage, StorageError, join
 
-RUNS_DIR = "runs"
-LATEST = "latest"
-SUMMARY = "summary.json"
-EVAL = "eval.json"
-MODEL = "model.params"
+LATEST, SUMMARY, EVAL, MODEL = layout.LATEST, layout.SUMMARY, layout.EVAL, layout.MODEL
 METRIC = "val_top1"
 # A run name is also the MPIJob's name: the MPI Operator derives `<name>-worker-<i>` pod
 # hostnames (DNS labels, at most 63 characters) and a `<name>-worker` Service (which must start
@@ -59,9 +54,7 @@ def run_name(prefix: str, now: dt.datetime | None = None, rng: random.Random | N
     return clean + suffix
 
 
-def run_output(root: str, run: str) -> str:
-    """Where run ``run`` writes: ``<root>/runs/<run>``."""
-    return join(root, RUNS_DIR, run)
+run_output = layout.run_folder
 
 
 def is_latest_uri(uri: str) -> bool:

@@ -14,74 +14,14 @@ import hashlib
 from typing import Any
 
 from job import storage as st
-from job.config import Config
+from job.config import FIELDS, Config, rule
 from job.errors import InputError
 from job.storage import Storage
 
-# Config keys that define the run, in the order a difference is reported.
-RUN_KEYS = (
-    "model",
-    "pretrained",
-    "synthetic",
-    "synthetic_classes",
-    "synthetic_images",
-    "image_size",
-    "freeze_features",
-    "head_lr_mult",
-    "batch_size",
-    "lr",
-    "momentum",
-    "wd",
-    "lr_schedule",
-    "lr_steps",
-    "lr_decay",
-    "warmup_epochs",
-    "fp16_allreduce",
-    "flip_prob",
-    "brightness",
-    "contrast",
-    "saturation",
-    "hue",
-    "seed",
-    "shuffle_buffer",
-)
-# The rest, each left out on purpose: where things go (data is covered by the manifest's
-# digest), how long (epochs may grow), how it is carried out and watched.
-NOT_RUN_KEYS = (
-    "data",
-    "output",
-    "epochs",
-    "tta",
-    "resume",
-    "resume_from",
-    "log_interval",
-    "threads",
-    "data_workers",
-    "strict_data",
-    "keep_checkpoints",
-    "log_format",
-    "step_timeout",
-    "export",
-    "onnx",
-    "onnx_preprocess",
-    "triton_model_name",
-    "triton_max_batch_size",
-    "eval_worst",
-    "max_class_drop",
-    "metrics_port",
-    "metrics_address",
-    "metrics_file",
-    "pushgateway",
-    "pushgateway_username_file",
-    "pushgateway_password_file",
-    "pushgateway_job",
-    "s3_endpoint_url",
-    "s3_region",
-    "s3_max_attempts",
-    "s3_retry_mode",
-    "s3_connect_timeout",
-    "s3_read_timeout",
-)
+# Config keys that define the run (their Rule says run=True), in the order a difference is
+# reported. The rest are left out on purpose: where things go (data is covered by the
+# manifest's digest), how long (epochs may grow), how the run is carried out and watched.
+RUN_KEYS = tuple(name for name in FIELDS if rule(name).run)
 
 
 def manifest_digest(cfg: Config, storage: Storage) -> str:

@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from job.augment import MEAN_RGB, STD_RGB
 from job.errors import JobError
+from job.input.augment import MEAN_RGB, STD_RGB
 
 log = logging.getLogger(__name__)
 
