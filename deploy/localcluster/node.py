@@ -14,21 +14,18 @@ rest. This machine's cgroups are v1 and its PID 1 is no systemd: the kubelet use
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
 import shutil
 import signal
 import subprocess
-import tarfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from deploy.localcluster import objects, processes
+from deploy.localcluster import images, objects, processes
 from deploy.localcluster.addresses import BRIDGE, CLUSTER_DOMAIN, NODE_IP, NODE_NAME, POD_SUBNET
 from deploy.localcluster.processes import ClusterError, Proc, wait_until
 
@@ -38,12 +35,9 @@ if TYPE_CHECKING:
 NODE_TAINT = {"key": "finetune-job.local/real-node", "value": "true", "effect": "NoSchedule"}
 CNI_BIN = "/usr/lib/cni"  # where Debian's containernetworking-plugins puts them
 APT_PACKAGES = ("containerd", "runc", "containernetworking-plugins")
-PAUSE_IMAGE = "localhost/finetune-job/pause:local"
-CRI_NAMESPACE = "k8s.io"
 PROCESSES = ("containerd", "coredns", "kubelet")
 START_TIMEOUT_SECONDS = 120.0
 DRAIN_TIMEOUT_SECONDS = 60.0
-IMPORT_TIMEOUT_SECONDS = 900.0
 CAP_SYS_RESOURCE = 24  # linux/capability.h
 
 
@@ -76,7 +70,8 @@ def start(cluster: Cluster, bins: dict[str, Path]) -> None:
     paths = Paths(cluster.state)
     _bridge_up()
     _start_containerd(cluster, paths)
-    _import(paths, _pause_archive(bins["pause"], paths.root), "the pause image")
+    pause = images.pause_archive(bins["pause"], paths.root)
+    images.import_archive(paths.socket, pause, "the pause image")
     _start_coredns(cluster, bins, paths)
     kubelet = _start_kubelet(cluster, bins, paths)
     api = objects.api_client(cluster.kubeconfig)
@@ -110,7 +105,7 @@ state = "{paths.containerd / "state"}"
   address = "{paths.socket}.ttrpc"
 
 [{cri}]
-  sandbox_image = "{PAUSE_IMAGE}"
+  sandbox_image = "{images.PAUSE_IMAGE}"
   # The kubelet asks for oom_score_adj below containerd's own (-998 for sandboxes); lowering it
   # needs CAP_SYS_RESOURCE, which a sandboxed machine may not grant: keep them at ours or above.
   restrict_oom_score_adj = {str(not _has_sys_resource()).lower()}
@@ -126,7 +121,12 @@ state = "{paths.containerd / "state"}"
     path = paths.containerd / "config.toml"
     path.write_text(config)
     proc = processes.start(cluster.state, "containerd", ["containerd", f"--config={path}"])
-    wait_until(proc, "its socket", lambda: _ctr(paths, "version", check=False).returncode == 0, 60)
+    wait_until(
+        proc,
+        "its socket",
+        lambda: images.ctr(paths.socket, "version", check=False).returncode == 0,
+        60,
+    )
     return proc
 
 
@@ -262,76 +262,7 @@ def node_ready(api: Any) -> bool:
 def load_image(cluster: Cluster, image: str, env: dict[str, str] | None = None) -> str:
     """Import ``image`` from podman's store into the node (once per image ID); its ID."""
     paths = Paths(cluster.state)
-    inspect = subprocess.run(
-        ["podman", "image", "inspect", "--format", "{{.Id}}", image],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    if inspect.returncode != 0:
-        raise ClusterError(f"podman has no image {image}: {inspect.stderr.strip()}")
-    image_id = inspect.stdout.strip()
-    record = paths.root / "images.json"
-    imported = json.loads(record.read_text()) if record.exists() else {}
-    if imported.get(image) == image_id:
-        return image_id
-    archive = paths.root / "import.tar"
-    saved = subprocess.run(
-        ["podman", "save", "--format", "docker-archive", "-o", str(archive), image],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=IMPORT_TIMEOUT_SECONDS,
-    )
-    if saved.returncode != 0:
-        raise ClusterError(f"podman save {image} failed: {saved.stderr.strip()[-300:]}")
-    try:
-        _import(paths, archive, image)
-    finally:
-        archive.unlink(missing_ok=True)
-    record.write_text(json.dumps({**imported, image: image_id}))
-    return image_id
-
-
-def _import(paths: Paths, archive: Path, what: str) -> None:
-    done = _ctr(paths, "images", "import", "--no-unpack=false", str(archive), check=False)
-    if done.returncode != 0:
-        raise ClusterError(f"containerd could not import {what}: {done.stderr.strip()[-300:]}")
-
-
-def _pause_archive(pause: Path, folder: Path) -> Path:
-    """A docker-archive of one layer holding the pause program, named ``PAUSE_IMAGE``."""
-    layer = io.BytesIO()
-    with tarfile.open(fileobj=layer, mode="w") as tar:
-        info = tar.gettarinfo(str(pause), arcname="pause")
-        info.uid = info.gid = 0
-        info.uname = info.gname = "root"
-        info.mode = 0o755
-        with open(pause, "rb") as f:
-            tar.addfile(info, f)
-    layer_bytes = layer.getvalue()
-    diff_id = "sha256:" + hashlib.sha256(layer_bytes).hexdigest()
-    config = json.dumps(
-        {
-            "architecture": "amd64",
-            "os": "linux",
-            "config": {"Entrypoint": ["/pause"], "User": "65535:65535"},
-            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-        }
-    ).encode()
-    config_name = hashlib.sha256(config).hexdigest() + ".json"
-    manifest = json.dumps(
-        [{"Config": config_name, "RepoTags": [PAUSE_IMAGE], "Layers": ["layer.tar"]}]
-    ).encode()
-    archive = folder / "pause.tar"
-    with tarfile.open(archive, "w") as tar:
-        members = (("layer.tar", layer_bytes), (config_name, config), ("manifest.json", manifest))
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return archive
+    return images.load(paths.socket, paths.root, image, env)
 
 
 def stop(state: Path) -> None:
@@ -432,18 +363,6 @@ def _mounts_under(root: Path) -> list[str]:
     prefix = str(root.resolve()) + "/"
     with open("/proc/self/mounts") as f:
         return [line.split()[1] for line in f if line.split()[1].startswith(prefix)]
-
-
-def _ctr(paths: Paths, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        ["ctr", "--address", str(paths.socket), "--namespace", CRI_NAMESPACE, *args],
-        capture_output=True,
-        text=True,
-        timeout=IMPORT_TIMEOUT_SECONDS,
-    )
-    if check and done.returncode != 0:
-        raise ClusterError(f"ctr {' '.join(args[:2])} failed: {done.stderr.strip()[-300:]}")
-    return done
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:

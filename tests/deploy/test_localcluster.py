@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploy.localcluster import build, cluster, components, node, processes
+from deploy.localcluster import build, cluster, components, images, node, processes
 from job.exitcodes import ExitCode
 
 
@@ -192,12 +192,12 @@ def test_the_coredns_main_links_only_the_corefiles_plugins():
 def test_the_pause_image_is_one_layer_with_the_pause_program(tmp_path):
     program = tmp_path / "pause"
     program.write_bytes(b"\x7fELF pause")
-    archive = node._pause_archive(program, tmp_path)
+    archive = images.pause_archive(program, tmp_path)
     with tarfile.open(archive) as tar:
         (manifest,) = json.loads(tar.extractfile("manifest.json").read())
         config = json.loads(tar.extractfile(manifest["Config"]).read())
         layer = tar.extractfile(manifest["Layers"][0]).read()
-    assert manifest["RepoTags"] == [node.PAUSE_IMAGE]
+    assert manifest["RepoTags"] == [images.PAUSE_IMAGE]
     assert config["config"]["Entrypoint"] == ["/pause"]
     assert config["rootfs"]["diff_ids"] == ["sha256:" + hashlib.sha256(layer).hexdigest()]
     with tarfile.open(fileobj=io.BytesIO(layer)) as tar:
