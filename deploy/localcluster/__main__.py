@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             readme.write_text(components.render_readme(readme.read_text()))
         else:
             return _status(args.state)
-    except (build.BuildError, cluster.ClusterError) as e:
+    except (build.BuildError, cluster.ClusterError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return ExitCode.FAILED
     return ExitCode.OK
@@ -76,12 +76,13 @@ def _status(state: Path) -> int:
         print(f"no cluster in {state}")
         return ExitCode.FAILED
     running = found.running()
-    for name in cluster.PROCESSES:
+    for name in found.processes:
         print(
             f"{name:24} {'running' if name in running else 'stopped'}  {found.proc(name).log_file}"
         )
+    print(f"binaries in {build.cache_dir() / 'bin'}")
     print(f"export KUBECONFIG={found.kubeconfig.resolve()}")
-    return ExitCode.OK if running == list(cluster.PROCESSES) else ExitCode.FAILED
+    return ExitCode.OK if running == list(found.processes) else ExitCode.FAILED
 
 
 if __name__ == "__main__":

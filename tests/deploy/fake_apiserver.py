@@ -2,12 +2,13 @@
 
 The client runs against the real kube-apiserver, controllers and MPI Operator in
 tests/cluster (a run's life, RBAC, watches across restarts and 410 Gone, the CronJob, Kueue).
-What stays here is what that cluster cannot produce, because its nodes are kwok's and run no
-containers and it has no Kubeflow Trainer:
+What stays here is what that cluster's tests do not produce yet, and what it cannot:
 
 - pod states only a kubelet reports: image pulls that back off, a missing Secret or volume
   (CreateContainerConfigError, FailedMount), a launcher container that restarts, with the
-  log of its previous instance, and a log that grows while it is followed;
+  log of its previous instance, and a log that grows while it is followed. The kwok nodes
+  run no containers; the cluster's real node (tests/cluster/test_real_node.py) can produce
+  every one of these, and these cases are the next to move there;
 - TrainJobs going through Trainer's conditions with JobSet's pods (no Trainer or JobSet
   controller in the local cluster);
 - a permission taken away for one verb in the middle of a run (``forbid``), and a pods

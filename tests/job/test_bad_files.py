@@ -13,13 +13,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import cv2
 import mxnet as mx
 import numpy as np
 import pytest
+from cli_tools import finetune_job
 from mxnet.gluon.model_zoo import vision
 
 from job.errors import InputError
@@ -31,13 +30,7 @@ EXIT_BAD_INPUT = 2
 
 
 def finetune(env, *args):
-    return subprocess.run(
-        [sys.executable, "-m", "job.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    return finetune_job(*args, env=env)
 
 
 def assert_one_error_line(result, *needles):

@@ -1,19 +1,11 @@
-import subprocess
-import sys
-
 import pytest
+from cli_tools import finetune_job
 
 from deploy.entry import build_parser
 
 
 def finetune(*args, env=None):
-    return subprocess.run(
-        [sys.executable, "-m", "deploy.entry", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    return finetune_job(*args, env=env, timeout=120)
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from mxnet.gluon.model_zoo import vision
 
-from job.config import Config
 from job.errors import DivergedError
 from job.training import lifecycle, loop
 
@@ -174,18 +173,7 @@ def test_frozen_features_stay_put(tiny_dataset, tmp_path, make_config):
 
 
 @pytest.mark.slow
-def test_synthetic_run_needs_no_data(tmp_path):
-    out = str(tmp_path / "run")
-    summary = lifecycle.run(
-        Config(
-            output=out,
-            synthetic=True,
-            synthetic_images=64,
-            batch_size=16,
-            image_size=32,
-            epochs=1,
-            pretrained="none",
-            metrics_port=0,
-        )
-    )
+def test_synthetic_run_needs_no_data(make_config, tmp_path):
+    config = make_config("", tmp_path / "run", synthetic=True, synthetic_images=64, epochs=1)
+    summary = lifecycle.run(config)
     assert summary["num_classes"] == 10 and summary["history"][0]["train_seconds"] > 0
