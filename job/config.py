@@ -210,6 +210,18 @@ class Config:
         minimum=1,
         maximum=1000,
     )
+    checkpoint_interval: float = RUN_CONTROL(
+        10.0,
+        "minutes of training between checkpoints within an epoch (a hard failure loses at "
+        "most this much); 0: only at epoch ends and on SIGTERM",
+        minimum=0,
+        maximum=DAY / 60,
+    )
+    async_checkpoints: bool = RUN_CONTROL(
+        True,
+        "write checkpoints on a background thread while training goes on (false: training "
+        "waits for every write)",
+    )
     log_format: str = RUN_CONTROL("text", "progress lines", choices=("text", "json"))
     step_timeout: float = RUN_CONTROL(
         600.0,

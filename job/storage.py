@@ -42,6 +42,7 @@ class Storage:
     @contextlib.contextmanager
     def _errors(self, uri: str, action: str) -> Iterator[None]:
         """botocore failures → one StorageError line naming the URI and what went wrong."""
+        from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import (
             BotoCoreError,
             ClientError,
@@ -53,6 +54,10 @@ class Storage:
             yield
         except ClientError as e:
             raise StorageError(f"{uri}: {action} failed: {s3.client_error(e, uri)}") from e
+        except S3UploadFailedError as e:  # boto3's transfer manager wraps the ClientError
+            cause = e.__context__
+            why = s3.client_error(cause, uri) if isinstance(cause, ClientError) else str(e)
+            raise StorageError(f"{uri}: {action} failed: {why}") from e
         except NoCredentialsError as e:
             raise StorageError(
                 f"{uri}: {action} failed: no AWS credentials found (set AWS_ACCESS_KEY_ID and "
@@ -89,7 +94,10 @@ class Storage:
 
     def size(self, uri: str) -> int:
         if not is_s3(uri):
-            return os.path.getsize(uri)
+            try:
+                return os.path.getsize(uri)
+            except OSError as e:
+                raise StorageError(f"{uri}: {e.strerror or e}") from e
         bucket, key = split_s3(uri)
         with self._errors(uri, "HEAD"):
             return int(self.client.head_object(Bucket=bucket, Key=key)["ContentLength"])
@@ -368,13 +376,18 @@ class Storage:
     @staticmethod
     @contextlib.contextmanager
     def _atomic_local(path: str) -> Iterator[str]:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        """A temporary name beside ``path`` that becomes ``path`` when the block ends; a
+        failed write (no space, quota, permission) is a one-line StorageError naming
+        ``path`` and leaves nothing behind."""
         tmp = f"{path}.tmp-{os.getpid()}"
         try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             yield tmp
             os.replace(tmp, path)
+        except OSError as e:
+            raise StorageError(f"{path}: write failed: {e.strerror or e}") from e
         finally:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # gone, or it never could be made
                 os.remove(tmp)
 
 

@@ -16,8 +16,9 @@ from job.input.data import DataStats, Loader, LoaderSettings, SyntheticLoader, l
 from job.storage import Storage
 from job.training import fingerprint, model, watchdog
 from job.training.distributed import Dist
-from job.training.loop import Run, scaled_lr
+from job.training.loop import Run
 from job.training.metrics import Metrics
+from job.training.rate import scaled_lr
 from job.training.watchdog import Watchdog
 
 

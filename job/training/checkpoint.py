@@ -16,6 +16,7 @@ this run (its run id) and never touches another run's, even in a shared output.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -56,6 +57,17 @@ class Progress:
     corrupt: list[list[Any]] = field(default_factory=list)
 
 
+@dataclass
+class Snapshot:
+    """A checkpoint held in memory, ready to be written by any thread."""
+
+    name: str  # its folder's name
+    step: int
+    params: dict[str, Any]  # structural name -> NDArray on the CPU, as save_parameters keys it
+    trainer_states: bytes  # the optimizer state, as Trainer.save_states writes it
+    state: dict[str, Any]  # state.json
+
+
 class CheckpointInvalidError(Exception):
     """A checkpoint folder that is missing, partial or altered; the message says which."""
 
@@ -67,40 +79,85 @@ class Checkpointer:
         # A new run gets a new id; a resumed run takes over the id of its checkpoint.
         self.run_id = secrets.token_hex(4)
 
-    def save(
+    def snapshot(
         self,
         net: Any,
         trainer: Any,
         progress: Progress,
         config: dict[str, Any],
         fingerprint: dict[str, Any] | None = None,
-    ) -> str:
-        """Write a checkpoint; ``fingerprint`` (job.training.fingerprint) says whose it is."""
+        replace: dict[int, Any] | None = None,
+    ) -> Snapshot:
+        """Copy what a checkpoint holds into memory, on the CPU: the only part of a checkpoint
+        that training waits for. ``replace`` maps ``id(parameter)`` to the value to store in
+        its place (the BatchNorm statistics averaged over ranks, while each rank keeps its
+        own); ``fingerprint`` (job.training.fingerprint) says whose checkpoint it is."""
+        import mxnet as mx
+
+        replace = replace or {}
+        params = {}
+        for key, param in net._collect_params_with_prefix().items():
+            value = replace.get(id(param))
+            # _reduce: the parameter as save_parameters stores it, a copy on the CPU.
+            params[key] = param._reduce() if value is None else value.as_in_context(mx.cpu())
+        for value in params.values():
+            value.wait_to_read()
+        state = {
+            "progress": asdict(progress),  # a deep copy
+            "config": config,
+            "fingerprint": fingerprint,
+            "saved_at": time.time(),
+        }
         name = f"step-{progress.step:08d}-{self.run_id}"
-        folder = st.join(self.root, name)
-        with tempfile.TemporaryDirectory(prefix="finetune-ckpt-") as tmp:
-            net.save_parameters(os.path.join(tmp, layout.MODEL))
-            trainer.save_states(os.path.join(tmp, layout.TRAINER_STATES))
-            state = {
-                "progress": asdict(progress),
-                "config": config,
-                "fingerprint": fingerprint,
-                "saved_at": time.time(),
-            }
-            with open(os.path.join(tmp, layout.STATE), "w") as fh:
-                json.dump(state, fh, indent=1)
-            files = {part: file_facts(os.path.join(tmp, part)) for part in PARTS}
-            for part in PARTS:
-                self.storage.upload(os.path.join(tmp, part), st.join(folder, part))
-        manifest = {"run_id": self.run_id, "step": progress.step, "files": files}
-        self.storage.write_bytes(st.join(folder, MANIFEST), json.dumps(manifest).encode())
-        self.storage.sync(folder)  # every byte on disk before anything points at it
-        pointer = dict(manifest, checkpoint=name)
+        return Snapshot(name, progress.step, params, trainer_states(trainer), state)
+
+    def write(self, snap: Snapshot) -> str:
+        """Write a snapshot's files, check what storage holds, then move the pointer to it.
+        Any thread may call this. A write that fails (no space, quota, permission, a refused
+        PUT) raises a one-line StorageError naming the path and the cause, removes what it
+        wrote and leaves the pointer where it was."""
+        import mxnet as mx
+
+        folder = st.join(self.root, snap.name)
+        try:
+            with tempfile.TemporaryDirectory(prefix="finetune-ckpt-") as tmp:
+                try:
+                    mx.nd.save(os.path.join(tmp, layout.MODEL), snap.params)
+                    with open(os.path.join(tmp, layout.TRAINER_STATES), "wb") as fh:
+                        fh.write(snap.trainer_states)
+                    with open(os.path.join(tmp, layout.STATE), "w") as fh:
+                        json.dump(snap.state, fh, indent=1)
+                except (OSError, mx.base.MXNetError) as e:
+                    cause = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
+                    raise StorageError(
+                        f"{tmp}: writing checkpoint {snap.name} failed: {cause}"
+                    ) from e
+                files = {part: file_facts(os.path.join(tmp, part)) for part in PARTS}
+                for part in PARTS:
+                    self.storage.upload(os.path.join(tmp, part), st.join(folder, part))
+            manifest = {"run_id": self.run_id, "step": snap.step, "files": files}
+            self.storage.write_bytes(st.join(folder, MANIFEST), json.dumps(manifest).encode())
+            self.storage.sync(folder)  # every byte on disk before anything points at it
+            self._verify(folder, files)
+        except StorageError:
+            with contextlib.suppress(StorageError, OSError):  # free what a full disk took
+                self.storage.delete_prefix(folder)
+            raise
+        pointer = dict(manifest, checkpoint=snap.name)
         self.storage.write_bytes(
             st.join(self.root, POINTER), json.dumps(pointer).encode(), durable=True
         )
-        self._prune(keep_name=name)
+        self._prune(keep_name=snap.name)
         return folder
+
+    def _verify(self, folder: str, files: dict[str, dict[str, Any]]) -> None:
+        """Storage holds every file whole: its size there is the size written."""
+        for part, facts in files.items():
+            stored = self.storage.size(st.join(folder, part))
+            if stored != facts["size"]:
+                raise StorageError(
+                    f"{folder}/{part}: storage holds {stored} bytes of {facts['size']} written"
+                )
 
     def latest(self) -> str | None:
         """The folder the pointer names, or None before the first checkpoint (cheap: for
@@ -227,6 +284,21 @@ class Checkpointer:
         for name in mine[self.keep :]:
             if name != keep_name:
                 self.storage.delete_prefix(st.join(self.root, name))
+
+
+def trainer_states(trainer: Any) -> bytes:
+    """The optimizer state as ``Trainer.save_states`` writes it, as bytes in memory. Horovod's
+    DistributedTrainer updates on the worker (no kvstore): its updater holds the state; a
+    trainer that updates on a kvstore goes through a file."""
+    if not trainer._kv_initialized:
+        trainer._init_kvstore()
+    if not trainer._update_on_kvstore:
+        return bytes(trainer._updaters[0].get_states(dump_optimizer=True))
+    with tempfile.TemporaryDirectory(prefix="finetune-ckpt-") as tmp:
+        path = os.path.join(tmp, layout.TRAINER_STATES)
+        trainer.save_states(path)
+        with open(path, "rb") as fh:
+            return fh.read()
 
 
 def file_facts(path: str) -> dict[str, Any]:

@@ -25,8 +25,9 @@ from job.storage import S3Settings, Storage
 from job.training import distributed, summary
 from job.training.build import build
 from job.training.distributed import Dist
-from job.training.loop import Run, scaled_lr
+from job.training.loop import Run
 from job.training.metrics import Metrics, read_basic_auth
+from job.training.rate import scaled_lr
 from job.training.watchdog import Watchdog
 
 log = logging.getLogger(__name__)

@@ -1,8 +1,9 @@
-"""The training loop: epochs of steps on every rank, an evaluation and a checkpoint after each.
+"""The training loop: epochs of steps on every rank, an evaluation and a checkpoint after each,
+and checkpoints every ``checkpoint_interval`` minutes in between (``job.training.saver``).
 
 Runbook: see ``job/cli.py``. The parts come in built (``job.training.build``) and the process around
 the loop (watchdog, SIGTERM, metrics server, Pushgateway, summary) is ``job.training.lifecycle``.
-Only rank 0 logs progress and writes checkpoints.
+Only rank 0 logs progress and writes checkpoints; every rank decides when, together.
 """
 
 from __future__ import annotations
@@ -25,40 +26,16 @@ from job.input.data import DataStats, to_ndarray
 from job.outputs.evaluate import count_correct
 from job.outputs.export import RunOutputs
 from job.storage import Storage
-from job.training import fingerprint, watchdog
+from job.training import resume, watchdog
 from job.training.checkpoint import Checkpointer, Progress
 from job.training.distributed import Dist
 from job.training.metrics import Metrics
 from job.training.progress import ProgressLog
+from job.training.rate import lr_at
+from job.training.saver import Saver
 from job.training.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
-
-
-def scaled_lr(cfg: Config, workers: int) -> float:
-    """The scaling rule: the per-worker rate times the workers (the global batch grows so)."""
-    return cfg.lr * workers
-
-
-def lr_at(position: float, cfg: Config, workers: int, step_epochs: float) -> float:
-    """Learning rate of the step that starts ``position`` epochs into training (2.5: halfway
-    through the third epoch) and covers ``step_epochs`` of an epoch.
-
-    Counted in epochs (images seen / images per epoch), not steps: steps per epoch change
-    with the number of workers, and a job resumed on another number keeps its place.
-    1. Scale: the per-worker rate times the number of workers (the global batch grows so).
-    2. Warmup: linear from ~0 to the scaled rate over ``warmup_epochs``.
-    3. Decay: cosine to 0 at the end, or ×``lr_decay`` at each of ``lr_steps``.
-    """
-    peak = scaled_lr(cfg, workers)
-    if position < cfg.warmup_epochs:
-        return peak * min(1.0, (position + step_epochs) / cfg.warmup_epochs)
-    if cfg.lr_schedule == "step":
-        passed = sum(1 for e in cfg.lr_steps if position >= e - 1e-9)
-        return peak * cfg.lr_decay**passed
-    span = max(step_epochs, cfg.epochs - cfg.warmup_epochs)
-    progress = min(1.0, (position - cfg.warmup_epochs) / span)
-    return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @dataclass
@@ -96,8 +73,20 @@ class Queued:
 
     loss: Any
     correct: Any
-    stop: Any  # the SIGTERM flags summed over ranks, also in flight
+    flags: Any  # [SIGTERM, checkpoint due] summed over ranks, also in flight
     done: Any  # an array the step's last update writes: ready once the step is over
+
+
+@dataclass(frozen=True)
+class Flags:
+    """What every rank learned from a step's flags: stop (a rank had SIGTERM), save (rank 0's
+    checkpoint interval ran out)."""
+
+    stop: bool = False
+    save: bool = False
+
+    def __or__(self, other: Flags) -> Flags:
+        return Flags(self.stop or other.stop, self.save or other.save)
 
 
 class Run:
@@ -134,6 +123,13 @@ class Run:
         self.stop_requested = stop or threading.Event()  # SIGTERM; acted on at a step boundary
         self.watchdog = watchdog or Watchdog(0)
         self.checkpointer = Checkpointer(storage, cfg.output, cfg.keep_checkpoints)
+        self.saver = Saver(
+            self.checkpointer,
+            metrics,
+            cfg.checkpoint_interval if dist.is_primary else 0,  # rank 0 keeps the time
+            background=cfg.async_checkpoints,
+            on_written=self._written,
+        )
         # What makes this run this run (job.training.fingerprint): saved with every checkpoint and
         # compared before one is resumed.
         self.fingerprint = fingerprint or {}
@@ -190,6 +186,8 @@ class Run:
             p.epoch, p.batch, p.images, p.workers = p.epoch + 1, 0, 0, self.dist.size
             self.log.epoch(record, cfg.epochs)
             self.checkpoint()
+        with dog.phase(watchdog.CHECKPOINT):  # the last checkpoint is written before the exports
+            self.saver.finish()
 
     def train_epoch(self, epoch: int) -> tuple[Window, bool]:
         """Train the rest of ``epoch``; the flag says it stopped early on SIGTERM.
@@ -221,7 +219,7 @@ class Run:
             sampled = (p.batch + 1) % cfg.log_interval == 0 or p.batch + 1 == steps
             with dog.phase(watchdog.COMPUTE):
                 computed, compute_s = self.forward_backward(batch, timed=sampled)
-            stop = self.finish_step(queued)  # step k-1, while the device runs step k
+            flags = self.finish_step(queued)  # step k-1, while the device runs step k
             with dog.phase(watchdog.ALLREDUCE):
                 queued, allreduce_s = self.update(computed, timed=sampled)
             p.step, p.batch, p.images = p.step + 1, p.batch + 1, p.images + global_batch
@@ -229,14 +227,17 @@ class Run:
                 w.add(queued.loss, queued.correct, cfg.batch_size, data_s)
             self.metrics.step(cfg.batch_size)
             if sampled:  # the log interval's one sync: this step's flags, times and numbers
-                stop, queued = self.finish_step(queued) or stop, None
+                flags, queued = self.finish_step(queued) | flags, None
                 self.metrics.phases(data_s, compute_s, allreduce_s)
                 with dog.phase(watchdog.ALLREDUCE):
                     self.report(window, epoch, steps)
                 window = Window()
-            if stop and p.batch < steps:  # every rank read the same flags: all stop here
+            self.saver.check()  # a checkpoint write that failed stops the run here
+            if flags.stop and p.batch < steps:  # every rank read the same flags: all stop here
                 self.finish_step(queued)
                 return epoch_window, True
+            if flags.save and p.batch < steps:  # the same on every rank: all checkpoint here
+                self.checkpoint()
         self.finish_step(queued)
         return epoch_window, False
 
@@ -289,22 +290,24 @@ class Run:
         if timed:
             mx.nd.waitall()
         seconds = time.perf_counter() - start
-        # Horovod: a non-blocking allreduce of this rank's SIGTERM flag.
-        stop = self.dist.allreduce_sum_async([float(self.stop_requested.is_set())], "stop")
+        # Horovod: a non-blocking allreduce of this rank's SIGTERM flag and, on rank 0,
+        # whether a checkpoint is due.
+        mine = [float(self.stop_requested.is_set()), float(self.saver.due())]
+        flags = self.dist.allreduce_sum_async(mine, "flags")
         correct = (out.argmax(axis=1) == label).sum()
         done = self.last_updated.data(self.ctx)
-        return Queued(loss.sum(), correct, stop, done), seconds
+        return Queued(loss.sum(), correct, flags, done), seconds
 
-    def finish_step(self, queued: Queued | None) -> bool:
-        """Wait until a queued step is done (its update written, its SIGTERM flags summed
-        over ranks); True when any rank had SIGTERM by then."""
+    def finish_step(self, queued: Queued | None) -> Flags:
+        """Wait until a queued step is done (its update written, its flags summed over
+        ranks): whether any rank had SIGTERM by then, and whether a checkpoint is due."""
         if queued is None:
-            return False
+            return Flags()
         with self.watchdog.phase(watchdog.ALLREDUCE):
             queued.done.wait_to_read()
-            stop = float(queued.stop.asnumpy()[0]) > 0
+            stop, save = (float(v) > 0 for v in queued.flags.asnumpy())
         self.watchdog.beat()
-        return stop
+        return Flags(stop, save)
 
     def report(self, window: Window, epoch: int, steps: int) -> None:
         """The log interval's numbers, averaged over ranks: metrics, one log line; a loss
@@ -335,9 +338,7 @@ class Run:
 
     def preempted(self) -> None:
         p = self.progress
-        with self.watchdog.phase(watchdog.ALLREDUCE):
-            self.sync_running_stats()
-        self.checkpoint()
+        self.checkpoint(wait=True)
         with self.watchdog.phase(watchdog.ALLREDUCE):
             self.dist.barrier()  # no rank shuts Horovod down before the checkpoint is out
         raise PreemptedError(
@@ -377,20 +378,40 @@ class Run:
             yield batch
             self.watchdog.beat()
 
-    def checkpoint(self) -> None:
-        """Rank 0 writes the checkpoint; every rank takes part in naming the corrupt records."""
+    def checkpoint(self, wait: bool = False) -> None:
+        """Take a checkpoint after this step; rank 0 writes it (``wait``: before returning).
+
+        Every rank takes part in naming the corrupt records and in averaging the BatchNorm
+        running statistics over ranks. The checkpoint stores the averages, and each rank
+        keeps its own: the update of a running statistic is affine, so the mean over ranks
+        at the next epoch's end is the same whether a rank resumed from the averages or kept
+        its own, and a checkpoint changes nothing in the run it is taken from."""
         self.progress.corrupt = [list(k) for k in sorted(self.corrupt_keys())]
+        stats = [
+            p for _, p in sorted(self.net.collect_params(".*running_mean|.*running_var").items())
+        ]
+        averaged = [p.data().copy() for p in stats]
+        with self.watchdog.phase(watchdog.ALLREDUCE):
+            self.dist.average_in_place(averaged, "bn_stats_checkpoint")
         if not self.dist.is_primary:
             return
-        started = time.perf_counter()
-        with self.watchdog.phase(watchdog.CHECKPOINT):
-            folder = self.checkpointer.save(
-                self.net, self.trainer, self.progress, self.cfg.to_dict(), self.fingerprint
+
+        def take() -> Any:
+            return self.checkpointer.snapshot(
+                self.net,
+                self.trainer,
+                self.progress,
+                self.cfg.to_dict(),
+                self.fingerprint,
+                replace={id(p): a for p, a in zip(stats, averaged, strict=True)},
             )
-        self.metrics.checkpointed(time.perf_counter() - started)
-        self.watchdog.checkpoint = folder
+
+        with self.watchdog.phase(watchdog.CHECKPOINT):
+            self.saver.save(take, wait=wait)
         self.watchdog.beat(step=False)  # a checkpoint is progress too
-        log.info("checkpoint %s (%.1f s)", folder, time.perf_counter() - started)
+
+    def _written(self, folder: str) -> None:
+        self.watchdog.checkpoint = folder  # where a restart resumes from
 
     def corrupt_keys(self) -> set[tuple[str, int]]:
         """The corrupt records every rank skipped so far (another rank may have read a bad
@@ -401,43 +422,7 @@ class Run:
 
     def resume(self) -> None:
         """Continue from the newest checkpoint of this run (or of ``resume_from``), if any."""
-        if self.cfg.resume == "never":
-            return
-        # A checkpoint of another run (other model, classes, data or hyper-parameters) is
-        # refused before anything is loaded, unless the operator forces it.
-        check = None if self.cfg.resume == "force" else self._check_fingerprint
-        restored = self.checkpointer.restore(
-            self.net, self.trainer, self.ctx, warn=self.dist.is_primary, check=check
-        )
-        if restored is None and self.cfg.resume_from:
-            # An earlier attempt of this run (a failed scheduled run) left its checkpoints
-            # in another output: continue from there, under the same fingerprint check.
-            earlier = Checkpointer(self.storage, self.cfg.resume_from, self.cfg.keep_checkpoints)
-            restored = earlier.restore(
-                self.net, self.trainer, self.ctx, warn=self.dist.is_primary, check=check
-            )
-            self.checkpointer.run_id = earlier.run_id
-        if restored is None:
-            return
-        folder, self.progress, _ = restored
-        self.resumed_from = folder
-        if not self.progress.workers:  # written before checkpoints counted images
-            self.progress.workers = self.dist.size
-            self.progress.images = self.progress.batch * self.cfg.batch_size * self.dist.size
-        self.stats.seed_corrupt(self.progress.corrupt)
-        self.watchdog.checkpoint = folder
-        p = self.progress
-        moved = f" (trained by {p.workers} workers, now {self.dist.size})"
-        log.info(
-            "resumed from %s: epoch %d, step %d%s",
-            folder,
-            p.epoch + 1,
-            p.step,
-            moved if p.workers not in (0, self.dist.size) else "",
-        )
-
-    def _check_fingerprint(self, state: dict[str, Any], folder: str) -> None:
-        fingerprint.check(state, self.fingerprint, folder)
+        resume.resume(self)
 
     def close(self) -> None:
         self.train.close()

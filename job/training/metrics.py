@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 # CPU); web-latency buckets (5 ms–10 s) would lump every CPU step into the top bucket.
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 CHECKPOINT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+STALL_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 PHASES = ("data", "compute", "allreduce")
 SPLITS = ("train", "val", "val_tta")
 PUSH_JOB = "finetune-job"
@@ -120,9 +121,25 @@ class Metrics:
         )
         self.checkpoint_seconds = Histogram(
             "finetune_checkpoint_seconds",
-            "Time to write a checkpoint (rank 0 only).",
+            "Time to write a checkpoint and check what storage holds (rank 0 only; on a "
+            "background thread while training goes on, unless async_checkpoints is off).",
             rank_,
             buckets=CHECKPOINT_BUCKETS,
+            registry=r,
+        )
+        self.checkpoint_stall = Histogram(
+            "finetune_checkpoint_stall_seconds",
+            "Time training waited for a checkpoint (rank 0 only): the copy into memory, and "
+            "the write still in flight when an epoch ends or SIGTERM comes.",
+            rank_,
+            buckets=STALL_BUCKETS,
+            registry=r,
+        )
+        self.checkpoint_deferred = Counter(
+            "finetune_checkpoints_deferred_total",
+            "Interval checkpoints that fell due while the last one was still being written "
+            "(rank 0 only); each is taken once that write ends.",
+            rank_,
             registry=r,
         )
         self.last_checkpoint = Gauge(

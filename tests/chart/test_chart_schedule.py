@@ -8,7 +8,12 @@ from chart_tools import CHART, by_kind, env_of, one, render
 APP_VERSION = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
 
 SCHEDULE = {
-    "training": {"data": "s3://d/ds", "output": "s3://d/out", "epochs": 4},
+    "training": {
+        "data": "s3://d/ds",
+        "output": "s3://d/out",
+        "epochs": 4,
+        "checkpoint_interval": 2.5,  # a scheduled run checkpoints as the values say
+    },
     "schedule": "0 3 * * 0",
     "s3": {"existingSecret": "keys"},
 }

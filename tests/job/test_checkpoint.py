@@ -10,21 +10,10 @@ import os
 import mxnet as mx
 import numpy as np
 import pytest
+from checkpoint_tools import restored_step, small_net, weights
 
 from job.storage import S3Settings, Storage
 from job.training.checkpoint import Checkpointer, CheckpointInvalidError, Progress, file_facts
-
-
-def small_net(seed: int = 0) -> tuple[mx.gluon.Block, mx.gluon.Trainer]:
-    mx.random.seed(seed)
-    net = mx.gluon.nn.Dense(3, in_units=4)
-    net.initialize(mx.init.Xavier())
-    trainer = mx.gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.1})
-    return net, trainer
-
-
-def weights(net: mx.gluon.Block) -> dict[str, np.ndarray]:
-    return {k: v.data().asnumpy() for k, v in net._collect_params_with_prefix().items()}
 
 
 def save_steps(ckpt: Checkpointer, steps: list[int], seed: int = 0) -> dict[int, dict]:
@@ -32,16 +21,9 @@ def save_steps(ckpt: Checkpointer, steps: list[int], seed: int = 0) -> dict[int,
     saved = {}
     for step in steps:
         net, trainer = small_net(seed + step)
-        ckpt.save(net, trainer, Progress(epoch=step, step=step), {"lr": 0.1})
+        ckpt.write(ckpt.snapshot(net, trainer, Progress(epoch=step, step=step), {"lr": 0.1}))
         saved[step] = weights(net)
     return saved
-
-
-def restored_step(ckpt: Checkpointer) -> tuple[int, dict]:
-    net, trainer = small_net(99)
-    result = ckpt.restore(net, trainer, mx.cpu())
-    assert result is not None
-    return result[1].step, weights(net)
 
 
 def folder_of(out: str, step: int) -> str:

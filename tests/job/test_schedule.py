@@ -5,7 +5,7 @@ import math
 import pytest
 
 from job.config import Config
-from job.training.loop import lr_at
+from job.training.rate import lr_at
 
 
 def cfg(**kw):
