@@ -61,6 +61,15 @@ def make_images(folder: str, count: int, classes: int = 10, seed: int = 0) -> st
     return folder
 
 
+def image_folder(work: str, count: int) -> str:
+    """``work/images-COUNT``: ``count`` generated JPEGs, made on the first call only."""
+    folder = os.path.join(work, f"images-{count}")
+    if not os.path.isdir(folder):
+        print(f"generating {count} JPEGs ...", flush=True)
+        make_images(folder, count)
+    return folder
+
+
 def start_moto() -> tuple[subprocess.Popen, str]:
     """moto's S3 server in its own process (its CPU counts, its GIL is not ours)."""
     with socket.socket() as sock:

@@ -232,7 +232,9 @@ class Storage:
             self.write_bytes(probe, b"probe\n")
             self.delete(probe)
         except StorageError as e:
-            raise StorageError(f"output {folder} is not writable: {e}") from e
+            cause = e.__cause__  # a local write's OSError: its reason says it all
+            why = cause.strerror if isinstance(cause, OSError) and cause.strerror else e
+            raise StorageError(f"output {folder} is not writable: {why}") from e
         except OSError as e:
             raise StorageError(f"output {folder} is not writable: {e.strerror or e}") from e
 

@@ -1,5 +1,6 @@
 """An HTTP proxy in front of a real S3 endpoint (moto's server), for what moto cannot do by
-itself: limit the bandwidth of uploads (a slow object store, for the checkpoint benchmark)
+itself: limit the bandwidth of uploads to that of one shared link (a slow object store, for
+the checkpoint benchmark; parallel parts of a multipart upload share it)
 and refuse writes to some keys with S3's own 403 AccessDenied (a bucket policy or a quota,
 switched on while a run is going). Every other request and every byte is passed through.
 
@@ -31,6 +32,8 @@ class S3Proxy:
         self.rate = upload_bytes_per_second  # 0: no limit
         self.refuse: re.Pattern[str] | None = None
         self.refused = 0
+        self._link = threading.Lock()
+        self._link_free_at = 0.0  # when the upload link has sent what it was given
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -42,6 +45,13 @@ class S3Proxy:
     def __exit__(self, *exc: object) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+    def reserve(self, size: int) -> float:
+        """Seconds until ``size`` more bytes have crossed the shared upload link."""
+        with self._link:
+            now = time.monotonic()
+            self._link_free_at = max(now, self._link_free_at) + size / self.rate
+            return self._link_free_at - now
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         proxy = self
@@ -83,7 +93,7 @@ class S3Proxy:
                     self._send(403, [("Content-Type", "application/xml")], DENIED)
                     return
                 if writes and proxy.rate > 0:  # the upload takes as long as the link would
-                    time.sleep(len(body) / proxy.rate)
+                    time.sleep(proxy.reserve(len(body)))
                 conn = http.client.HTTPConnection(
                     proxy.upstream.hostname, proxy.upstream.port, timeout=120
                 )

@@ -118,7 +118,8 @@ def _transform(data: bytes, size: int, tta: bool) -> tuple[np.ndarray, np.ndarra
 def _image_items(
     uris: list[str], engine: Engine, storage: Storage, size: int, tta: bool, batch: int
 ) -> Iterator[Item]:
-    """Read and transform in threads (cv2 and S3 reads release the GIL), predict in batches."""
+    """Read and transform in threads (cv2 and S3 reads release the GIL), predict in batches;
+    the next batch is read and decoded while the engine runs this one."""
 
     def load(uri: str) -> tuple[str, Any]:
         try:
@@ -126,9 +127,12 @@ def _image_items(
         except (StorageError, ValueError) as e:
             return uri, str(e)
 
+    chunks = [uris[i : i + batch] for i in range(0, len(uris), batch)]
     with ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="finetune-predict") as pool:
-        for start in range(0, len(uris), batch):
-            loaded = list(pool.map(load, uris[start : start + batch]))
+        ahead = [pool.submit(load, u) for u in chunks[0]] if chunks else []
+        for i in range(len(chunks)):
+            loaded = [f.result() for f in ahead]
+            ahead = [pool.submit(load, u) for u in chunks[i + 1]] if i + 1 < len(chunks) else []
             good = [(u, x) for u, x in loaded if not isinstance(x, str)]
             probs: Any = _predict([x for _, x in good], engine) if good else []
             by_uri = {u: p for (u, _), p in zip(good, probs, strict=True)}
