@@ -49,6 +49,36 @@ def weights(storage, out):
         return {k: v.asnumpy() for k, v in mx.nd.load(path).items()}
 
 
+def kill_every_rank_at_a_random_step(cmd, env, tmp_path):
+    """Run ``cmd`` until a random step after its first interval checkpoint is written, then
+    SIGKILL every rank and mpirun: (the step, the time of the kill, the run's log)."""
+    kill_at = random.Random().randint(STEPS // 2, EPOCHS * STEPS - STEPS // 2)
+    log_path = tmp_path / "killed.log"
+    with open(log_path, "w") as log:
+        mpirun = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while True:
+        text = log_path.read_text()
+        steps = steps_of(text)
+        if WRITTEN.search(text) and steps and steps[-1][1] >= kill_at:
+            break
+        assert mpirun.poll() is None, f"the run ended before step {kill_at}:\n{text[-3000:]}"
+        assert time.monotonic() < deadline, f"step {kill_at} never came:\n{text[-3000:]}"
+        time.sleep(0.02)
+    ranks = subprocess.run(["pgrep", "-P", str(mpirun.pid)], capture_output=True, text=True)
+    killed_at = time.time()
+    for pid in ranks.stdout.split():
+        os.kill(int(pid), signal.SIGKILL)
+    mpirun.kill()
+    mpirun.wait(timeout=60)
+    return kill_at, killed_at, log_path.read_text()
+
+
+def latest_state(storage, out):
+    pointer = json.loads(storage.read_bytes(f"{out}/checkpoints/latest"))
+    return json.loads(storage.read_bytes(f"{out}/checkpoints/{pointer['checkpoint']}/state.json"))
+
+
 @pytest.fixture
 def s3_run(tiny_dataset, s3_bucket, s3_upload, s3_env, launch_env, train_on_two, s3_server):
     data = f"{s3_bucket}/data"
@@ -79,31 +109,10 @@ def test_sigkill_of_every_rank_loses_at_most_an_interval_and_the_restart_ends_as
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     out = f"{bucket}/killed"
-    kill_at = random.Random().randint(STEPS // 2, EPOCHS * STEPS - STEPS // 2)
-    log_path = tmp_path / "killed.log"
-    with open(log_path, "w") as log:
-        mpirun = subprocess.Popen(command(out), env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 240
-    while True:
-        text = log_path.read_text()
-        steps = steps_of(text)
-        if WRITTEN.search(text) and steps and steps[-1][1] >= kill_at:
-            break
-        assert mpirun.poll() is None, f"the run ended before step {kill_at}:\n{text[-3000:]}"
-        assert time.monotonic() < deadline, f"step {kill_at} never came:\n{text[-3000:]}"
-        time.sleep(0.02)
-    ranks = subprocess.run(["pgrep", "-P", str(mpirun.pid)], capture_output=True, text=True)
-    killed_at = time.time()
-    for pid in ranks.stdout.split():
-        os.kill(int(pid), signal.SIGKILL)
-    mpirun.kill()
-    mpirun.wait(timeout=60)
-    first = log_path.read_text()
-
-    pointer = json.loads(storage.read_bytes(f"{out}/checkpoints/latest"))
-    state = json.loads(storage.read_bytes(f"{out}/checkpoints/{pointer['checkpoint']}/state.json"))
+    kill_at, killed_at, first = kill_every_rank_at_a_random_step(command(out), env, tmp_path)
+    state = latest_state(storage, out)
     resumed_step = state["progress"]["step"]
-    assert 0 < resumed_step < EPOCHS * STEPS, f"killed at step {kill_at}: {pointer}"
+    assert 0 < resumed_step < EPOCHS * STEPS, f"killed at step {kill_at}"
     times = [t for t, _ in steps_of(first)]
     step_s = max(b - a for a, b in zip(times, times[1:], strict=False))
     write_s = max(float(s) for _, s in WRITTEN.findall(first))
@@ -124,3 +133,27 @@ def test_sigkill_of_every_rank_loses_at_most_an_interval_and_the_restart_ends_as
     assert expected.keys() == got.keys()
     for key in expected:
         np.testing.assert_allclose(got[key], expected[key], rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_a_run_killed_mid_epoch_resumes_on_one_worker_and_trains_the_rest_of_the_epoch_once(
+    s3_run, tmp_path, launchers
+):
+    """2 workers take 24 steps an epoch, 1 worker 48: resumed on 1 worker from an interval
+    checkpoint after 2-worker step B of an epoch, the next step is 1-worker step 2B+1."""
+    command, env, storage, bucket = s3_run
+    out = f"{bucket}/killed"
+    two = command(out)
+    kill_at, _, _ = kill_every_rank_at_a_random_step(two, env, tmp_path)
+    progress = latest_state(storage, out)["progress"]
+    epoch, batch = progress["epoch"], progress["batch"]
+    assert progress["workers"] == 2, f"killed at step {kill_at}"
+
+    one = two[len(launchers["mpirun"]) :]
+    resumed = subprocess.run(one, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "(trained by 2 workers, now 1)" in resumed.stderr
+    after = STEP_LINE.findall(resumed.stderr.split("resumed from")[1])
+    steps = [(int(e), int(s)) for _, e, s in after]
+    rest = [(epoch + 1, s) for s in range(2 * batch + 1, 2 * STEPS + 1)]
+    later = [(e, s) for e in range(epoch + 2, EPOCHS + 1) for s in range(1, 2 * STEPS + 1)]
+    assert steps == rest + later, f"killed at step {kill_at}: resumed at {epoch + 1}/{batch}"
