@@ -1,9 +1,9 @@
-"""Fixtures of the image tests: podman set up once, the CPU image built once per session."""
+"""Fixtures of the image tests: podman set up once, each flavour's image built once per session."""
 
 from __future__ import annotations
 
 import pytest
-from podman_tools import build_cpu_image, podman_ready
+from podman_tools import build_cpu_image, build_flavour, podman_ready
 
 
 @pytest.fixture(scope="session")
@@ -14,3 +14,8 @@ def podman() -> dict[str, str]:
 @pytest.fixture(scope="session")
 def cpu_image(podman: dict[str, str]) -> str:
     return build_cpu_image(podman)
+
+
+@pytest.fixture(scope="session")
+def gpu_image(podman: dict[str, str]) -> str:
+    return build_flavour(podman, "gpu")

@@ -1,11 +1,17 @@
-"""Podman on this machine, for the image tests: tools installed with apt when missing, storage
-and configuration under ~/.cache/finetune-job/podman (CONTAINERS_CONF and
+"""Podman on this machine, for the image tests and `make image`: tools installed with apt when
+missing, storage and configuration under ~/.cache/finetune-job/podman (CONTAINERS_CONF and
 CONTAINERS_STORAGE_CONF point there, so nothing in /etc changes), a debootstrapped Debian 12
-base image, and the CPU flavour built with cached layers.
+base image, either flavour built on it with cached layers, and containers to run checks in.
+
+    python tests/image/podman_tools.py gpu|cpu [--tag TAG] [--build-arg KEY=VALUE ...]
+
+builds a flavour as `make image` does and prints how to reach the image with podman.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import glob
 import os
 import re
@@ -15,6 +21,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,11 +31,21 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "finetu
 BASE_IMAGE = "localhost/debian-base:bookworm"
 IMAGE = "localhost/finetune-job:cpu-test"
 BUILDER_TAG = "localhost/finetune-job:cpu-test-builder"
+GPU_IMAGE = "localhost/finetune-job:gpu-test"
+GPU_BUILDER_TAG = "localhost/finetune-job:gpu-test-builder"
+VERSION = re.search(r'^version = "(.+)"', (ROOT / "pyproject.toml").read_text(), re.M)[1]
+# The GPU flavour is the Dockerfile's default: only the base images change (no Docker Hub here).
+GPU_BUILD_ARGS = {"BASE_IMAGE": BASE_IMAGE, "BUILDER_IMAGE": BASE_IMAGE, "VERSION": VERSION}
 CPU_BUILD_ARGS = {
-    "BASE_IMAGE": BASE_IMAGE,
-    "BUILDER_IMAGE": BASE_IMAGE,
+    **GPU_BUILD_ARGS,
     "MXNET_PACKAGE": "mxnet==1.9.1",
     "HOROVOD_GPU_OPERATIONS": "",
+}
+# flavour: (build arguments, image tag, builder-stage tag, seconds a build may take)
+FLAVOURS = {
+    "cpu": (CPU_BUILD_ARGS, IMAGE, BUILDER_TAG, 2400),
+    # a cold GPU build downloads ~4 GB (Debian's CUDA toolkit, the CUDA wheels) and compiles
+    "gpu": (GPU_BUILD_ARGS, GPU_IMAGE, GPU_BUILDER_TAG, 3 * 3600),
 }
 APT_TOOLS = ["podman", "buildah", "runc", "debootstrap", "uidmap", "fuse-overlayfs"]
 RUN_FLAGS = [
@@ -206,7 +224,11 @@ def pip_settings() -> tuple[dict[str, str], str | None]:
 
 
 def build(
-    env: dict[str, str], build_args: dict[str, str], tag: str, target: str | None = None
+    env: dict[str, str],
+    build_args: dict[str, str],
+    tag: str,
+    target: str | None = None,
+    timeout: float = 2400,
 ) -> float:
     pip_args, cert = pip_settings()
     cmd = [
@@ -232,19 +254,75 @@ def build(
     if cert:  # used by pip in the builder only, never stored in the image
         cmd += ["--secret", f"id=ca,src={cert}"]
     start = time.monotonic()
-    run([*cmd, str(ROOT)], env, timeout=2400)
+    run([*cmd, str(ROOT)], env, timeout=timeout)
     return time.monotonic() - start
 
 
-def build_cpu_image(env: dict[str, str]) -> str:
-    """The CPU flavour as ``IMAGE`` (cached layers; the builder stage keeps a tag of its own,
-    so that pruning untagged leftovers of earlier builds keeps its cache, the Horovod compile)."""
-    seconds = build(env, CPU_BUILD_ARGS, BUILDER_TAG, target="builder")
-    seconds += build(env, CPU_BUILD_ARGS, IMAGE)
+def build_flavour(
+    env: dict[str, str], flavour: str, tag: str | None = None, extra: dict[str, str] | None = None
+) -> str:
+    """One flavour as its test tag, or ``tag`` (cached layers; the builder stage keeps a tag of
+    its own, so that pruning untagged leftovers of earlier builds keeps its cache: the Horovod
+    compile, and for the GPU flavour the CUDA toolkit)."""
+    build_args, image, builder_tag, timeout = FLAVOURS[flavour]
+    build_args = {**build_args, **(extra or {})}
+    image = tag or image
+    seconds = build(env, build_args, builder_tag, target="builder", timeout=timeout)
+    seconds += build(env, build_args, image, timeout=timeout)
     run(["podman", "image", "prune", "-f"], env, check=False)
-    size = run(["podman", "image", "ls", "--format", "{{.Size}}", IMAGE], env).stdout.strip()
-    print(f"\nbuilt {IMAGE} in {seconds:.0f} s; size {size}")
-    return IMAGE
+    print(f"\nbuilt {image} in {seconds:.0f} s; size {image_size(env, image) / 1e9:.2f} GB")
+    return image
+
+
+def build_cpu_image(env: dict[str, str]) -> str:
+    return build_flavour(env, "cpu")
+
+
+def image_size(env: dict[str, str], image: str) -> int:
+    """Bytes of the image's layers, uncompressed, as `podman images` counts them."""
+    return int(run(["podman", "image", "inspect", "--format", "{{.Size}}", image], env).stdout)
+
+
+@contextlib.contextmanager
+def running(env: dict[str, str], image: str, *podman_args: str) -> Iterator[str]:
+    """One long-lived container of ``image`` (as the image's user) to `podman exec` checks in."""
+    name = f"finetune-job-test-{uuid.uuid4().hex[:8]}"
+    cmd = ["podman", "run", "-d", "--rm", "--name", name, *RUN_FLAGS, *podman_args]
+    run([*cmd, image, "sleep", "infinity"], env)
+    try:
+        yield name
+    finally:
+        run(["podman", "rm", "-f", "-t", "0", name], env, check=False)
+
+
+def exec_in(
+    env: dict[str, str], container: str, script: str, timeout: float = 600, check: bool = True
+) -> subprocess.CompletedProcess:
+    return run(
+        ["podman", "exec", container, "bash", "-c", script], env, timeout=timeout, check=check
+    )
+
+
+def start_worker_sshd(env: dict[str, str], container: str) -> subprocess.CompletedProcess:
+    """The entrypoint in worker mode, with a fresh key standing in for the MPI Operator's Secret
+    at ~/.ssh; returns `ssh 127.0.0.2 id -un` once sshd answers (or after 20 s). 127.0.0.2 is
+    the container's own loopback but not one of its interface addresses, so Open MPI treats it
+    as a separate worker host that it reaches through this sshd (port 2222 from ssh_config)."""
+    exec_in(
+        env,
+        container,
+        "ssh-keygen -q -t ecdsa -N '' -f ~/.ssh/id_rsa && "
+        "cp ~/.ssh/id_rsa.pub ~/.ssh/authorized_keys",
+    )
+    run(
+        ["podman", "exec", "-d", container, "/usr/local/bin/finetune-job-entrypoint", "worker"], env
+    )
+    deadline = time.monotonic() + 20
+    while True:
+        ssh = exec_in(env, container, "ssh -o BatchMode=yes 127.0.0.2 'id -un'", check=False)
+        if ssh.returncode == 0 or time.monotonic() > deadline:
+            return ssh
+        time.sleep(0.5)
 
 
 def podman_ready() -> dict[str, str]:
@@ -257,3 +335,26 @@ def podman_ready() -> dict[str, str]:
     env = podman_env()
     ensure_base_image(env)
     return env
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Build a flavour of the Dockerfile with podman.")
+    parser.add_argument("flavour", choices=sorted(FLAVOURS))
+    parser.add_argument("--tag", help="the image's tag (default: the flavour's test tag)")
+    parser.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    reason = ensure_tools()
+    if reason:
+        sys.exit(f"podman_tools: {reason}")
+    env = podman_env()
+    ensure_base_image(env)
+    extra = dict(arg.split("=", 1) for arg in args.build_arg)
+    image = build_flavour(env, args.flavour, args.tag, extra)
+    print(
+        f"podman sees it with: CONTAINERS_STORAGE_CONF={env['CONTAINERS_STORAGE_CONF']} "
+        f"CONTAINERS_CONF={env['CONTAINERS_CONF']} podman image inspect {image}"
+    )
+
+
+if __name__ == "__main__":
+    main()

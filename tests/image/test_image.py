@@ -11,11 +11,12 @@ Slow (real podman; installed with apt when missing, as on CI):
     ``horovodrun --check-build``, no compilers, the worker entrypoint's sshd, and a
     2-process ``mpirun`` fine-tune (over ssh, as the MPI Operator's launcher does it)
     on a small generated image folder turned into shards by ``finetune-job prepare``;
-  * buildah resolves the GPU flavour's default FROM (the CUDA devel image, which cannot be
-    pulled here) from the Dockerfile's own ARG chain.
+  * buildah resolves the default FROM (Docker Hub's Debian 12, which cannot be pulled here)
+    from the Dockerfile's own ARG chain.
 
-Podman's set-up and the build are in podman_tools.py; the fixtures `podman` and `cpu_image`
-(conftest.py) build the image once per session.
+The GPU flavour's build and checks are in test_gpu_image.py (`make image-gpu-test`). Podman's
+set-up, the build and the containers are in podman_tools.py; the fixtures `podman` and
+`cpu_image` (conftest.py) build the image once per session.
 """
 
 from __future__ import annotations
@@ -32,7 +33,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from podman_tools import BASE_IMAGE, CPU_BUILD_ARGS, DOCKERFILE, ROOT, RUN_FLAGS
+from podman_tools import (
+    BASE_IMAGE,
+    CPU_BUILD_ARGS,
+    DOCKERFILE,
+    ROOT,
+    RUN_FLAGS,
+    running,
+    start_worker_sshd,
+)
+from podman_tools import exec_in as _exec
 from podman_tools import run as _run
 
 # --------------------------------------------------------------------------------------------
@@ -90,12 +100,6 @@ def _resolve_stages(text: str, build_args: dict[str, str]) -> list[dict]:
     return stages
 
 
-def _cuda_version(tag: str) -> str:
-    match = re.search(r":(\d+)\.(\d+)", tag)
-    assert match, f"no CUDA version in {tag}"
-    return match.group(1) + match.group(2)
-
-
 # --------------------------------------------------------------------------------------------
 # Fast tests
 
@@ -126,19 +130,21 @@ def test_hadolint_clean() -> None:
 
 
 def test_gpu_defaults_resolve() -> None:
-    """The default (GPU) flavour: CUDA runtime over CUDA devel, one CUDA version, NCCL on."""
+    """The default (GPU) flavour: Debian 12 slim over Debian 12, MXNet for CUDA 11, NCCL on,
+    each CUDA wheel pinned, and the GPUs Horovod compiles for."""
     stages = _resolve_stages(DOCKERFILE.read_text(), {})
     names = [s["name"] for s in stages]
     assert names == ["builder", "runtime"]
     builder, runtime = stages
-    assert re.fullmatch(r"nvidia/cuda:11\.\d+\.\d+-cudnn8-devel-ubuntu22\.04", builder["image"])
-    assert re.fullmatch(r"nvidia/cuda:11\.\d+\.\d+-cudnn8-runtime-ubuntu22\.04", runtime["image"])
-    assert builder["image"].replace("-devel-", "-runtime-") == runtime["image"]
-    cuda = _cuda_version(runtime["image"])
-    assert builder["args"]["MXNET_PACKAGE"] == f"mxnet-cu{cuda}==1.9.1"
+    assert (builder["image"], runtime["image"]) == ("debian:bookworm", "debian:bookworm-slim")
+    assert re.fullmatch(r"mxnet-cu11\d==1\.9\.1", builder["args"]["MXNET_PACKAGE"])
     assert builder["args"]["HOROVOD_GPU_OPERATIONS"] == "NCCL"
     assert runtime["args"]["HOROVOD_GPU_OPERATIONS"] == "NCCL"
     assert builder["args"]["HOROVOD_VERSION"] == "0.28.1"
+    wheels = builder["args"]["CUDA_PACKAGES"].split()
+    assert all(re.fullmatch(r"nvidia-[a-z-]+-cu11==[\d.]+", w) for w in wheels), wheels
+    assert any(w.startswith("nvidia-cudnn-cu11==8.") for w in wheels)  # libcudnn.so.8
+    assert {"70", "80", "86", "90"} <= set(builder["args"]["HOROVOD_BUILD_CUDA_CC_LIST"].split(","))
     for stage in stages:  # every --from / from= names an earlier stage
         for ref in stage["from"]:
             assert ref in names[: names.index(stage["name"])], f"{stage['name']}: from={ref}"
@@ -165,37 +171,8 @@ def test_dockerignore_keeps_context_small() -> None:
 
 @pytest.fixture(scope="module")
 def container(podman: dict[str, str], cpu_image: str) -> Iterator[str]:
-    """One long-lived container (as the image's user) for the checks to `podman exec` into."""
-    name = f"finetune-job-test-{uuid.uuid4().hex[:8]}"
-    _run(
-        [
-            "podman",
-            "run",
-            "-d",
-            "--rm",
-            "--name",
-            name,
-            *RUN_FLAGS,
-            "--shm-size",
-            "256m",
-            cpu_image,
-            "sleep",
-            "infinity",
-        ],
-        podman,
-    )
-    try:
+    with running(podman, cpu_image, "--shm-size", "256m") as name:
         yield name
-    finally:
-        _run(["podman", "rm", "-f", "-t", "0", name], podman, check=False)
-
-
-def _exec(
-    podman: dict[str, str], container: str, script: str, timeout: float = 600, check: bool = True
-) -> subprocess.CompletedProcess:
-    return _run(
-        ["podman", "exec", container, "bash", "-c", script], podman, timeout=timeout, check=check
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,6 +196,8 @@ def test_image_metadata(podman: dict[str, str], cpu_image: str) -> None:
     assert env["OMPI_MCA_pml"] == "ob1"
     assert env["OMPI_MCA_btl"] == "^openib"
     assert "PIP_CERT" not in env and "DEBIAN_FRONTEND" not in env
+    # empty: the NVIDIA container toolkit then runs a CPU container as plain runc would
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "" and env["NVIDIA_DRIVER_CAPABILITIES"] == ""
 
 
 @pytest.mark.slow
@@ -293,28 +272,9 @@ for c, colour in enumerate([(200, 40, 40), (40, 40, 200)]):
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_two_process_finetune_over_ssh(podman: dict[str, str], container: str) -> None:
-    """The MPI Operator's way: sshd as mpiuser on the worker, mpirun over ssh from the launcher.
-
-    127.0.0.2 reaches this container's own loopback, but is not one of its interface addresses,
-    so Open MPI starts its daemon there through ssh (port 2222 from ssh_config), as on a
-    separate worker pod; the keys stand in for the Secret the operator mounts at ~/.ssh.
-    """
-    _exec(
-        podman,
-        container,
-        "ssh-keygen -q -t ecdsa -N '' -f ~/.ssh/id_rsa && "
-        "cp ~/.ssh/id_rsa.pub ~/.ssh/authorized_keys",
-    )
-    _run(
-        ["podman", "exec", "-d", container, "/usr/local/bin/finetune-job-entrypoint", "worker"],
-        podman,
-    )
-    deadline = time.monotonic() + 20
-    while True:
-        ssh = _exec(podman, container, "ssh -o BatchMode=yes 127.0.0.2 'id -un'", check=False)
-        if ssh.returncode == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    """The MPI Operator's way: sshd as mpiuser on the worker (127.0.0.2, see
+    start_worker_sshd), mpirun over ssh from the launcher."""
+    ssh = start_worker_sshd(podman, container)
     assert ssh.returncode == 0 and ssh.stdout.strip() == "mpiuser", ssh.stderr
 
     _exec(
@@ -439,40 +399,18 @@ def test_stopping_a_worker_pod_checkpoints_its_training(
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_gpu_flavour_resolves_in_buildah(podman: dict[str, str]) -> None:
-    """buildah, given no build arguments, starts from the CUDA devel image.
+def test_default_bases_resolve_in_buildah(podman: dict[str, str]) -> None:
+    """buildah, given no build arguments, starts from Docker Hub's Debian 12.
 
-    The NVIDIA base images cannot be pulled here (no registry), so `--pull=never` ends the
-    build at that first FROM. buildah checks instructions only as it runs them; the grammar and
-    the shell of every RUN are hadolint's part (test_hadolint_clean).
+    No registry can be reached here, so `--pull=never` ends the build at that first FROM.
+    buildah checks instructions only as it runs them; the grammar and the shell of every RUN
+    are hadolint's part (test_hadolint_clean).
     """
-    env = podman
-    tag = "localhost/finetune-job:gpu-parse-check"
-    proc = _run(
-        [
-            "podman",
-            "build",
-            "--format",
-            "docker",
-            "--isolation",
-            "chroot",
-            "--network",
-            "host",
-            "--pull=never",
-            "--target",
-            "builder",
-            "-f",
-            str(DOCKERFILE),
-            "-t",
-            tag,
-            str(ROOT),
-        ],
-        env,
-        timeout=300,
-        check=False,
-    )
+    cmd = ["podman", "build", "--format", "docker", "--isolation", "chroot", "--network", "host"]
+    cmd += ["--pull=never", "--target", "builder", "-f", str(DOCKERFILE), str(ROOT)]
+    proc = _run(cmd, podman, timeout=300, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert "nvidia/cuda:11.7.1-cudnn8-devel-ubuntu22.04" in out, out[-3000:]
+    assert "debian:bookworm" in out and "nvidia/cuda" not in out, out[-3000:]
     assert re.search(r"image not known|pull policy|not found", out, re.I), out[-3000:]
     assert "STEP 1/" in out and "missing" not in out, out[-3000:]
