@@ -85,9 +85,10 @@ def worker(args: argparse.Namespace) -> None:
         mx.nd.waitall()
         seconds = time.perf_counter() - started
         rate = hvd.allreduce(mx.nd.array([images / seconds]), average=False, name=f"r{epoch}")
+        total = float(rate.asscalar())  # every rank waits for it: none leaves the sum early
         if hvd.rank() == 0:
             name, acc = metric.get()
-            line = {"epoch": epoch + 1, "images_per_second": float(rate.asscalar()), name: acc}
+            line = {"epoch": epoch + 1, "images_per_second": total, name: acc}
             print(json.dumps(line), flush=True)
 
 
@@ -102,6 +103,13 @@ class ComputeOnly:
 
     def __iter__(self):
         return iter([self.batch] * self.steps)
+
+
+def epoch_lines(out: str) -> list[dict]:
+    """Rank 0's JSON epoch lines from horovodrun's output ("[1,0]<stdout>:{...}", which may
+    run into the next line's prefix)."""
+    decode = json.JSONDecoder().raw_decode
+    return [decode(ln[ln.index("{") :])[0] for ln in out.splitlines() if "{" in ln]
 
 
 def env(**extra: str) -> dict[str, str]:
@@ -180,15 +188,14 @@ def main() -> int:
              "--threads", str(args.threads), *common],
             env(),
         )  # fmt: skip
-        # horovodrun prefixes each line with the rank ("[1,0]<stdout>:").
-        reference = [json.loads(ln[ln.index("{") :]) for ln in out.splitlines() if "{" in ln]
+        reference = epoch_lines(out)
         print("the limit: the compute-only loop under horovodrun -np 2 ...", flush=True)
         out = horovodrun(
             [sys.executable, os.path.abspath(__file__), "--worker", "--compute-only",
              "--images", str(args.images), *common],
             env(),
         )  # fmt: skip
-        limit = [json.loads(ln[ln.index("{") :]) for ln in out.splitlines() if "{" in ln]
+        limit = epoch_lines(out)
         print("finetune-job train under horovodrun -np 2 ...", flush=True)
         output = os.path.join(work, "out")
         shutil.rmtree(output, ignore_errors=True)

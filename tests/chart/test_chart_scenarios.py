@@ -152,3 +152,14 @@ def test_lint_of_the_defaults_alone_fails_for_data_and_output(helm):
     )
     assert proc.returncode != 0
     assert "/training/data" in proc.stdout + proc.stderr or "training.data" in proc.stdout
+
+
+def test_the_gpu_scenario_gives_each_gpu_its_decode_threads_and_a_core_for_the_process():
+    """README "Sizing CPU for GPUs": ``data_workers`` decode threads per GPU process keep the
+    input ahead of the GPU, and the process itself takes one more core."""
+    values = yaml.safe_load((CHART / "ci" / "multinode-gpu-values.yaml").read_text())
+    resources = values["workers"]["resources"]
+    gpus = int(resources["limits"]["nvidia.com/gpu"])
+    assert values["slotsPerWorker"] == gpus
+    cores = gpus * (values["training"]["data_workers"] + 1)
+    assert resources["requests"]["cpu"] == resources["limits"]["cpu"] == str(cores)
