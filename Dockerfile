@@ -276,11 +276,14 @@ ENV PATH=/opt/venv/bin:$PATH \
 # MXNet, Horovod and the other dependencies: the builder's venv (same paths, same python3.11).
 COPY --from=builder /opt/venv /opt/venv
 
+# The job's wheel: copied, not mounted, so that a new wheel rebuilds what follows (a RUN's
+# cache key does not cover the files mounted into it; a COPY's covers what it copies).
+COPY --from=builder /dist /tmp/dist
+
 # The job itself; GPU flavour: the venv's CUDA libraries listed for the loader. Then the build
 # fails unless Horovod has MXNet, MPI and Gloo (and NCCL in the GPU flavour) and the command
-# starts. The builder's libcuda.so.1 stub and the job's wheel are mounted for this step only.
+# starts. The builder's libcuda.so.1 stub is mounted for this step only.
 RUN --mount=type=bind,from=builder,source=/opt/cuda-stubs,target=/tmp/cuda-stubs \
-    --mount=type=bind,from=builder,source=/dist,target=/tmp/dist \
     pip install --no-cache-dir --no-index --no-deps /tmp/dist/*.whl \
  && if [ -f /opt/venv/cuda-libs.conf ]; then \
       ln -s /opt/venv/cuda-libs.conf /etc/ld.so.conf.d/finetune-job-cuda.conf && ldconfig; fi \
@@ -289,7 +292,7 @@ RUN --mount=type=bind,from=builder,source=/opt/cuda-stubs,target=/tmp/cuda-stubs
  && for f in MXNet MPI Gloo ${HOROVOD_GPU_OPERATIONS:+NCCL}; do \
       grep -q "\[X\] $f" /tmp/check-build.txt || { echo "horovod lacks $f" >&2; exit 1; }; done \
  && finetune-job --help > /dev/null \
- && rm -f /tmp/check-build.txt \
+ && rm -rf /tmp/check-build.txt /tmp/dist \
  && find /opt/venv -name __pycache__ -prune -exec rm -rf {} +
 
 # Numeric, so that Kubernetes' runAsNonRoot can verify it (1000 = mpiuser).

@@ -303,6 +303,34 @@ def exec_in(
     )
 
 
+def code_digests(root: Path) -> dict[str, str]:
+    """sha256 of every .py file of the job's packages under ``root`` (a checkout, or
+    site-packages), by path relative to it."""
+    import hashlib
+
+    return {
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for package in ("job", "deploy")
+        for path in sorted((root / package).rglob("*.py"))
+    }
+
+
+def stale_code(env: dict[str, str], container: str) -> list[str]:
+    """The job's source files whose copy in the image differs from this checkout (or is
+    missing there): empty when the image holds this checkout's code."""
+    site = run(
+        ["podman", "exec", container, "python", "-c",
+         "import job, pathlib; print(pathlib.Path(job.__file__).parent.parent)"],
+        env,
+    ).stdout.strip()  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="finetune-image-code-") as tmp:
+        for package in ("job", "deploy"):
+            run(["podman", "cp", f"{container}:{site}/{package}", f"{tmp}/{package}"], env)
+        inside = code_digests(Path(tmp))
+    ours = code_digests(ROOT)
+    return sorted(name for name, digest in ours.items() if inside.get(name) != digest)
+
+
 def start_worker_sshd(env: dict[str, str], container: str) -> subprocess.CompletedProcess:
     """The entrypoint in worker mode, with a fresh key standing in for the MPI Operator's Secret
     at ~/.ssh; returns `ssh 127.0.0.2 id -un` once sshd answers (or after 20 s). 127.0.0.2 is

@@ -29,6 +29,7 @@ from podman_tools import (
     image_size,
     run,
     running,
+    stale_code,
     start_worker_sshd,
 )
 
@@ -59,6 +60,11 @@ def stubs(podman: dict[str, str], gpu_image: str, tmp_path_factory) -> Path:
 def container(podman: dict[str, str], gpu_image: str, stubs: Path) -> Iterator[str]:
     with running(podman, gpu_image, "-v", f"{stubs}:/opt/cuda-stubs:ro") as name:
         yield name
+
+
+def test_the_image_holds_this_checkouts_code(podman: dict[str, str], container: str) -> None:
+    """A cached build must not ship the code of an earlier one."""
+    assert stale_code(podman, container) == []
 
 
 def test_readme_quotes_the_size_budget() -> None:

@@ -40,6 +40,7 @@ from podman_tools import (
     ROOT,
     RUN_FLAGS,
     running,
+    stale_code,
     start_worker_sshd,
 )
 from podman_tools import exec_in as _exec
@@ -202,6 +203,11 @@ def test_image_metadata(podman: dict[str, str], cpu_image: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
+def test_the_image_holds_this_checkouts_code(podman: dict[str, str], container: str) -> None:
+    """A cached build must not ship the code of an earlier one."""
+    assert stale_code(podman, container) == []
+
+
 def test_cli_and_horovod_build(podman: dict[str, str], container: str) -> None:
     out = _exec(podman, container, "id -u; id -un; echo $HOME; finetune-job --help").stdout
     uid, user, home, *help_text = out.splitlines()
