@@ -212,8 +212,8 @@ class Config:
     )
     checkpoint_interval: float = RUN_CONTROL(
         10.0,
-        "minutes of training between checkpoints within an epoch (a hard failure loses at "
-        "most this much); 0: only at epoch ends and on SIGTERM",
+        "minutes of training between checkpoints within an epoch (about the most a hard "
+        "failure loses); 0: only at epoch ends and on SIGTERM",
         minimum=0,
         maximum=DAY / 60,
     )
